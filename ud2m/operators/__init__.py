@@ -1,0 +1,27 @@
+"""Forward operators: the measurement models y = A(x) + n of every solver (algorithms.md §2)."""
+
+from ud2m.operators.base import LinearOperator, NonlinearOperator, Operator
+from ud2m.operators.blur import GaussianBlur, KernelBlur, UniformBlur
+from ud2m.operators.cg import conjugate_gradient
+from ud2m.operators.compose import Compose
+from ud2m.operators.inpainting import BoxInpainting, Denoising, Inpainting, RandomInpainting
+from ud2m.operators.noise import measure, sigma_internal
+from ud2m.operators.superres import SuperResolution
+
+__all__ = [
+    "BoxInpainting",
+    "Compose",
+    "Denoising",
+    "GaussianBlur",
+    "Inpainting",
+    "KernelBlur",
+    "LinearOperator",
+    "NonlinearOperator",
+    "Operator",
+    "RandomInpainting",
+    "SuperResolution",
+    "UniformBlur",
+    "conjugate_gradient",
+    "measure",
+    "sigma_internal",
+]

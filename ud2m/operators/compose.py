@@ -1,0 +1,59 @@
+"""Composition of linear operators, A = outer ∘ inner (algorithms.md §2.5), with the CG prox by default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ud2m.operators.base import LinearOperator
+
+ProxFn = Callable[["Compose", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Closed-form proxes of compositions, keyed by ``(type(outer), type(inner))`` (§2.5: "registered by operator-type
+#: pair, not by string"). A registered function takes ``(compose, z, y, gamma)`` with ``gamma`` ``(B,)`` and returns
+#: the exact prox, or ``None`` when this instance does not qualify (e.g. reflect padding), so CG is used instead.
+CLOSED_FORM_PROX: dict[tuple[type, type], ProxFn] = {}
+
+
+def register_closed_form_prox(outer: type, inner: type) -> Callable[[ProxFn], ProxFn]:
+    """Decorator registering an exact prox for ``Compose(outer: outer, inner: inner)``."""
+
+    def decorate(fn: ProxFn) -> ProxFn:
+        CLOSED_FORM_PROX[(outer, inner)] = fn
+        return fn
+
+    return decorate
+
+
+class Compose(LinearOperator):
+    r""":math:`A = A_{\mathrm{outer}} A_{\mathrm{inner}}`, :math:`A^\top = A_{\mathrm{inner}}^\top
+    A_{\mathrm{outer}}^\top`; prox and pseudo-inverse by CG.
+
+    Args:
+        outer: applied second.
+        inner: applied first.
+        **kwargs: CG settings of :class:`LinearOperator`.
+    """
+
+    def __init__(self, outer: LinearOperator, inner: LinearOperator, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name, op in (("outer", outer), ("inner", inner)):
+            if not isinstance(op, LinearOperator):
+                raise TypeError(f"Compose: {name} must be a LinearOperator, got {type(op).__name__}")
+        self.outer = outer
+        self.inner = inner
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """``outer.A(inner.A(x))``."""
+        return self.outer.A(self.inner.A(x))
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``inner.A_adjoint(outer.A_adjoint(y))``."""
+        return self.inner.A_adjoint(self.outer.A_adjoint(y))
+
+    def _prox(self, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """A registered closed form for this pair of operator types when one applies, else CG."""
+        fn = CLOSED_FORM_PROX.get((type(self.outer), type(self.inner)))
+        x = fn(self, z, y, gamma) if fn is not None else None
+        return self.prox_l2_cg(z, y, gamma) if x is None else x

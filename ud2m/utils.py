@@ -1,0 +1,107 @@
+"""Small tensor helpers shared by every layer: broadcasting of per-sample scalars and seeded noise.
+
+Nothing here knows about diffusion or measurements; it is the bottom of the import graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:
+    """Append trailing singleton dimensions so that a ``(B,)`` tensor broadcasts against ``target_ndim`` dims.
+
+    >>> append_dims(torch.ones(3), 4).shape
+    torch.Size([3, 1, 1, 1])
+    """
+    missing = target_ndim - v.ndim
+    if missing < 0:
+        raise ValueError(f"append_dims: input has {v.ndim} dims, more than the target {target_ndim}")
+    return v[(...,) + (None,) * missing]
+
+
+def batch_scalar(
+    value: float | torch.Tensor,
+    batch_size: int,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    name: str = "value",
+) -> torch.Tensor:
+    """Turn a float, a 0-d tensor or a ``(B,)``/``(1,)`` tensor into a ``(B,)`` tensor.
+
+    Raises:
+        ValueError: if a tensor has a shape other than ``()``, ``(1,)`` or ``(batch_size,)``.
+    """
+    v = torch.as_tensor(value, device=device, dtype=dtype)
+    if v.ndim == 0 or v.shape == (1,):
+        return v.reshape(1).expand(batch_size)
+    if v.shape != (batch_size,):
+        raise ValueError(f"{name}: expected a float or a tensor of shape ({batch_size},), got {tuple(v.shape)}")
+    return v
+
+
+def randn(
+    shape: Sequence[int],
+    generator: Generator = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``, diffusers-style generator handling.
+
+    With a list of B generators, sample ``i`` draws only from ``generator[i]`` so the result does not depend on
+    the batch composition (algorithms.md §1.5). Noise is drawn on the generator's device and moved afterwards.
+    """
+    shape = tuple(shape)
+    if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
+        if len(generator) != shape[0]:
+            raise ValueError(f"randn: got {len(generator)} generators for a batch of {shape[0]}")
+        parts = [_randn_one((1, *shape[1:]), g, device, dtype) for g in generator]
+        return torch.cat(parts, dim=0)
+    return _randn_one(shape, generator, device, dtype)
+
+
+def rand(
+    shape: Sequence[int],
+    generator: Generator = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Uniform [0, 1) noise with the same generator conventions as :func:`randn`."""
+    shape = tuple(shape)
+    if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
+        if len(generator) != shape[0]:
+            raise ValueError(f"rand: got {len(generator)} generators for a batch of {shape[0]}")
+        parts = [torch.rand((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(parts, dim=0).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _randn_one(shape, generator, device, dtype) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample real inner product ``<a_i, b_i>`` accumulated in float64, returned as ``(B,)`` float64."""
+    dims = tuple(range(1, a.ndim))
+    return torch.sum(a * b, dim=dims, dtype=torch.float64)
+
+
+def batch_norm_sq(a: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared Euclidean norm accumulated in float64, ``(B,)``."""
+    return batch_dot(a, a)
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise a clear ``ValueError`` if ``t`` holds NaN or Inf."""
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} contains {bad} NaN/Inf values (shape {tuple(t.shape)})")
