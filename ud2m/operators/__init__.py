@@ -5,10 +5,12 @@ from ud2m.operators.blur import GaussianBlur, KernelBlur, UniformBlur
 from ud2m.operators.cg import conjugate_gradient
 from ud2m.operators.compose import Compose
 from ud2m.operators.inpainting import BoxInpainting, Denoising, Inpainting, RandomInpainting
+from ud2m.operators.jpeg import JPEG
 from ud2m.operators.noise import measure, sigma_internal
 from ud2m.operators.superres import SuperResolution
 
 __all__ = [
+    "JPEG",
     "BoxInpainting",
     "Compose",
     "Denoising",

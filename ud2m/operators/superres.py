@@ -23,9 +23,14 @@ from ud2m.utils import append_dims
 PADDINGS = ("circular", "reflect")
 
 
-def sr_filter(factor: int, filter: str | torch.Tensor, gaussian_sigma: float | None = None) -> torch.Tensor:
+def sr_filter(
+    factor: int,
+    filter: str | torch.Tensor,
+    gaussian_sigma: float | None = None,
+    gaussian_size: int | None = None,
+) -> torch.Tensor:
     """Anti-aliasing kernel: ``"bicubic"`` (4s taps), ``"box"`` (exact average pooling), ``"gaussian"``
-    (std ``gaussian_sigma``, default ``factor`` as in deepinv) or a user kernel tensor."""
+    (std ``gaussian_sigma``, default ``factor`` as in deepinv; size ``gaussian_size``) or a user kernel tensor."""
     if torch.is_tensor(filter):
         return as_kernel(filter, name="SR filter")
     if filter == "bicubic":
@@ -33,7 +38,7 @@ def sr_filter(factor: int, filter: str | torch.Tensor, gaussian_sigma: float | N
     if filter == "box":
         return average_pool_kernel(factor)
     if filter == "gaussian":
-        return gaussian_kernel(float(factor if gaussian_sigma is None else gaussian_sigma))
+        return gaussian_kernel(float(factor if gaussian_sigma is None else gaussian_sigma), gaussian_size)
     raise ValueError(f"SuperResolution: filter must be 'bicubic', 'box', 'gaussian' or a tensor, got {filter!r}")
 
 
@@ -75,6 +80,7 @@ class SuperResolution(LinearOperator):
         filter: ``"bicubic"``, ``"box"``, ``"gaussian"`` or a kernel tensor (one per sample or shared).
         padding: ``"circular"`` (exact closed-form prox) or ``"reflect"`` (paper presets; CG prox).
         gaussian_sigma: std of the ``"gaussian"`` filter (default ``factor``).
+        gaussian_size: size of the ``"gaussian"`` filter (default ``2 * floor(sigma / 0.3 + 1) + 1``).
         **kwargs: CG settings of :class:`LinearOperator`.
     """
 
@@ -85,6 +91,7 @@ class SuperResolution(LinearOperator):
         *,
         padding: str = "circular",
         gaussian_sigma: float | None = None,
+        gaussian_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -94,7 +101,7 @@ class SuperResolution(LinearOperator):
             raise ValueError(f"SuperResolution: padding must be one of {PADDINGS}, got {padding!r}")
         self.factor = int(factor)
         self.padding = padding
-        self.register_buffer("kernel", sr_filter(self.factor, filter, gaussian_sigma))
+        self.register_buffer("kernel", sr_filter(self.factor, filter, gaussian_sigma, gaussian_size))
 
     # ------------------------------------------------------------------ checks and helpers
     def _check(self, x: torch.Tensor) -> None:
@@ -127,7 +134,7 @@ class SuperResolution(LinearOperator):
             return blurred[..., ::s, ::s]
         B, C, H, W = x.shape
         pad = self._pad()
-        if pad[0] >= W or pad[2] >= H:
+        if max(pad[:2]) >= W or max(pad[2:]) >= H:
             raise ValueError(f"SuperResolution: reflect padding {pad} needs an image larger than {H}x{W}")
         w, groups = self._grouped_weight(B, C, x.dtype)
         xp = F.pad(x.reshape(1, B * C, H, W), pad, mode="reflect")
