@@ -5,24 +5,33 @@ from ud2m.operators.blur import GaussianBlur, KernelBlur, UniformBlur
 from ud2m.operators.cg import conjugate_gradient
 from ud2m.operators.compose import Compose
 from ud2m.operators.inpainting import BoxInpainting, Denoising, Inpainting, RandomInpainting
+from ud2m.operators.interop import DeepinvOperator, as_operator
 from ud2m.operators.jpeg import JPEG
+from ud2m.operators.motion import MotionBlur
 from ud2m.operators.noise import measure, sigma_internal
 from ud2m.operators.superres import SuperResolution
+from ud2m.operators.video import PerFrame, TemporalAveragePool, TemporalBlur
 
 __all__ = [
     "JPEG",
     "BoxInpainting",
     "Compose",
+    "DeepinvOperator",
     "Denoising",
     "GaussianBlur",
     "Inpainting",
     "KernelBlur",
     "LinearOperator",
+    "MotionBlur",
     "NonlinearOperator",
     "Operator",
+    "PerFrame",
     "RandomInpainting",
     "SuperResolution",
+    "TemporalAveragePool",
+    "TemporalBlur",
     "UniformBlur",
+    "as_operator",
     "conjugate_gradient",
     "measure",
     "sigma_internal",
