@@ -52,9 +52,7 @@ OPERATORS = {
     "denoising": lambda: Denoising(),
     "compose_sr_blur": lambda: Compose(SuperResolution(2, "box"), GaussianBlur(1.0, 3)),
 }
-CLOSED_FORM = [
-    k for k in OPERATORS if k not in ("sr2_reflect", "sr2_reflect_per_sample", "compose_sr_blur")
-]
+CLOSED_FORM = [k for k in OPERATORS if k not in ("sr2_reflect", "sr2_reflect_per_sample", "compose_sr_blur")]
 
 
 def make(name):
