@@ -48,6 +48,13 @@ def mean_blocks(X: torch.Tensor, s: int) -> torch.Tensor:
     return X.reshape(*X.shape[:-2], s, H // s, s, W // s).mean(dim=(-4, -2))
 
 
+def blocks(X: torch.Tensor, s: int) -> torch.Tensor:
+    """View an ``(..., H, W)`` spectrum as ``(..., s, H/s, s, W/s)``: block (i, j) holds frequencies
+    ``(k1 + i H/s, k2 + j W/s)``."""
+    H, W = X.shape[-2:]
+    return X.reshape(*X.shape[:-2], s, H // s, s, W // s)
+
+
 def tile_blocks(X: torch.Tensor, s: int) -> torch.Tensor:
     """Repeat an ``(..., h, w)`` spectrum s x s times (F(S^T u) = tile(F u))."""
     return X.repeat(*([1] * (X.ndim - 2)), s, s)
@@ -166,11 +173,15 @@ class SuperResolution(LinearOperator):
             return self.prox_l2_cg(z, y, gamma)
         self._check(z)
         s = self.factor
-        h = self._otf(z.shape[-2:], z.dtype, onesided=False)  # (B|1, 1, H, W)
-        g = append_dims(gamma, z.ndim)
-        R = torch.fft.fft2(z) + g * h.conj() * tile_blocks(torch.fft.fft2(y), s)
-        ratio = mean_blocks(h * R, s) / (1 + g * mean_blocks(h.abs() ** 2, s))
-        return torch.fft.ifft2(R - g * h.conj() * tile_blocks(ratio, s)).real
+        H, W = z.shape[-2:]
+        h_conj = blocks(self._otf((H, W), z.dtype, onesided=False).conj(), s)  # (B|1, 1, s, H/s, s, W/s)
+        g = append_dims(gamma, z.ndim + 2)
+        # tile() and the s x s block split are views: R̂ = ẑ + γ conj(ĥ) tile(ŷ), no copies of the tiles
+        R = blocks(torch.fft.fft2(z), s) + g * h_conj * torch.fft.fft2(y)[..., None, :, None, :]
+        num = (h_conj.conj() * R).mean(dim=(-4, -2))
+        den = 1 + append_dims(gamma, z.ndim) * (h_conj.abs() ** 2).mean(dim=(-4, -2))
+        X = R - g * h_conj * (num / den)[..., None, :, None, :]
+        return torch.fft.ifft2(X.reshape(z.shape)).real
 
     def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
         r""":math:`A^\top(AA^\top + \epsilon I)^{-1} y = F^{-1}[\bar{\hat h}\,\mathrm{tile}(\hat y / (\mathrm{mean}_b

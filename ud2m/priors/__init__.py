@@ -1,0 +1,64 @@
+"""Generative priors behind one contract (algorithms.md §3): pixel VP UNets, latent consistency models, video flow
+models and the analytic Gaussian prior, plus LoRA helpers.
+
+The contract, schedules and the Gaussian prior need only torch and import eagerly; the diffusers/peft-backed names
+(pixel prior, LoRA helpers) load on first access so that ``import ud2m.priors`` stays cheap.
+"""
+
+import importlib
+
+from ud2m.priors.base import (
+    BoundaryScalings,
+    ClassCondition,
+    FlowMatchingSchedule,
+    NoiseSchedule,
+    Prior,
+    PriorDenoiser,
+    TextCondition,
+    as_denoiser,
+    cm_boundary_scalings,
+    x0_from_prediction,
+)
+from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix, sample_gaussian
+from ud2m.priors.vp import VPSchedule, make_betas
+
+_LAZY = {
+    "PixelDiffusionPrior": "ud2m.priors.pixel",
+    "attach_lora": "ud2m.priors.lora",
+    "load_lora": "ud2m.priors.lora",
+    "lora_state_dict": "ud2m.priors.lora",
+    "save_lora": "ud2m.priors.lora",
+    "trainable_parameters": "ud2m.priors.lora",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ud2m.priors' has no attribute {name!r}")
+
+
+__all__ = [
+    "BoundaryScalings",
+    "ClassCondition",
+    "FlowMatchingSchedule",
+    "GaussianPrior",
+    "NoiseSchedule",
+    "PixelDiffusionPrior",
+    "Prior",
+    "PriorDenoiser",
+    "TextCondition",
+    "VPSchedule",
+    "as_denoiser",
+    "attach_lora",
+    "cm_boundary_scalings",
+    "gaussian_w2",
+    "load_lora",
+    "lora_state_dict",
+    "make_betas",
+    "operator_matrix",
+    "sample_gaussian",
+    "save_lora",
+    "trainable_parameters",
+    "x0_from_prediction",
+]
