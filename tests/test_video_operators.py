@@ -172,7 +172,7 @@ def test_prox_gradcheck(name):
     op = make(name, shape)
     z, y, gamma = problem(op, shape)
     inputs = tuple(t.clone().requires_grad_(True) for t in (z, y, gamma))
-    assert torch.autograd.gradcheck(lambda *a: op.prox_l2(*a), inputs)
+    assert torch.autograd.gradcheck(lambda *a: op.prox_l2(*a), inputs, fast_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------- definitions
@@ -348,3 +348,13 @@ def test_lvtino_constructors_small(build, lr_frames, s, rng):
     z, y, gamma = x, circular.A(rand(x.shape, 1)), torch.tensor([2.0], dtype=DT)
     expected = circular.prox_l2_cg(z, y, gamma, rtol=1e-12, max_iter=2000)
     torch.testing.assert_close(circular.prox_l2(z, y, gamma), expected, rtol=0, atol=1e-9)
+
+
+def test_device_and_float32(device):
+    """Buffers follow ``.to()``; float32 in gives float32 out, equal to the float64 CPU result to fp32 accuracy."""
+    op64 = make("pool_then_sr")
+    z, y, gamma = problem(op64)
+    op = make("pool_then_sr").to(device=device, dtype=torch.float32)
+    x = op.prox_l2(*(t.to(device, torch.float32) for t in (z, y, gamma)))
+    assert x.dtype == torch.float32 and x.device.type == device.type
+    torch.testing.assert_close(x.cpu().double(), op64.prox_l2(z, y, gamma), rtol=0, atol=1e-4)
