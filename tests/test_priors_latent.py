@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ud2m.priors.base import TextCondition
 from ud2m.priors.latent import LatentConsistencyPrior, check_tokenizer, sdxl_time_ids
@@ -170,6 +171,11 @@ def test_encode_decode_definition_and_shapes(lcm_pipe):
     x_hat = prior.decode(z0)
     assert x_hat.shape == x.shape and x_hat.dtype == torch.float32
     assert torch.equal(x_hat, lcm_pipe.vae.decode(z0 / sf).sample)  # raw decoder output: not clamped
+    sliced = LatentConsistencyPrior.from_pipeline(lcm_pipe, vae_slicing=True)  # one sample at a time: exact
+    torch.testing.assert_close(sliced.decode(z0), x_hat, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sliced.encode(x), z0, rtol=1e-4, atol=1e-5)
+    LatentConsistencyPrior.from_pipeline(lcm_pipe)  # switch slicing off again on the shared VAE
+    assert all(type(p) is AttnProcessor2_0 for p in prior.net.attn_processors.values())  # SDPA
     with pytest.raises(ValueError, match="H=33, W=32"):
         prior.check_shape((1, 3, 33, 32))
     with pytest.raises(ValueError, match="3 image channels"):
@@ -272,6 +278,8 @@ def test_missing_folder_and_files_are_named(lcm_folder, tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         LatentConsistencyPrior.from_pretrained(missing)
+    with pytest.raises(OSError, match="not-a/real-model"):  # a hub id, offline in tests
+        LatentConsistencyPrior.from_pretrained("not-a/real-model")
     broken = tmp_path / "broken"
     shutil.copytree(lcm_folder, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()

@@ -641,7 +641,7 @@ def load_state_dict_file(spec: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"UNet weights file not found: {path}")
         from huggingface_hub import hf_hub_download
 
-        path = Path(_call(lambda repo, **kw: hf_hub_download(repo, **kw), match[1], "UNet weights", filename=match[2]))
+        path = Path(_call(hf_hub_download, match[1], "UNet weights", filename=match[2]))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -666,32 +666,17 @@ def _load_text(src: str, sdxl: bool, dtype: torch.dtype, variant: str | None) ->
     parts = [("", CLIPTextModel)] + ([("_2", CLIPTextModelWithProjection)] if sdxl else [])
     encoders, tokenizers = [], []
     for suffix, encoder_cls in parts:
-        encoders.append(
-            _call(
-                encoder_cls.from_pretrained,
-                src,
-                "text_encoder" + suffix,
-                subfolder="text_encoder" + suffix,
-                dtype=dtype,
-                variant=variant,
-            )
-        )
-        tokenizer = _call(CLIPTokenizer.from_pretrained, src, "tokenizer" + suffix, subfolder="tokenizer" + suffix)
-        check_tokenizer(tokenizer, f"{src}/tokenizer{suffix}")
-        tokenizers.append(tokenizer)
+        enc, tok = "text_encoder" + suffix, "tokenizer" + suffix
+        encoders.append(_call(encoder_cls.from_pretrained, src, enc, subfolder=enc, dtype=dtype, variant=variant))
+        tokenizers.append(_call(CLIPTokenizer.from_pretrained, src, tok, subfolder=tok))
+        check_tokenizer(tokenizers[-1], f"{src}/{tok}")
     return encoders, tokenizers
 
 
 def _configure_vae(vae: AutoencoderKL, *, tiling: bool, slicing: bool) -> None:
     """Switch VAE tiling / slicing on or off (large images, algorithms.md §3.2(a))."""
-    if tiling:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    if slicing:
-        vae.enable_slicing()
-    else:
-        vae.disable_slicing()
+    vae.enable_tiling() if tiling else vae.disable_tiling()
+    vae.enable_slicing() if slicing else vae.disable_slicing()
 
 
 def _use_sdpa(module: nn.Module) -> None:
