@@ -11,25 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import median_ms
 
 from ud2m.operators import GaussianBlur, RandomInpainting, SuperResolution, measure
 from ud2m.operators.cg import cg_prox_solve
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def operators(size: int) -> dict:
@@ -43,11 +31,11 @@ def operators(size: int) -> dict:
 
 def bench_one(op, x, y, gamma, repeats):
     row = {
-        "A_s": timed(lambda: op.A(x), repeats),
-        "A_adjoint_s": timed(lambda: op.A_adjoint(y), repeats),
-        "prox_l2_s": timed(lambda: op.prox_l2(x, y, gamma), repeats),
+        "A_s": 1e-3 * median_ms(lambda: op.A(x), repeats),
+        "A_adjoint_s": 1e-3 * median_ms(lambda: op.A_adjoint(y), repeats),
+        "prox_l2_s": 1e-3 * median_ms(lambda: op.prox_l2(x, y, gamma), repeats),
     }
-    row["prox_l2_cg_s"] = timed(lambda: op.prox_l2_cg(x, y, gamma, rtol=1e-5, max_iter=500), repeats)
+    row["prox_l2_cg_s"] = 1e-3 * median_ms(lambda: op.prox_l2_cg(x, y, gamma, rtol=1e-5, max_iter=500), repeats)
     res = cg_prox_solve(op, x, y, torch.full((x.shape[0],), gamma), rtol=1e-5, max_iter=500)
     row["cg_iterations"] = res.iterations.tolist()
     return row

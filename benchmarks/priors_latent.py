@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import median_ms
 
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.priors.tiny_latent import tiny_pipeline
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def bench(kind: str, batch: int, size: int, repeats: int, device: str) -> dict[str, float]:
