@@ -76,6 +76,10 @@ class LinearOperator(nn.Module):
         finite = self._prox(z, y, torch.where(is_inf, torch.ones_like(gamma), gamma))
         return torch.where(append_dims(is_inf, z.ndim), projected, finite)
 
+    def has_closed_form_prox(self) -> bool:
+        """True when the finite-``gamma`` prox of this instance is closed form rather than CG."""
+        return type(self)._prox is not LinearOperator._prox
+
     def _prox(self, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """Finite-``gamma`` prox; the default is CG. Closed forms override this."""
         return self.prox_l2_cg(z, y, gamma)

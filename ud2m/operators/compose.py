@@ -52,6 +52,10 @@ class Compose(LinearOperator):
         """``inner.A_adjoint(outer.A_adjoint(y))``."""
         return self.inner.A_adjoint(self.outer.A_adjoint(y))
 
+    def has_closed_form_prox(self) -> bool:
+        """A closed form is registered for this operator-type pair (it may still decline an instance)."""
+        return (type(self.outer), type(self.inner)) in CLOSED_FORM_PROX
+
     def _prox(self, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """A registered closed form for this pair of operator types when one applies, else CG."""
         fn = CLOSED_FORM_PROX.get((type(self.outer), type(self.inner)))

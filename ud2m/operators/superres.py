@@ -162,26 +162,33 @@ class SuperResolution(LinearOperator):
         return reflect_pad_adjoint(g, self._pad()).reshape(B, C, H, W)
 
     # ------------------------------------------------------------------ closed forms (circular only)
-    def _prox(self, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        r"""Exact decimation-aware prox (Woodbury on :math:`I + \gamma A^\top A`), circular padding:
+    def has_closed_form_prox(self) -> bool:
+        """Circular padding only; reflect padding goes through CG."""
+        return self.padding == "circular"
 
-        .. math:: \hat X = \hat R - \gamma\,\bar{\hat h}\,\mathrm{tile}\Big(\frac{\mathrm{mean}_b(\hat h \hat R)}
-                  {1 + \gamma\,\mathrm{mean}_b(|\hat h|^2)}\Big),\quad \hat R = \hat z + \gamma\,\bar{\hat h}\,
-                  \mathrm{tile}(\hat y)
+    def _prox(self, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        r"""Exact decimation-aware prox (Woodbury on :math:`I + \gamma A^\top A`), circular padding.
+
+        With :math:`x = r - \gamma A^\top(I + \gamma AA^\top)^{-1}A r`, :math:`r = z + \gamma A^\top y`, rewritten as
+        :math:`x = z + A^\top \gamma (I + \gamma AA^\top)^{-1}(y - Az)` so that large :math:`\gamma` does not cancel
+        two :math:`O(\gamma)` terms in fp32 (:math:`AA^\top` is diagonal in the LR Fourier basis):
+
+        .. math:: \hat x = \hat z + \bar{\hat h}\,\mathrm{tile}\Big(
+                  \frac{\gamma(\hat y - \mathrm{mean}_b(\hat h\hat z))}{1 + \gamma\,\mathrm{mean}_b(|\hat h|^2)}\Big)
         """
         if self.padding != "circular":
             return self.prox_l2_cg(z, y, gamma)
         self._check(z)
         s = self.factor
         H, W = z.shape[-2:]
-        h_conj = blocks(self._otf((H, W), z.dtype, onesided=False).conj(), s)  # (B|1, 1, s, H/s, s, W/s)
-        g = append_dims(gamma, z.ndim + 2)
-        # tile() and the s x s block split are views: R̂ = ẑ + γ conj(ĥ) tile(ŷ), no copies of the tiles
-        R = blocks(torch.fft.fft2(z), s) + g * h_conj * torch.fft.fft2(y)[..., None, :, None, :]
-        num = (h_conj.conj() * R).mean(dim=(-4, -2))
-        den = 1 + append_dims(gamma, z.ndim) * (h_conj.abs() ** 2).mean(dim=(-4, -2))
-        X = R - g * h_conj * (num / den)[..., None, :, None, :]
-        return torch.fft.ifft2(X.reshape(z.shape)).real
+        h = blocks(self._otf((H, W), z.dtype, onesided=False), s)  # (B|1, 1, s, H/s, s, W/s)
+        Z = torch.fft.fft2(z)
+        g = append_dims(gamma, z.ndim)
+        # F(Az) = mean_b(ĥ ẑ); tile() and the s x s block split are views, never materialised
+        residual = torch.fft.fft2(y) - (h * blocks(Z, s)).mean(dim=(-4, -2))
+        U = g * residual / (1 + g * (h.abs() ** 2).mean(dim=(-4, -2)))
+        X = Z + (h.conj() * U[..., None, :, None, :]).reshape(Z.shape)
+        return torch.fft.ifft2(X).real
 
     def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
         r""":math:`A^\top(AA^\top + \epsilon I)^{-1} y = F^{-1}[\bar{\hat h}\,\mathrm{tile}(\hat y / (\mathrm{mean}_b
