@@ -1,9 +1,39 @@
-"""UD2M training entry point (LightningCLI). Not implemented yet: it lands with the issue "[ud2m] UD2M training".
+"""UD2M training entry point: ``LightningCLI`` over :class:`ud2m.training.module.UnfoldedDistillation`.
 
-This file exists because the top level of the repository is fixed; it refuses to run rather than pretend to train.
+Train (subcommands fit / validate / test / predict; every option is also a YAML key)::
+
+    python train.py fit --config configs/experiments/tiny_pixel_sr4.yaml --trainer.max_steps 100
+    python train.py fit --config configs/experiments/tiny_pixel_sr4.yaml --ckpt_path <run>/checkpoints/last.ckpt
+
+Export a checkpoint to the folder that ``sample.py --checkpoint`` reads (algorithms.md §9)::
+
+    python train.py export --ckpt <run>/checkpoints/last.ckpt --out exports/my_model
+
+See docs/training.md.
 """
 
+from __future__ import annotations
+
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source checkout without installing
+
+
+def main(args: list[str] | None = None) -> None:
+    """``export`` runs :func:`ud2m.training.cli.export`; anything else goes to the LightningCLI."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from jsonargparse import auto_cli
+
+        from ud2m.training.cli import export
+
+        auto_cli(export, args=argv[1:])
+        return
+    from ud2m.training.cli import UD2MCLI
+
+    UD2MCLI(args=argv)
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: UD2M training is not implemented yet (issue '[ud2m] UD2M training'); see README.md")
+    main()

@@ -35,7 +35,7 @@ def bench_one(op, x, y, gamma, repeats):
         "A_adjoint_s": 1e-3 * median_ms(lambda: op.A_adjoint(y), repeats),
         "prox_l2_s": 1e-3 * median_ms(lambda: op.prox_l2(x, y, gamma), repeats),
     }
-    row["prox_l2_cg_s"] = 1e-3 * median_ms(lambda: op.prox_l2_cg(x, y, gamma, rtol=1e-5, max_iter=500), repeats)
+    row["prox_l2_cg_s"] = 1e-3 * median_ms(lambda: op.prox_l2_cg(x, y, gamma, rtol=1e-5, max_iter=500), 1)
     res = cg_prox_solve(op, x, y, torch.full((x.shape[0],), gamma), rtol=1e-5, max_iter=500)
     row["cg_iterations"] = res.iterations.tolist()
     return row

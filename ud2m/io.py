@@ -1,12 +1,22 @@
 """Image files in and out, with the value-range conventions of algorithms.md §1.1 (files on [0, 1], library on
 [-1, 1]) and clear errors for bad inputs. Also resolves the built-in photographs of ``skimage.data``
-(``"skimage:astronaut"``), which ship with scikit-image and need no download.
+(``"skimage:astronaut"``), which ship with scikit-image and need no download, and expands an input specification
+(one file, a folder or a glob) into a sorted list of image sources for ``sample.py``.
+
+Formats: PNG / JPEG / TIFF / BMP / WebP, 8 or 16 bit, gray or RGB (an alpha channel is dropped with a warning).
+16-bit colour TIFFs are read with ``tifffile`` when it is installed; Pillow reads 16-bit colour PNGs at 8 bits only,
+which is logged.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
+import json
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+_GLOB_CHARS = frozenset("*?[")
 
 
 def _to_float01(arr: np.ndarray, source: str) -> np.ndarray:
@@ -42,27 +53,130 @@ def _channels_first(arr: np.ndarray, source: str) -> np.ndarray:
 
 
 def read_array(source: str | Path) -> np.ndarray:
-    """Read an image file (PNG/JPEG/TIFF/BMP/WebP, 8 or 16 bit) or ``skimage:<name>`` as an (H, W[, C]) array."""
+    """Read an image file (PNG/JPEG/TIFF/BMP/WebP, 8 or 16 bit) or ``skimage:<name>`` as an (H, W[, C]) array.
+
+    Raises:
+        FileNotFoundError: for a missing file or an unknown ``skimage:`` name.
+        ValueError: for a file that is not a readable image.
+    """
     source = str(source)
     if source.startswith("skimage:"):
-        from skimage import data
-
-        name = source.split(":", 1)[1]
-        if not hasattr(data, name):
-            raise FileNotFoundError(f"{source}: skimage.data has no image called {name!r}")
-        return np.asarray(getattr(data, name)())
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        return _skimage_array(source)
+    path = _existing_file(source)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        arr = _read_tiff(path)
+        if arr is not None:
+            return arr
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return np.asarray(img, dtype=np.uint16 if img.mode != "I" else np.int32).astype(np.uint16)
+            _warn_16bit_colour_png(path, img)
             return np.asarray(img.convert("RGBA" if "A" in img.mode else ("L" if img.mode in ("L", "1") else "RGB")))
-    except UnidentifiedImageError as err:
+    except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image file ({err})") from err
+
+
+def _skimage_array(source: str) -> np.ndarray:
+    from skimage import data
+
+    name = source.split(":", 1)[1]
+    if not hasattr(data, name):
+        raise FileNotFoundError(f"{source}: skimage.data has no image called {name!r}")
+    return np.asarray(getattr(data, name)())
+
+
+def _existing_file(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    return path
+
+
+def _read_tiff(path: Path) -> np.ndarray | None:
+    """16-bit colour TIFFs need ``tifffile`` (Pillow reduces them to 8 bits); None when it is not installed."""
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    try:
+        arr = np.asarray(tifffile.imread(path))
+    except Exception as err:  # tifffile raises its own TiffFileError, ValueError, ...
+        raise ValueError(f"{path}: not a readable TIFF image ({err})") from err
+    return arr[0] if arr.ndim == 4 else arr  # multi-page: first page
+
+
+def _warn_16bit_colour_png(path: Path, img) -> None:
+    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+        logger.warning("%s: 16-bit colour PNG read at 8 bits (Pillow limitation); use TIFF to keep 16 bits", path)
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = f.read(25)  # 8-byte signature, IHDR length + type, width, height, then the bit depth
+    return header[24] if len(header) == 25 else 8
+
+
+def image_size(source: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file without decoding its pixels (``skimage:`` images are loaded).
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        ValueError: for a file that is not a readable image.
+    """
+    source = str(source)
+    if source.startswith("skimage:"):
+        arr = _skimage_array(source)
+        return int(arr.shape[0]), int(arr.shape[1])
+    path = _existing_file(source)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable image file ({err})") from err
+
+
+def discover_images(spec: str | Path) -> list[str]:
+    """Expand an input specification into a sorted list of image sources.
+
+    Args:
+        spec: one image file, a folder (its files with an image suffix, not recursive), a glob pattern
+            (``"photos/*.png"``, ``"data/**/*.tif"``) or ``skimage:<name>``.
+
+    Returns:
+        The sources as strings; other files in a folder or glob match are skipped with a log message.
+
+    Raises:
+        FileNotFoundError: for a missing path, or a folder / pattern without any image file.
+    """
+    spec = str(spec)
+    if spec.startswith("skimage:"):
+        return [spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        candidates, where = sorted(p for p in path.iterdir() if p.is_file()), f"folder {path}"
+    elif _GLOB_CHARS & set(spec):
+        candidates, where = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()), spec
+    else:
+        raise FileNotFoundError(f"input not found: {spec} (expected an image file, a folder, a glob or skimage:<name>)")
+    images = [str(p) for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
+    if len(images) < len(candidates):
+        logger.info("%s: skipped %d file(s) without an image suffix", where, len(candidates) - len(images))
+    if not images:
+        raise FileNotFoundError(f"{where}: no image files (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def source_stem(source: str | Path) -> str:
+    """Output name stem of a source: the file stem, or ``<name>`` for ``skimage:<name>``."""
+    source = str(source)
+    return source.split(":", 1)[1] if source.startswith("skimage:") else Path(source).stem
 
 
 def load_image(source: str | Path, *, channels: int | None = None) -> torch.Tensor:
@@ -92,21 +206,80 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top : top + size, left : left + size]
 
 
-def save_image(x: torch.Tensor, path: str | Path) -> None:
-    """Save one ``(C, H, W)`` or ``(1, C, H, W)`` image on [-1, 1] as an 8-bit PNG (clamped to [0, 1])."""
+def save_image(x: torch.Tensor, path: str | Path, *, bits: int = 8) -> None:
+    """Save one ``(C, H, W)`` or ``(1, C, H, W)`` image on [-1, 1] as a PNG (clamped to [0, 1]).
+
+    Args:
+        x: the image on [-1, 1].
+        path: destination (parent folders are created).
+        bits: 8, or 16 for single-channel images (Pillow writes 16-bit gray only).
+    """
     from PIL import Image
 
     x = x.detach().float().cpu()
     if x.ndim == 4:
         x = x[0]
-    arr = (((x + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if bits not in (8, 16) or (bits == 16 and x.shape[0] != 1):
+        raise ValueError(f"save_image: bits must be 8, or 16 for one channel; got bits={bits}, {x.shape[0]} channels")
+    unit = ((x + 1) / 2).clamp(0, 1)
+    dtype, top = (torch.uint8, 255) if bits == 8 else (torch.int32, 65535)
+    arr = (unit * top).round().to(dtype).permute(1, 2, 0).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+    if bits == 16:
+        Image.fromarray(arr[..., 0].astype(np.uint16)).save(path)
+    else:
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
 
 
 def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR on [0, 1] after clamping (algorithms.md §10.1), inputs on [-1, 1]; returns ``(B,)``."""
-    a = ((x_hat + 1) / 2).clamp(0, 1)
-    b = ((x + 1) / 2).clamp(0, 1)
-    mse = (a - b).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+    """Per-image PSNR on [0, 1] after clamping (algorithms.md §10.1), inputs on [-1, 1]; returns ``(B,)``.
+
+    Kept for backward compatibility; the implementation is :func:`ud2m.metrics.psnr`.
+    """
+    from ud2m.metrics import psnr as _psnr  # lazy: metrics pulls in the LPIPS helpers
+
+    return _psnr(x_hat, x)
+
+
+# ---------------------------------------------------------------------------------------------- result tables
+RESULTS_JSON, RESULTS_CSV = "metrics.json", "metrics.csv"
+SUMMARY_KEYS = ("psnr", "psnr_sample0", "ssim", "lpips", "data_consistency", "nfe", "seconds", "peak_memory_mb")
+
+
+def summarize(rows: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict[str, Any]:
+    """Mean and (population) std over rows of each numeric column in ``keys``; None / non-finite values skipped."""
+    summary: dict[str, Any] = {"num_images": len(rows)}
+    for key in keys:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if vals:
+            summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    return summary
+
+
+def read_results(folder: str | Path) -> dict[str, Any]:
+    """The content of ``<folder>/metrics.json`` (``{"run", "summary", "images"}``), or ``{}`` when absent.
+
+    Raises:
+        ValueError: for a file that is not valid JSON.
+    """
+    path = Path(folder) / RESULTS_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed results file ({err})") from err
+
+
+def write_results(folder: str | Path, run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``metrics.json`` (``{"run", "summary", "images"}``) and ``metrics.csv`` (one row per image) in
+    ``folder``; returns the JSON content."""
+    result = {"run": run, "summary": summarize(rows), "images": rows}
+    folder = Path(folder)
+    (folder / RESULTS_JSON).write_text(json.dumps(result, indent=2))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(folder / RESULTS_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return result

@@ -1,0 +1,219 @@
+"""Checkpoint export and reload (algorithms.md §9): exact round trips for a tiny pixel prior saved as a local
+diffusers folder (peft injection path) and a tiny latent prior (``UNet2DConditionModel.load_lora_adapter`` path),
+the base-model hash (weights only, configs excluded) refusing different weights, clear manifest errors, and no
+unpickling anywhere in the load path.
+"""
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ud2m.export import (
+    MANIFEST_NAME,
+    base_model_hash,
+    export_checkpoint,
+    load_checkpoint,
+    read_manifest,
+)
+from ud2m.operators import KernelBlur, measure
+from ud2m.priors.lora import lora_state_dict
+from ud2m.priors.pixel import PixelDiffusionPrior
+from ud2m.priors.tiny import save_tiny_pixel_pipeline
+from ud2m.unfolded import UnfoldedSampler, sample_ud2m
+
+KERNEL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+OPERATOR = {"class_path": "ud2m.operators.blur.KernelBlur", "init_args": {"kernel": "3x3 binomial"}}
+TRAINING = {
+    "steps": 10,
+    "seed": 0,
+    "l2_weighting": "none",
+    "loss_weights": {"l2": 1.0, "lpips": 0.1, "adv": 0.1, "gp": 10.0},
+    "lpips_backbone": "vgg",
+    "data": "synthetic",
+}
+
+
+def perturb(model, rng):
+    """Non-trivial LoRA (A and B) and scalars, so that a round trip that loses anything changes the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=rng))
+
+
+def export(model, out, base, **kwargs):
+    return export_checkpoint(
+        model,
+        out,
+        base_model={"family": "pixel_eps_unet", "id_or_path": str(base)},
+        operator={**OPERATOR, "sigma_y": 0.05, "generator": None},
+        sampler={"num_steps": 2, "eta": 1.0},
+        training=TRAINING,
+        **kwargs,
+    )
+
+
+def pixel_problem(rng):
+    op = KernelBlur(KERNEL)
+    y = measure(op, torch.rand(2, 3, 16, 16, generator=rng) * 2 - 1, 0.05, rng)
+    return op, y
+
+
+def run(model, op, y, cond=None):
+    return sample_ud2m(
+        model, op, y, 0.05, x_shape=y.shape, num_steps=2, cond=cond, generator=torch.Generator().manual_seed(9)
+    )
+
+
+@pytest.fixture(scope="module")
+def pixel_export(tmp_path_factory):
+    """A tiny pixel pipeline folder, a trained-looking model on it and its export (shared, read-only)."""
+    root = tmp_path_factory.mktemp("pixel")
+    base = save_tiny_pixel_pipeline(root / "base")
+    model = UnfoldedSampler(PixelDiffusionPrior.from_pretrained(base), num_blocks=2, tied_scalars=False)
+    perturb(model, torch.Generator().manual_seed(0))
+    return base, model, export(model, root / "export", base)
+
+
+def no_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the load path must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+@pytest.mark.parametrize("variant", ["default", "out_layer_nearest"])
+def test_pixel_round_trip_is_exact(variant, pixel_export, tmp_path, rng, monkeypatch):
+    base, model, out = pixel_export
+    if variant != "default":
+        model = UnfoldedSampler(
+            PixelDiffusionPrior.from_pretrained(base), num_blocks=2, renoise="nearest", train_out_layer=True
+        )
+        perturb(model, rng)
+        out = export(model, tmp_path / "export", base, ema=True)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    expected = {MANIFEST_NAME, "scalars.safetensors", "adapter/pytorch_lora_weights.safetensors"}
+    assert expected | {"adapter/adapter_config.json"} <= files
+    assert ("out_layer.safetensors" in files) == (variant != "default")
+    manifest = read_manifest(out)
+    assert manifest["base_model"]["sha256"] == base_model_hash(base)
+    assert manifest["adapter"]["ema"] == (variant != "default")
+    assert set(load_file(str(out / "scalars.safetensors"))) == set(manifest["scalars"]["names"])
+    assert set(load_file(str(out / "adapter/pytorch_lora_weights.safetensors"))) == set(lora_state_dict(model.prior))
+    op, y = pixel_problem(rng)
+    fresh = PixelDiffusionPrior.from_pretrained(base)
+    with monkeypatch.context() as m:
+        no_unpickling(m)
+        loaded = load_checkpoint(out, fresh)
+    assert loaded.renoise == model.renoise and loaded.log_lambda.shape == model.log_lambda.shape
+    assert torch.equal(run(loaded, op, y), run(model, op, y))
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_hash_mismatch_is_refused_unless_allowed(pixel_export, tmp_path, rng):
+    base, model, out = pixel_export
+    copy = shutil.copytree(base, tmp_path / "base")
+    (copy / "scheduler" / "scheduler_config.json").write_text(
+        (copy / "scheduler" / "scheduler_config.json").read_text() + "\n"
+    )
+    assert base_model_hash(copy) == base_model_hash(base)  # configs are not part of the hash
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = next(iter(state))
+    state[key] = state[key] + 1e-3
+    save_file(state, str(weights))
+    assert base_model_hash(copy) != base_model_hash(base)
+    with pytest.raises(ValueError, match="hash mismatch") as err:
+        load_checkpoint(out, PixelDiffusionPrior.from_pretrained(copy), base_path=copy)
+    assert "allow_hash_mismatch" in str(err.value) and MANIFEST_NAME in str(err.value)
+    loaded = load_checkpoint(out, PixelDiffusionPrior.from_pretrained(copy), base_path=copy, allow_hash_mismatch=True)
+    op, y = pixel_problem(rng)
+    assert not torch.equal(run(loaded, op, y), run(model, op, y))  # different base weights, same adapter
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["block"].pop("num_blocks"), "'block.num_blocks'"),
+        (lambda m: m.pop("sampler"), "'sampler'"),
+        (lambda m: m["base_model"].pop("sha256"), "'base_model.sha256'"),
+        (lambda m: m["block"]["warm_start"].pop("s0"), "'block.warm_start.s0'"),
+        (lambda m: m.update(format="something-else"), "'format'"),
+        (lambda m: m.update(format_version=99), "'format_version'"),
+    ],
+)
+def test_manifest_errors_name_the_file_and_the_key(edit, message, pixel_export, tmp_path):
+    _, _, out = pixel_export
+    broken = shutil.copytree(out, tmp_path / "broken")
+    manifest = json.loads((broken / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message) as err:
+        read_manifest(broken)
+    assert str(broken / MANIFEST_NAME) in str(err.value)
+    with pytest.raises(FileNotFoundError, match=MANIFEST_NAME):
+        read_manifest(tmp_path)
+
+
+def test_export_refuses_an_incomplete_manifest(pixel_export, tmp_path):
+    _, model, _ = pixel_export
+    with pytest.raises(ValueError, match=r"'training\.lpips_backbone'"):
+        export_checkpoint(
+            model,
+            tmp_path / "x",
+            base_model={"family": "pixel_eps_unet", "id_or_path": "owner/name", "sha256": None},
+            operator={**OPERATOR, "sigma_y": 0.05, "generator": None},
+            sampler={"num_steps": 2, "eta": 1.0},
+            training={k: v for k, v in TRAINING.items() if k != "lpips_backbone"},
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_latent_lora_round_trip_uses_load_lora_adapter(tmp_path, rng, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from ud2m.priors.latent import LatentConsistencyPrior
+    from ud2m.priors.tiny_latent import write_tiny_pipeline
+
+    base = write_tiny_pipeline(tmp_path / "base", "lcm")
+    prior = LatentConsistencyPrior.from_pretrained(base)
+    model = UnfoldedSampler(prior, num_blocks=2)
+    perturb(model, rng)
+    out = export_checkpoint(
+        model,
+        tmp_path / "export",
+        base_model={"family": "latent_consistency", "id_or_path": str(base)},
+        operator={**OPERATOR, "sigma_y": 0.05, "generator": None},
+        sampler={"num_steps": 2, "eta": 1.0},
+        training=TRAINING,
+    )
+    assert read_manifest(out)["block"]["latent_split_prox"] is True
+    calls = []
+    original = UNet2DConditionModel.load_lora_adapter
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "load_lora_adapter", spy)
+    fresh = LatentConsistencyPrior.from_pretrained(base)
+    loaded = load_checkpoint(out, fresh)
+    assert len(calls) == 1 and calls[0]["use_safetensors"] is True
+    for key, value in lora_state_dict(prior).items():
+        assert torch.equal(lora_state_dict(fresh)[key], value), key
+    op = KernelBlur(KERNEL)
+    x_t = torch.randn(2, 4, 16, 16, generator=rng)
+    y = measure(op, torch.rand(2, 3, 32, 32, generator=rng) * 2 - 1, 0.05, rng)
+    cond = prior.encode_prompt("")
+    outputs = [
+        m(x_t, torch.tensor([200.0, 700.0]), y, op, 0.05, cond=cond, generator=torch.Generator().manual_seed(2))
+        for m in (model, loaded)
+    ]
+    assert torch.equal(outputs[0], outputs[1])

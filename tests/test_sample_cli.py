@@ -1,0 +1,342 @@
+"""sample.py / ud2m.cli.restore end to end on skimage's photographs: classical methods without a model, LATINO and
+LATINO-PRO on a tiny latent model folder, DPS and DiffPIR on a tiny pixel folder, UD2M from an exported checkpoint;
+outputs, metrics and NFE, resume, observation mode, and clear errors raised before anything is written."""
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ud2m.cli.restore import model_family, seed_for
+from ud2m.io import discover_images, load_image, save_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP = 32  # tiny models: 32² images (16² latents) keep each solver call in milliseconds
+
+
+def _load_sample():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sample
+
+
+sample = _load_sample()
+
+
+def run(output_dir, **kwargs):
+    kwargs = {"crop": CROP, "progress": False, "lpips": None, **kwargs}
+    return sample(output_dir=Path(output_dir), **kwargs)
+
+
+def read_png(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.float64)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def latent_model(tmp_path_factory):
+    from ud2m.priors.tiny_latent import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny_lcm", "lcm")
+
+
+@pytest.fixture(scope="module")
+def pixel_model(tmp_path_factory):
+    from ud2m.priors.tiny import save_tiny_pixel_pipeline
+
+    return save_tiny_pixel_pipeline(tmp_path_factory.mktemp("models") / "tiny_ddpm")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two 32² crops of skimage photographs as PNG files, plus a file that is not an image."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee"):
+        x = load_image(f"skimage:{name}", channels=3)[..., 100 : 100 + CROP, 100 : 100 + CROP]
+        save_image(x, folder / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_discover_images_folder_glob_and_formats(photos, tmp_path, caplog):
+    assert [Path(p).name for p in discover_images(photos)] == ["astronaut.png", "coffee.png"]  # notes.txt skipped
+    assert [Path(p).name for p in discover_images(str(photos / "c*.png"))] == ["coffee.png"]
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    rgb16 = rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "c16.tif", rgb16)
+    # 16-bit values survive exactly: x = 2 v / 65535 - 1
+    assert torch.allclose(load_image(tmp_path / "g16.png")[0, 0].double(), torch.from_numpy(gray16 / 65535 * 2 - 1))
+    assert torch.allclose(
+        load_image(tmp_path / "c16.tif")[0].double(), torch.from_numpy(rgb16 / 65535 * 2 - 1).permute(2, 0, 1)
+    )
+    Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    with caplog.at_level(logging.WARNING):
+        assert load_image(tmp_path / "rgba.png").shape == (1, 3, 8, 8)
+    assert "alpha channel dropped" in caplog.text
+
+
+def test_model_family_is_detected_from_the_folder(latent_model, pixel_model, tmp_path):
+    assert model_family(str(latent_model)) == "latent"
+    assert model_family(str(pixel_model)) == "pixel"
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        model_family(str(tmp_path / "missing"))
+
+
+def test_seeds_differ_per_image_and_sample():
+    seeds = {seed_for(0, stream, i, s) for stream in (0, 1) for i in range(3) for s in range(3)}
+    assert len(seeds) == 18 and all(0 <= v < 2**63 for v in seeds)
+
+
+# ---------------------------------------------------------------------------------------------- classical methods
+@pytest.mark.parametrize("method", ["wiener", "tikhonov", "tv"])
+def test_classical_methods_without_a_model(method, tmp_path):
+    result = run(tmp_path, input="skimage:astronaut", operator="ud2m/deblur_gaussian", method=method)
+    row = result["images"][0]
+    assert sorted(os.listdir(tmp_path)) == ["astronaut_restored.png", "astronaut_y.png", "metrics.csv", "metrics.json"]
+    assert row["nfe"] == 0 and row["height"] == row["width"] == CROP and row["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["images"] == result["images"]
+    header, line = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[:2] == ["image", "source"] and line.startswith("astronaut,skimage:astronaut")
+    assert np.isfinite([row["psnr"], row["ssim"], row["data_consistency"]]).all()
+
+
+def test_lpips_is_reported_only_with_backbone_weights(tmp_path, monkeypatch):
+    import torchvision
+
+    weights = tmp_path / "squeezenet1_1.pth"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)
+    common = dict(input="skimage:astronaut", operator="ud2m/deblur_gaussian", lpips="squeeze")
+    with_weights = run(tmp_path / "a", lpips_weights=weights, **common)
+    assert with_weights["run"]["lpips"] == "squeeze" and with_weights["images"][0]["lpips"] >= 0
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # an offline machine: no cached backbone
+    without = run(tmp_path / "b", **common)
+    assert without["run"]["lpips"].startswith("unavailable") and without["images"][0]["lpips"] is None
+
+
+def test_observation_mode_reads_back_the_written_measurement(tmp_path):
+    """y.png stores 2y₀₁ − 1 = y + A(1) − 1, so restoring from it with simulate=False is the simulated run up to the
+    8-bit quantisation of y (≤ 1/255 on the internal scale), amplified at most by the Wiener gain
+    max_s s/(s² + ε) = 1/(2√ε), plus the PNG rounding of both outputs."""
+    simulated = run(tmp_path / "sim", input="skimage:astronaut", operator="ud2m/deblur_gaussian", method="wiener")
+    observed = run(
+        tmp_path / "obs",
+        input=str(tmp_path / "sim" / "astronaut_y.png"),
+        operator="ud2m/deblur_gaussian",
+        method="wiener",
+        simulate=False,
+        reference="skimage:astronaut",
+    )
+    assert observed["images"][0]["image"] == "astronaut"  # "<stem>_y" observations keep the stem
+    eps = (2 * 0.01) ** 2 / 0.5**2  # Wiener ε = σ_n²/s0² with the preset's σ_y = 0.01
+    bound = (1 / (2 * np.sqrt(eps))) * (1 / 255) / 2 + 1 / 255  # [0, 1] file units, RMS
+    a = read_png(tmp_path / "sim" / "astronaut_restored.png") / 255
+    b = read_png(tmp_path / "obs" / "astronaut_restored.png") / 255
+    assert np.sqrt(np.mean((a - b) ** 2)) <= bound
+    assert abs(observed["images"][0]["psnr"] - simulated["images"][0]["psnr"]) < 1.0  # same reference crop
+
+
+# ---------------------------------------------------------------------------------------------- diffusion methods
+def test_latino_posterior_samples_on_a_tiny_latent_model(latent_model, photos, tmp_path):
+    result = run(
+        tmp_path / "b2",
+        input=str(photos),
+        operator="ud2m/deblur_gaussian",
+        model=str(latent_model),
+        num_samples=2,
+        batch_size=2,
+    )
+    assert result["run"]["method"] == "latino"
+    names = sorted(os.listdir(tmp_path / "b2"))
+    assert names == sorted(
+        [f"{s}_{k}.png" for s in ("astronaut", "coffee") for k in ("restored", "std", "y")]
+        + ["metrics.csv", "metrics.json"]
+    )
+    for row in result["images"]:
+        assert row["nfe"] == 8  # LCM's 8-step grid, the S = 2 chains run batched
+        # each sample's prox output meets the discrepancy target ‖Ax − y‖ = √m σ_n, so by the triangle inequality
+        # the mean of the samples has a ratio ≤ 1
+        assert row["data_consistency"] <= 1 + 1e-3
+    std = read_png(tmp_path / "b2" / "astronaut_std.png")
+    assert Image.open(tmp_path / "b2" / "astronaut_std.png").mode.startswith("I;16") and 0 < std.max() <= 65535 / 2
+    # per-chain generators: batch composition does not change the result
+    run(tmp_path / "b1", input=str(photos), operator="ud2m/deblur_gaussian", model=str(latent_model), num_samples=2)
+    for name in ("astronaut_restored.png", "coffee_std.png"):
+        assert np.abs(read_png(tmp_path / "b1" / name) - read_png(tmp_path / "b2" / name)).max() <= 1
+
+
+def test_latino_pro_calibrates_and_saves_a_reusable_prompt(latent_model, tmp_path):
+    num_outer = 2
+    result = run(
+        tmp_path / "pro",
+        input="skimage:astronaut",
+        operator="ud2m/deblur_gaussian",
+        model=str(latent_model),
+        calibrate_prompt=True,
+        solver_options={"num_outer": num_outer},
+    )
+    assert result["run"]["method"] == "latino_pro"
+    assert result["images"][0]["nfe"] == num_outer * 4 + 8  # inner DMD2 grid x M + final 8-step run
+    cond = tmp_path / "pro" / "astronaut_cond.safetensors"
+    reused = run(
+        tmp_path / "reuse",
+        input="skimage:astronaut",
+        operator="ud2m/deblur_gaussian",
+        model=str(latent_model),
+        prompt=str(cond),
+    )
+    assert reused["images"][0]["nfe"] == 8
+
+
+@pytest.mark.parametrize("method", ["dps", "diffpir"])
+def test_pixel_baselines_on_a_tiny_pixel_model(method, pixel_model, tmp_path):
+    num_steps = 3
+    result = run(
+        tmp_path,
+        input="skimage:camera",
+        operator="ud2m/deblur_uniform",
+        method=method,
+        model=str(pixel_model),
+        num_steps=num_steps,
+    )
+    assert result["images"][0]["nfe"] == num_steps
+    assert (tmp_path / "camera_restored.png").is_file() and result["run"]["model"] == str(pixel_model)
+
+
+# ---------------------------------------------------------------------------------------------- resume and errors
+def test_resume_skips_finished_images_and_keeps_their_rows(photos, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "astronaut.png").write_bytes((photos / "astronaut.png").read_bytes())
+    out = tmp_path / "out"
+    run(out, input=str(inputs), operator="ud2m/sr_x4")
+    before = snapshot(out)
+    (inputs / "coffee.png").write_bytes((photos / "coffee.png").read_bytes())
+    result = run(out, input=str(inputs), operator="ud2m/sr_x4")
+    after = snapshot(out)
+    for name in ("astronaut_restored.png", "astronaut_y.png"):
+        assert after[name] == before[name]  # skipped: neither rewritten nor touched
+    assert "coffee_restored.png" in after
+    assert [r["image"] for r in result["images"]] == ["astronaut", "coffee"]
+    with pytest.raises(ValueError, match="different run"):
+        run(out, input=str(inputs), operator="ud2m/sr_x4", sigma_y=0.05)
+    assert snapshot(out) == after
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(input="missing.png"), FileNotFoundError, "not found"),
+        (dict(input="{photos}/notes.txt"), ValueError, "not a readable image"),
+        (dict(crop=30), ValueError, "not divisible by the SR factor 4"),
+        (dict(operator="ud2m/no_such_preset"), FileNotFoundError, "unknown operator preset"),
+        (dict(method="latino", model="{tmp}/no_model"), FileNotFoundError, "model folder not found"),
+        (dict(checkpoint="{tmp}/no_export"), FileNotFoundError, "not found"),
+    ],
+)
+def test_bad_inputs_fail_before_writing(kwargs, error, match, photos, tmp_path):
+    out = tmp_path / "out"
+    run(out, input="skimage:astronaut", operator="ud2m/sr_x4")
+    before = snapshot(out)
+    kwargs = {k: v.format(photos=photos, tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        run(out, **{"input": "skimage:astronaut", "operator": "ud2m/sr_x4", **kwargs})
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------- UD2M export
+@pytest.fixture(scope="module")
+def ud2m_export(pixel_model, tmp_path_factory):
+    """An untrained UD2M model (K = 2 blocks, LoRA B = 0) on the tiny pixel prior, exported with N = 2."""
+    export = pytest.importorskip("ud2m.export", reason="ud2m/export.py (issue [ud2m]) is not written yet")
+    from ud2m.priors.pixel import PixelDiffusionPrior
+    from ud2m.unfolded import UnfoldedSampler
+
+    model = UnfoldedSampler(PixelDiffusionPrior.from_pretrained(pixel_model), num_blocks=2, lora_rank=2)
+    operator = {"class_path": "ud2m.operators.blur.UniformBlur", "init_args": {"size": 5}, "sigma_y": 0.01}
+    training = dict(steps=0, seed=0, l2_weighting="none", loss_weights={}, lpips_backbone="vgg", data="none")
+    return export.export_checkpoint(
+        model,
+        tmp_path_factory.mktemp("exports") / "ud2m_tiny",
+        base_model={"family": "pixel_eps_unet", "id_or_path": str(pixel_model)},
+        operator={**operator, "generator": None},
+        sampler={"num_steps": 2, "eta": 1.0},
+        training=training,
+    )
+
+
+def test_ud2m_checkpoint_restores_with_n_times_k_evaluations(ud2m_export, tmp_path):
+    result = run(tmp_path / "out", input="skimage:camera", checkpoint=str(ud2m_export), num_samples=2)
+    assert result["run"]["method"] == "ud2m" and result["run"]["operator"].endswith("UniformBlur")
+    row = result["images"][0]
+    assert row["nfe"] == 2 * 2  # N·K with the manifest's N = 2 and K = 2
+    assert (tmp_path / "out" / "camera_std.png").is_file()
+    again = run(tmp_path / "n3", input="skimage:camera", checkpoint=str(ud2m_export), num_steps=3, eta=0.5)
+    assert again["images"][0]["nfe"] == 3 * 2
+
+
+def test_ud2m_checkpoint_refuses_another_base_model(ud2m_export, tmp_path):
+    from ud2m.priors.tiny import save_tiny_pixel_pipeline, tiny_pixel_prior
+
+    other = save_tiny_pixel_pipeline(tmp_path / "other", tiny_pixel_prior(seed=1))
+    with pytest.raises(ValueError, match="hash mismatch"):
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(ud2m_export), model=str(other))
+    assert not (tmp_path / "out").exists()
+    result = run(
+        tmp_path / "out",
+        input="skimage:camera",
+        checkpoint=str(ud2m_export),
+        model=str(other),
+        allow_hash_mismatch=True,
+    )
+    assert result["run"]["model"] == str(other)
+
+
+# ---------------------------------------------------------------------------------------------- the script
+def test_command_line_entry_point(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [
+        sys.executable,
+        str(ROOT / "sample.py"),
+        "--input",
+        "skimage:camera",
+        "--operator",
+        "ud2m/deblur_uniform",
+        "--crop",
+        str(CROP),
+        "--lpips",
+        "null",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["num_images"] == 1 and summary["nfe"]["mean"] == 0
+    assert (out / "camera_restored.png").is_file()
+
+
+def test_docs_list_every_option():
+    import inspect
+
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    missing = [p for p in inspect.signature(sample).parameters if f"`--{p}`" not in docs]
+    assert missing == []

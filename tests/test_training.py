@@ -1,0 +1,297 @@
+"""UD2M training wiring (algorithms.md §7.5-7.8, §9; house-style J, L): the LightningModule, EMA, checkpoints, exact
+resume, train.py end to end and 2-process DDP on CPU.
+
+Everything runs on a tiny random pixel prior (16x16 RGB, or 32x32 gray digits for the CLI runs); the assertions are
+identities of the wiring (step counts, equal states, disjoint samples), never numbers recorded from a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ud2m.discriminator import ConditionalDiscriminator
+from ud2m.operators import SuperResolution
+from ud2m.priors.tiny import save_tiny_pixel_pipeline, tiny_pixel_prior
+from ud2m.training.callbacks import EMA, ImageLogger
+from ud2m.training.data import SyntheticImages
+from ud2m.training.module import UnfoldedDistillation
+from ud2m.unfolded import UnfoldedSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "experiments" / "tiny_pixel_sr4.yaml"
+
+
+class OrderedSynthetic(SyntheticImages):
+    """Unshuffled training batches. With one batch per epoch, "4 steps" and "2 + resume 2" read the same batches
+    whatever Lightning does with the data position on resume (a map-style loader restarts its epoch)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=False)
+
+
+def make_model(**kwargs) -> UnfoldedDistillation:
+    """A fresh tiny model, identically initialised every time (LoRA A and D are drawn under a forked, seeded RNG;
+    LoRA attaches to the prior in place, so every model gets its own prior)."""
+    kwargs = {"operator": SuperResolution(2, "box"), "omega_lpips": 0.0, "lr_g": 1e-3, "lr_d": 1e-3, **kwargs}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sampler = UnfoldedSampler(tiny_pixel_prior(), num_blocks=2)
+        return UnfoldedDistillation(sampler, ConditionalDiscriminator(3, 16), **kwargs)
+
+
+def make_data(num_train: int = 2) -> SyntheticImages:
+    return OrderedSynthetic(num_train, 2, batch_size=2, image_size=16, channels=3)
+
+
+def trainer(max_steps: int, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def trainable_state(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {int(state["step"]) for state in optimizer.state.values()}
+
+
+# ------------------------------------------------------------------------------------------------ the module
+def test_fast_dev_run_trains_and_validates(tmp_path):
+    model = make_model()
+    images = ImageLogger(out_dir=str(tmp_path))
+    t = pl.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False, callbacks=[images])
+    t.fit(model, make_data())
+    assert t.global_step == 1
+    written = {p.name.split("_", 2)[-1] for p in tmp_path.glob("*.png")}  # no TensorBoard: PNG files
+    assert written == {"x.png", "y.png", "x_hat.png", "iterates.png"}
+    assert {"train/l2", "train/adv_g", "train/d_real", "train/gp", "val/psnr", "val/ssim"} <= set(t.callback_metrics)
+    assert "val/lpips" not in t.callback_metrics  # no real LPIPS backbone offline
+
+
+def test_two_steps_update_every_trainable_tensor_and_both_optimizers():
+    model = make_model(d_steps_per_g=2)
+    before = trainable_state(model)
+    assert any(k.startswith("sampler.") for k in before) and any(k.startswith("discriminator.") for k in before)
+    t = trainer(2)
+    t.fit(model, make_data())
+    after = trainable_state(model)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"not updated: {unchanged}"
+    opt_g, opt_d = (o.optimizer for o in model.optimizers())
+    assert t.global_step == 2  # one trainer step = one generator update
+    assert adam_steps(opt_g) == {2} and adam_steps(opt_d) == {4}  # d_steps_per_g = 2 discriminator updates per step
+    assert model.skipped_steps == 0
+
+
+def test_nan_guard_skips_and_counts(monkeypatch):
+    import ud2m.training.module as module
+
+    calls = {"n": 0}
+    real = module.l2_consistency
+
+    def nan_once(x0_hat, x0, weight=None):
+        calls["n"] += 1
+        loss = real(x0_hat, x0, weight)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(module, "l2_consistency", nan_once)
+    model = make_model()
+    before = trainable_state(model)
+    t = trainer(1)
+    t.fit(model, make_data())
+    assert calls["n"] == 2  # the bad batch is skipped, the next one makes the step
+    assert model.skipped_steps == 1 and float(t.callback_metrics["train/skipped_steps"]) == 1.0
+    opt_g, opt_d = (o.optimizer for o in model.optimizers())
+    assert t.global_step == 1 and adam_steps(opt_g) == {1} and adam_steps(opt_d) == {2}
+    after = trainable_state(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("sampler."))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+class RestoredState(pl.Callback):
+    """Records the state right after a resume (model, optimisers, EMA, step) before any training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.model = trainable_state(pl_module)
+        self.optimizers = copy.deepcopy([o.optimizer.state_dict() for o in pl_module.optimizers()])
+        self.ema = {k: v.clone() for k, v in next(c for c in trainer.callbacks if isinstance(c, EMA)).shadow.items()}
+        self.global_step = trainer.global_step
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """4 steps straight, and 2 steps + checkpoint + resume to 4 (fixed seeds, num_workers=0)."""
+    ckpt = tmp_path_factory.mktemp("resume") / "step2.ckpt"
+    straight = make_model()
+    trainer(4, callbacks=[EMA(halflife_steps=2)]).fit(straight, make_data())
+    first = make_model()
+    t1 = trainer(2, callbacks=[EMA(halflife_steps=2)])
+    t1.fit(first, make_data())
+    t1.save_checkpoint(ckpt)
+    saved = {
+        "model": trainable_state(first),
+        "optimizers": [o.optimizer.state_dict() for o in first.optimizers()],
+        "ema": dict(next(c for c in t1.callbacks if isinstance(c, EMA)).shadow),
+    }
+    probe, resumed = RestoredState(), make_model()
+    t2 = trainer(4, callbacks=[EMA(halflife_steps=2), probe])
+    t2.fit(resumed, make_data(), ckpt_path=ckpt)
+    return dict(straight=straight, saved=saved, probe=probe, resumed=resumed, t2=t2, ckpt=ckpt)
+
+
+def _assert_equal_tree(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_equal_tree(u, v, f"{where}/{i}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_checkpoint_round_trip_restores_every_state(resume_runs):
+    saved, probe = resume_runs["saved"], resume_runs["probe"]
+    assert probe.global_step == 2
+    _assert_equal_tree(saved["model"], probe.model, "model")
+    _assert_equal_tree(saved["optimizers"], probe.optimizers, "optimizers")
+    _assert_equal_tree(saved["ema"], probe.ema, "ema")
+    state = torch.load(resume_runs["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith("sampler.prior.") and "lora" not in k and k.endswith("weight") for k in state)
+
+
+def test_exact_resume_equals_straight_run(resume_runs):
+    straight, resumed = trainable_state(resume_runs["straight"]), trainable_state(resume_runs["resumed"])
+    assert resume_runs["t2"].global_step == 4
+    _assert_equal_tree(straight, resumed, "weights")
+
+
+def test_ema_is_the_half_life_average():
+    """With half-life h, β = 0.5^(1/h); after one update the shadow is β θ_0 + (1 − β) θ_1 (§7.7)."""
+    model = make_model()
+    before = {k: v.double() for k, v in trainable_state(model).items() if k.startswith("sampler.")}
+    ema = EMA(halflife_steps=3)
+    trainer(1, callbacks=[ema]).fit(model, make_data())
+    beta = 0.5 ** (1 / 3)
+    for k, theta0 in before.items():
+        theta1 = dict(model.named_parameters())[k].detach().double()
+        torch.testing.assert_close(ema.shadow[k].double(), beta * theta0 + (1 - beta) * theta1, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ train.py
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """Digit shards (data/make_shards.py, 4 training shards) and a tiny 1-channel prior folder."""
+    root = tmp_path_factory.mktemp("cli")
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "data" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    make_shards.main(["--from_digits", "--out", str(root / "shards"), "--limit", "40", "--maxcount", "8", "--quiet"])
+    save_tiny_pixel_pipeline(root / "prior", tiny_pixel_prior(in_channels=1))
+    return root
+
+
+def run_train(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (extra_path, ROOT) if p is not None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def common_args(root: Path, run: str) -> list[str]:
+    return [
+        "fit", "--config", str(CONFIG),
+        "--model.sampler.init_args.prior.init_args.path_or_hub_id", str(root / "prior"),
+        "--data.init_args.train_shards", str(root / "shards" / "train-{000000..000003}.tar"),
+        "--data.init_args.val_shards", str(root / "shards" / "val-000000.tar"),
+        "--trainer.default_root_dir", str(root / run),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_train_py_end_to_end_export_and_sample(cli_inputs, tmp_path):
+    from ud2m.export import load_checkpoint
+    from ud2m.training.cli import export
+    from ud2m.unfolded import sample_ud2m
+
+    root = cli_inputs
+    run_train([*common_args(root, "e2e"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"], tmp_path)
+    out = tmp_path / "outputs" / "tiny" / "exports" / "pixel_sr4"  # ExportOnTrainEnd of the config (relative path)
+    assert json.loads((out / "ud2m.json").read_text())["format"] == "ud2m-checkpoint"
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    ckpt = next((root / "e2e").rglob("last.ckpt"))
+    assert (ckpt.parent.parent / "config.yaml").is_file()  # LightningCLI saved the resolved config
+    exported = export(ckpt, tmp_path / "export_command")  # load_from_checkpoint through the CLI instantiator
+    prior = tiny_pixel_prior(in_channels=1)
+    model = load_checkpoint(exported, prior, allow_hash_mismatch=True)
+    shadow = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+    shadow = next(v["shadow"] for k, v in shadow.items() if k.startswith("EMA"))
+    loaded = dict(model.named_parameters())
+    for name, value in shadow.items():  # the export holds the EMA weights
+        torch.testing.assert_close(loaded[name.removeprefix("sampler.")].detach(), value, rtol=0, atol=0)
+    x = torch.zeros(2, 1, 32, 32)
+    op = SuperResolution(4, "gaussian", gaussian_sigma=3**0.5, gaussian_size=3)
+    with torch.inference_mode():
+        x_hat = sample_ud2m(model, op, op.A(x), 0.05, x_shape=x.shape, generator=torch.Generator().manual_seed(0))
+    assert x_hat.shape == x.shape and torch.isfinite(x_hat).all() and x_hat.abs().max() <= 1
+
+
+PROBE = """
+import hashlib, json, torch
+import lightning.pytorch as pl
+
+class RankProbe(pl.Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir, self.keys = out_dir, []
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys += list(batch["key"])
+    def on_train_end(self, trainer, pl_module):
+        h = hashlib.sha256()
+        for name, p in sorted(pl_module.named_parameters()):
+            if p.requires_grad:
+                h.update(name.encode()); h.update(p.detach().cpu().numpy().tobytes())
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"keys": self.keys, "hash": h.hexdigest(), "step": trainer.global_step}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_read_different_samples_and_agree(cli_inputs, tmp_path):
+    (tmp_path / "ud2m_probe.py").write_text(textwrap.dedent(PROBE))
+    run_train(
+        [*common_args(cli_inputs, "ddp"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+         "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+         "--trainer.accelerator", "cpu", "--data.init_args.resampled", "false",
+         "--trainer.callbacks+=ud2m_probe.RankProbe", f"--trainer.callbacks.out_dir={tmp_path}"],
+        cwd=tmp_path, extra_path=tmp_path,
+    )  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["step"] == 2 and len(r["keys"]) == 2 * 4 for r in ranks)  # 2 steps x batch 4 per rank
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # split_by_node: disjoint shards per rank
+    assert ranks[0]["hash"] == ranks[1]["hash"]  # replicas stay identical
+    assert hashlib.sha256().hexdigest() != ranks[0]["hash"]

@@ -1,0 +1,689 @@
+"""The restoration job of ``sample.py`` (issues [zero-shot] and [ud2m]): input discovery, model and operator
+loading, batching of images x posterior samples, resume, outputs and metrics (algorithms.md §4.2, §5.3, §8, §10).
+
+Every check that can fail (inputs, operator preset, model folder, image sizes against the operator and the prior)
+runs in :func:`prepare`, BEFORE anything is written; :func:`run` then only restores and writes. Outputs per image:
+``<stem>_restored.png`` (posterior mean), ``<stem>_std.png`` (pixelwise std, 16-bit gray, S > 1), ``<stem>_y.png``
+(the measurement on [0, 1], readable back with ``simulate=False``), plus ``metrics.json`` / ``metrics.csv`` for the
+whole folder. Images whose outputs exist are skipped (resume); nothing is ever deleted.
+
+Seeds follow §1.5: sample s of image i draws from its own generator seeded by ``hash(seed, 0, i, s)`` (the simulated
+noise of image i from ``hash(seed, 1, i, 0)``), so results do not depend on batch composition or on resuming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ud2m.io import discover_images, image_size, load_image, read_results, save_image, source_stem, write_results
+from ud2m.metrics import LPIPSMetric, Welford, data_consistency, psnr, ssim
+from ud2m.operators.base import LinearOperator
+from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
+from ud2m.operators.presets import instantiate_operator, load_preset
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "ud2m")
+NEEDS_AUTOGRAD = ("latino_pro", "dps")  # §5.2: the solver enables grad locally; no inference_mode
+DETERMINISTIC = ("tikhonov", "tv", "wiener")
+RUN_KEYS = ("method", "operator", "sigma_y", "seed", "num_samples", "model", "checkpoint", "simulate", "prompt")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of ``sample.py`` (documented there; its signature holds every default)."""
+
+    input: str
+    output_dir: Path
+    method: str | None
+    model: str | None
+    model_options: dict[str, Any] | None
+    checkpoint: Path | None
+    allow_hash_mismatch: bool
+    operator: str | None
+    sigma_y: float | None
+    simulate: bool
+    reference: str | None
+    crop: int | None
+    prompt: str
+    calibrate_prompt: bool
+    seed: int
+    num_samples: int
+    batch_size: int
+    num_steps: int | None
+    eta: float | None
+    dtype: str
+    device: str
+    lpips: str | None
+    lpips_weights: Path | None
+    tv_lambda: float
+    solver_options: dict[str, Any] | None
+    resume: bool
+    progress: bool
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: its index in the sorted input list (seeds), source, output stem, shape and reference."""
+
+    index: int
+    source: str
+    stem: str
+    x_shape: tuple[int, int, int]  # (C, H, W) of the restored image
+    reference: str | None = None
+
+
+@dataclass
+class Job:
+    """Everything :func:`prepare` resolved and validated."""
+
+    options: Options
+    method: str
+    op: Any
+    operator_name: str
+    sigma_y: float
+    items: list[Item]
+    device: torch.device
+    prior: Any = None
+    model: Any = None
+    cond: Any = None
+    manifest: dict | None = None
+    lpips: Any = None
+    lpips_note: str = "disabled"
+    preset_size: int | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+# ============================================================================================== entry point
+def restore(options: Options) -> dict[str, Any]:
+    """Run a restoration job: validate everything, then restore every pending image and write the outputs.
+
+    Args:
+        options: the parsed command line (see ``sample.py``).
+
+    Returns:
+        The content of ``metrics.json``: ``{"run": ..., "summary": ..., "images": [...]}``.
+
+    Raises:
+        FileNotFoundError, ValueError: for bad inputs, raised before anything is written.
+    """
+    checkpoint = None if options.checkpoint is None else Path(options.checkpoint)
+    options = dataclasses.replace(options, output_dir=Path(options.output_dir), checkpoint=checkpoint)
+    return run(prepare(options))
+
+
+# ============================================================================================== preparation
+def prepare(options: Options) -> Job:
+    """Resolve and validate every option; reads inputs and loads models but writes nothing."""
+    method = resolve_method(options)
+    _check_numbers(options, method)
+    sources = discover_images(options.input)
+    manifest = _read_manifest(options.checkpoint) if method == "ud2m" else None
+    op, sigma_y, operator_name, preset_size = resolve_operator(options, manifest)
+    device = resolve_device(options.device)
+    job = Job(options, method, op.to(device), operator_name, sigma_y, [], device, manifest=manifest)
+    job.preset_size = preset_size
+    if method not in DETERMINISTIC:
+        _load_models(job)
+    job.items = plan_items(job, sources)
+    job.run = _run_record(job)
+    _check_resume_compatible(job)
+    job.lpips, job.lpips_note = _make_lpips(options, device)
+    return job
+
+
+def resolve_method(options: Options) -> str:
+    """The method to run: ``ud2m`` with a checkpoint, ``latino_pro`` with ``calibrate_prompt``, else the option;
+    unset: ``latino`` with a model and ``wiener`` without (clear errors for contradictions)."""
+    method = options.method
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if options.checkpoint is not None:
+        if method not in (None, "ud2m"):
+            raise ValueError(f"--checkpoint restores with the UD2M sampler; it contradicts method={method!r}")
+        return "ud2m"
+    if method == "ud2m":
+        raise ValueError("method 'ud2m' needs --checkpoint EXPORTED_DIR (an exported UD2M model folder)")
+    if options.calibrate_prompt:
+        if method not in (None, "latino", "latino_pro"):
+            raise ValueError(f"--calibrate_prompt is LATINO-PRO's prompt calibration; it contradicts {method!r}")
+        return "latino_pro"
+    if method is None:
+        return "latino" if options.model is not None else "wiener"
+    return method
+
+
+def _check_numbers(options: Options, method: str) -> None:
+    if options.num_samples < 1 or options.batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {options.num_samples} and {options.batch_size}")
+    if options.num_samples > 1 and method in DETERMINISTIC:
+        raise ValueError(f"num_samples={options.num_samples}: method {method!r} is deterministic (use 1)")
+    if options.num_steps is not None and options.num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {options.num_steps}")
+    if options.eta is not None and method not in ("dps", "ud2m"):
+        raise ValueError(f"eta is the DDIM stochasticity of dps and ud2m; method {method!r} has none")
+    if options.crop is not None and options.crop < 0:
+        raise ValueError(f"crop must be >= 0 (0 keeps the whole image), got {options.crop}")
+    if options.reference is not None and options.simulate:
+        raise ValueError("--reference is for observation mode (simulate=False); simulated runs use the input")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | None:
+    """``"auto"`` -> None (the prior's policy, algorithms.md §1.4), else the named torch dtype."""
+    names = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, float, str, int | None]:
+    """``(operator, sigma_y, name, size)`` from ``--operator`` (preset name or YAML) or the checkpoint's manifest;
+    ``size`` is the preset's square ``image_size`` (None when it has none or it is not square)."""
+    size = None
+    if options.operator is not None:
+        preset = load_preset(options.operator)
+        op, sigma_y, name = preset.operator, preset.sigma_y, str(options.operator)
+        hw = preset.meta.get("image_size")
+        size = int(hw[0]) if isinstance(hw, (list, tuple)) and len(hw) == 2 and hw[0] == hw[1] else None
+    elif manifest is not None:
+        spec = manifest["operator"]
+        op = instantiate_operator({"class_path": spec["class_path"], "init_args": spec.get("init_args", {})})
+        sigma_y, name = float(spec["sigma_y"]), f"checkpoint:{spec['class_path']}"
+    else:
+        raise ValueError("--operator is required (a preset name such as ud2m/sr_x4, or a preset YAML file)")
+    sigma_y = float(sigma_y if options.sigma_y is None else options.sigma_y)
+    if sigma_y < 0:
+        raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+    return op.float().eval(), sigma_y, name, size
+
+
+# ---------------------------------------------------------------------------------------------- models
+def model_family(source: str) -> str:
+    """``"pixel"`` or ``"latent"`` from a diffusers folder or hub id: the ``model_index.json`` pipeline (a ``vae``
+    component means latent) or the UNet config class (``UNet2DModel`` pixel, ``UNet2DConditionModel`` latent).
+
+    Raises:
+        FileNotFoundError: for a missing folder (or an unreachable hub id) and a folder that is not a diffusers model.
+    """
+    index = _model_json(source, "model_index.json")
+    if index is not None:
+        unet = index.get("unet", [None, None])
+        if "vae" in index or unet[1] == "UNet2DConditionModel":
+            return "latent"
+        if unet[1] == "UNet2DModel":
+            return "pixel"
+    for name in ("unet/config.json", "config.json"):
+        config = _model_json(source, name)
+        if config is not None and config.get("_class_name") in ("UNet2DModel", "UNet2DConditionModel"):
+            return "pixel" if config["_class_name"] == "UNet2DModel" else "latent"
+    raise FileNotFoundError(
+        f"{source}: not a diffusers model (no model_index.json with a unet, and no UNet config.json)"
+    )
+
+
+def _model_json(source: str, name: str) -> dict | None:
+    """A JSON file of a local model folder or hub repository, None when it does not exist there."""
+    root = Path(source).expanduser()
+    if root.exists():
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: expected a model folder, got a file")
+        path = root / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    if str(source).startswith(("/", ".", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(f"model folder not found: {source} (neither a local folder nor a hub id owner/name)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(str(source), name)).read_text())
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # offline, unknown repository, ...
+        raise FileNotFoundError(f"{source}: not a local folder and the hub lookup failed ({err})") from err
+
+
+def load_prior(source: str, family: str, options: Options, device: torch.device):
+    """Load the prior of ``source`` for ``family`` with the dtype policy and ``model_options`` keywords."""
+    kwargs = dict(options.model_options or {})
+    dtype = resolve_dtype(options.dtype)
+    if family == "pixel":
+        from ud2m.priors.latent import default_dtype
+        from ud2m.priors.pixel import PixelDiffusionPrior
+
+        dtype = dtype or default_dtype(device, sdxl=False)
+        return PixelDiffusionPrior.from_pretrained(source, dtype=dtype, device=device, **kwargs)
+    from ud2m.priors.latent import LatentConsistencyPrior
+
+    return LatentConsistencyPrior.from_pretrained(source, dtype=dtype, device=device, **kwargs)
+
+
+def _load_models(job: Job) -> None:
+    """Load the prior (and, for UD2M, the exported model) and encode the prompt once."""
+    options, method = job.options, job.method
+    source = options.model or (job.manifest or {}).get("base_model", {}).get("id_or_path")
+    if source is None:
+        raise ValueError(f"method {method!r} needs --model (a local diffusers folder or a hub id)")
+    family = model_family(str(source))
+    job.prior = load_prior(str(source), family, options, job.device)
+    job.run["model"] = str(source)
+    if method == "ud2m":
+        from ud2m.export import load_checkpoint
+
+        base_path = source if Path(str(source)).expanduser().exists() else None  # hashed against the manifest
+        job.model = load_checkpoint(
+            options.checkpoint, job.prior, allow_hash_mismatch=options.allow_hash_mismatch, base_path=base_path
+        )
+    if family == "latent":
+        job.cond = _condition(job.prior, options.prompt, job.device)
+
+
+def _condition(prior, prompt: str, device: torch.device):
+    """The prompt's condition, or a condition saved by a LATINO-PRO run when ``prompt`` is a ``.safetensors`` file."""
+    if prompt.endswith(".safetensors"):
+        from ud2m.solvers.latino import load_condition
+
+        return load_condition(prompt, device)
+    return prior.encode_prompt(prompt)
+
+
+def _read_manifest(checkpoint: Path) -> dict:
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    from ud2m.export import read_manifest
+
+    return read_manifest(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def plan_items(job: Job, sources: list[str]) -> list[Item]:
+    """One :class:`Item` per source, each checked against the operator and the prior (shape errors name the file)."""
+    stems: dict[str, str] = {}
+    references = _references(job.options.reference)
+    items = []
+    for index, source in enumerate(sources):
+        stem = _stem(source, job.options.simulate)
+        if stem in stems:
+            raise ValueError(f"two inputs give the same output name {stem!r}: {stems[stem]} and {source}")
+        stems[stem] = source
+        item = Item(index, source, stem, _x_shape(job, source), _reference(job, references, source, stem))
+        _check_item(job, item)
+        items.append(item)
+    return items
+
+
+def _stem(source: str, simulate: bool) -> str:
+    """Output stem; an observation ``<stem>_y.png`` (as a simulated run writes it) keeps ``<stem>``."""
+    stem = source_stem(source)
+    return stem[:-2] if not simulate and stem.endswith("_y") and len(stem) > 2 else stem
+
+
+def _references(spec: str | None) -> dict[str, str] | None:
+    return None if spec is None else {source_stem(s): s for s in discover_images(spec)}
+
+
+def _reference(job: Job, references: dict[str, str] | None, source: str, stem: str) -> str | None:
+    if references is None:
+        return None
+    if stem not in references:
+        raise FileNotFoundError(f"{source}: no reference image with stem {stem!r} in {job.options.reference}")
+    return references[stem]
+
+
+def _image_channels(job: Job) -> int:
+    """Channels of the restored image: the model's (VAE input or pixel UNet), 3 without a model."""
+    prior = job.prior
+    if prior is None:
+        return 3
+    vae = getattr(prior, "vae", None)
+    return int(vae.config.in_channels) if vae is not None else int(prior.latent_channels)
+
+
+def _crop_size(job: Job, H: int, W: int) -> int | None:
+    """The crop of ``crop`` (0: none; None: the preset's square ``image_size`` when the image is larger)."""
+    crop = job.options.crop
+    if crop is None:
+        size = job.preset_size
+        return size if size is not None and min(H, W) > size else None
+    return crop or None
+
+
+def _x_shape(job: Job, source: str) -> tuple[int, int, int]:
+    """(C, H, W) of the restored image: the (cropped) input, or the operator's preimage of an observation."""
+    H, W = image_size(source)
+    C = _image_channels(job)
+    if job.options.simulate:
+        size = _crop_size(job, H, W)
+        if size is not None and size > min(H, W):
+            raise ValueError(f"{source}: crop size {size} is larger than the image {H}x{W}")
+        return (C, size, size) if size else (C, H, W)
+    with torch.inference_mode():
+        y_like = torch.zeros(1, C, H, W, device=job.device)
+        try:
+            x_like = job.op.A_adjoint(y_like) if isinstance(job.op, LinearOperator) else y_like
+        except ValueError as err:
+            raise ValueError(f"{source}: observation of size {H}x{W} does not fit the operator: {err}") from err
+    return (C, *x_like.shape[-2:])
+
+
+def _check_item(job: Job, item: Item) -> None:
+    """Run the operator on a zero image of the item's shape (and the prior's shape check), naming the file."""
+    x_shape = (1, *item.x_shape)
+    ref_hw = image_size(item.reference) if item.reference is not None else item.x_shape[1:]
+    if ref_hw[0] < item.x_shape[1] or ref_hw[1] < item.x_shape[2]:
+        raise ValueError(f"{item.reference}: reference {ref_hw} is smaller than the image {item.x_shape[1:]}")
+    try:
+        with torch.inference_mode():
+            job.op.A(torch.zeros(x_shape, device=job.device))
+        if job.prior is not None:
+            job.prior.check_shape(x_shape)
+    except ValueError as err:
+        raise ValueError(f"{item.source}: cannot restore an image of shape {item.x_shape}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------- run record, resume
+def _run_record(job: Job) -> dict[str, Any]:
+    o, latent = job.options, getattr(job.prior, "vae", None) is not None
+    record = dict(method=job.method, operator=job.operator_name, sigma_y=job.sigma_y, seed=o.seed, input=o.input)
+    record.update(num_samples=o.num_samples, model=job.run.get("model"), simulate=o.simulate, device=str(job.device))
+    record.update(checkpoint=None if o.checkpoint is None else str(o.checkpoint), prompt=o.prompt if latent else None)
+    record.update(num_steps=o.num_steps, eta=o.eta, dtype=str(getattr(job.prior, "dtype", torch.float32)))
+    return record
+
+
+def _check_resume_compatible(job: Job) -> None:
+    """Refuse to mix outputs of a different run into an existing folder (compared on :data:`RUN_KEYS`)."""
+    earlier = read_results(job.options.output_dir).get("run", {})
+    diff = {k: (earlier.get(k), job.run[k]) for k in RUN_KEYS if k in earlier and earlier.get(k) != job.run[k]}
+    if diff:
+        raise ValueError(
+            f"{job.options.output_dir} holds results of a different run ({diff}, as (earlier, now)); "
+            "choose another --output_dir"
+        )
+
+
+def output_paths(job: Job, item: Item) -> dict[str, Path]:
+    """The files written for ``item`` (the std map only with several samples)."""
+    out = job.options.output_dir
+    paths = {"restored": out / f"{item.stem}_restored.png", "y": out / f"{item.stem}_y.png"}
+    if job.options.num_samples > 1:
+        paths["std"] = out / f"{item.stem}_std.png"
+    return paths
+
+
+def is_done(job: Job, item: Item) -> bool:
+    """All outputs of ``item`` exist (resume skips it)."""
+    return all(p.is_file() for p in output_paths(job, item).values())
+
+
+def _make_lpips(options: Options, device: torch.device) -> tuple[Any, str]:
+    """LPIPS with a real backbone, or None and the reason (offline the backbone weights are usually missing)."""
+    if options.lpips is None:
+        return None, "disabled"
+    try:
+        return LPIPSMetric(options.lpips, options.lpips_weights).to(device), options.lpips
+    except (FileNotFoundError, ImportError) as err:
+        logger.warning("LPIPS not reported: %s", err)
+        return None, f"unavailable: {err}"
+
+
+# ============================================================================================== running
+def run(job: Job) -> dict[str, Any]:
+    """Restore every pending item in batches and write outputs and metrics after each batch."""
+    from tqdm.auto import tqdm
+
+    options = job.options
+    pending = [it for it in job.items if not (options.resume and is_done(job, it))]
+    if len(pending) < len(job.items):
+        logger.info("resume: %d of %d image(s) already done", len(job.items) - len(pending), len(job.items))
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = {row["image"]: row for row in read_results(options.output_dir).get("images", [])}
+    with tqdm(total=len(pending), desc=job.method, unit="img", disable=not options.progress) as bar:
+        for batch in batches(pending, options.batch_size):
+            for row in restore_batch(job, batch):
+                rows[row["image"]] = row
+            write_metrics(job, rows)
+            bar.update(len(batch))
+    return write_metrics(job, rows)
+
+
+def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
+    """Consecutive groups of at most ``batch_size`` items with equal shapes."""
+    out: list[list[Item]] = []
+    for item in items:
+        if out and len(out[-1]) < batch_size and out[-1][0].x_shape == item.x_shape:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def seed_for(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``(seed, *keys)`` (numpy ``SeedSequence`` hashing, §1.5)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generators(job: Job, batch: list[Item], stream: int) -> list[torch.Generator]:
+    """Per-chain generators: stream 0 = solver (one per image x sample), stream 1 = simulated noise (one per image)."""
+    S = job.options.num_samples if stream == 0 else 1
+    keys = [(stream, it.index, s) for it in batch for s in range(S)]
+    return [torch.Generator(job.device).manual_seed(seed_for(job.options.seed, *k)) for k in keys]
+
+
+def load_batch(job: Job, batch: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(x, y)``: references (None when there are none) and measurements on the internal scale, ``(B, ...)``."""
+    x_shape = batch[0].x_shape
+    if job.options.simulate:
+        x = torch.cat([_load(it.source, x_shape) for it in batch]).to(job.device)  # (B, C, H, W)
+        return x, measure(job.op, x, job.sigma_y, _generators(job, batch, stream=1))
+    y01 = (torch.cat([load_image(it.source, channels=x_shape[0]) for it in batch]).to(job.device) + 1) / 2
+    y = observation_to_internal(job.op, y01, (len(batch), *x_shape))
+    if batch[0].reference is None:
+        return None, y
+    return torch.cat([_load(it.reference, x_shape) for it in batch]).to(job.device), y
+
+
+def observation_to_internal(op, y01: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    r"""A measurement file on [0, 1] on the internal scale (§1.1): :math:`2y_{01} - A(\mathbb 1)` for linear A
+    (:func:`~ud2m.operators.noise.measurement_to_internal`), :math:`2y_{01} - 1` for JPEG; unobserved entries 0."""
+    y = measurement_to_internal(op, y01, x_shape) if isinstance(op, LinearOperator) else 2 * y01 - 1
+    mask = op.observed_mask(y)
+    return y if mask is None else y * mask
+
+
+def _load(source: str, x_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``(1, C, H, W)``: the image converted to C channels and centre-cropped to H x W (checked in prepare)."""
+    C, H, W = x_shape
+    x = load_image(source, channels=C)
+    top, left = (x.shape[-2] - H) // 2, (x.shape[-1] - W) // 2
+    return x[..., top : top + H, left : left + W]
+
+
+def grad_mode(method: str):
+    """``inference_mode`` everywhere except LATINO-PRO and DPS, which need autograd inside the solver (§5.2)."""
+    return torch.no_grad() if method in NEEDS_AUTOGRAD else torch.inference_mode()
+
+
+def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
+    """Restore one batch (B images x S samples as one solver call), write its images, return its metric rows."""
+    S = job.options.num_samples
+    x, y = load_batch(job, batch)
+    x_shape = (len(batch) * S, *batch[0].x_shape)
+    generators = _generators(job, batch, stream=0)
+    nfe0 = getattr(job.prior, "nfe", 0)
+    _reset_peak_memory(job.device)
+    t0 = time.perf_counter()
+    with grad_mode(job.method):
+        samples, extras = solve(job, y.repeat_interleave(S, dim=0), x_shape, generators)
+    _synchronize(job.device)
+    seconds = (time.perf_counter() - t0) / len(batch)
+    nfe = getattr(job.prior, "nfe", 0) - nfe0
+    with torch.inference_mode():
+        stats = Welford(torch.float64)
+        stats.update(samples.detach().double().reshape(len(batch), S, *samples.shape[1:]), sample_dim=1)
+        mean, std = stats.mean.float(), (stats.std.float() if S > 1 else None)
+        rows = _metric_rows(job, batch, x, y, mean, samples[::S].detach().float())
+        _write_outputs(job, batch, y, mean, std, extras)
+    peak = _peak_memory_mb(job.device)
+    for row in rows:
+        row.update(nfe=nfe, seconds=seconds, **peak)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[torch.Generator]):
+    """Run the job's method on ``y`` ``(B·S, ...)`` (``num_steps``, ``eta`` and ``solver_options`` passed on when
+    given; every other default is the solver's); returns ``(samples (B·S, C, H, W), extras)``."""
+    from ud2m.solvers import baselines, latino, steps, weights
+
+    o, op = job.options, job.op
+    kw: dict[str, Any] = dict(sigma_y=job.sigma_y, **(o.solver_options or {}))
+    if job.method == "wiener":
+        return steps.wiener_init(op, y, sigma_internal(job.sigma_y), **(o.solver_options or {})), {}
+    if job.method == "tikhonov":
+        return baselines.solve_tikhonov(op, y, **kw).clamp(-1, 1), {}
+    if job.method == "tv":
+        return baselines.solve_total_variation(op, y, **{"lam": o.tv_lambda, **kw}), {}
+    kw.update(cond=job.cond, generator=generators)
+    if job.method == "latino":
+        rule = weights.LATINO_WEIGHTS.get(job.operator_name, weights.LATINO_WEIGHTS["default"])
+        return latino.latino(job.prior, op, y, timesteps=_latino_timesteps(job), **{"weights": rule, **kw}), {}
+    if job.method == "latino_pro":
+        inner, final = weights.LATINO_PRO_WEIGHTS.get(job.operator_name, weights.LATINO_PRO_WEIGHTS["default"])
+        kw = {"weights_inner": inner, "weights_final": final, "final_timesteps": _latino_timesteps(job), **kw}
+        x, cond = latino.latino_pro(job.prior, op, y, **kw)
+        return x, {"cond": cond}  # one calibrated condition per chain: S independent LATINO-PRO runs per image
+    steps_eta = {k: v for k, v in (("num_steps", o.num_steps), ("eta", o.eta)) if v is not None}
+    if job.method == "ud2m":
+        return _sample_ud2m(job, y, x_shape, {**steps_eta, **kw}), {}
+    solver = baselines.solve_dps if job.method == "dps" else baselines.solve_diffpir
+    return solver(job.prior, op, y, **{**steps_eta, **kw}), {}
+
+
+def _latino_timesteps(job: Job) -> tuple[int, ...]:
+    """A uniform grid of ``num_steps`` when given; else SDXL/DMD2's 8-step grid for SDXL UNets, LCM's otherwise."""
+    from ud2m.schedules import LATINO_SDXL, LCM_8, uniform_grid
+
+    if job.options.num_steps is not None:
+        return uniform_grid(job.options.num_steps)
+    return LATINO_SDXL if getattr(job.prior, "is_sdxl", False) else LCM_8
+
+
+def _sample_ud2m(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], kw: dict[str, Any]) -> torch.Tensor:
+    """The N-step UD2M sampler (§8) with the manifest's N and eta unless overridden."""
+    from ud2m.unfolded import sample_ud2m
+
+    kw = {"num_steps": job.manifest["sampler"]["num_steps"], "eta": job.manifest["sampler"]["eta"], **kw}
+    return sample_ud2m(job.model, job.op, y, kw.pop("sigma_y"), x_shape=x_shape, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- outputs and metrics
+def measurement_image(op, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    r"""The measurement as an image on [-1, 1] whose [0, 1] file reads back to ``y`` with
+    :func:`~ud2m.operators.noise.measurement_to_internal`: :math:`2y_{01} - 1 = y + A(\mathbb 1) - 1` (§1.1)."""
+    if not isinstance(op, LinearOperator):
+        return y
+    return y + op.A(torch.ones(x_shape, device=y.device, dtype=y.dtype)) - 1
+
+
+def _write_outputs(job: Job, batch: list[Item], y, mean, std, extras) -> None:
+    """y first, then the std map, then the restored image (its existence marks the item done)."""
+    y_img = measurement_image(job.op, y, (len(batch), *batch[0].x_shape))
+    for i, item in enumerate(batch):
+        paths = output_paths(job, item)
+        if job.options.simulate or not _same_file(paths["y"], item.source):  # never overwrite the input
+            save_image(y_img[i], paths["y"])
+        if std is not None:
+            # RMS over channels of the std on the [0, 1] scale (= std/2), stored linearly in 16 bits
+            std01 = (std[i] / 2).pow(2).mean(0, keepdim=True).sqrt()
+            save_image(2 * std01 - 1, paths["std"], bits=16)
+        if "cond" in extras:
+            _save_condition(job, extras["cond"], i, item)
+        save_image(mean[i], paths["restored"])
+
+
+def _same_file(path: Path, source: str) -> bool:
+    return path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve()
+
+
+def _save_condition(job: Job, cond, i: int, item: Item) -> None:
+    """``<stem>_cond.safetensors``: the calibrated condition of sample 0 (reusable as ``--prompt FILE``)."""
+    from ud2m.solvers.latino import save_condition
+
+    k = i * job.options.num_samples
+    row = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
+    row = {name: None if v is None else v[k : k + 1] for name, v in row.items()}
+    save_condition(dataclasses.replace(cond, **row), job.options.output_dir / f"{item.stem}_cond.safetensors")
+
+
+def _metric_rows(job: Job, batch: list[Item], x, y, mean, first) -> list[dict[str, Any]]:
+    """Per-image PSNR / SSIM / LPIPS on the posterior mean (and PSNR of sample 0) when a reference exists, and the
+    data-consistency ratio :math:`\\|A\\hat x - y\\|/(\\sqrt m\\,\\sigma_n)` (§10.1)."""
+    sigma_n = sigma_internal(job.sigma_y)
+    dc = data_consistency(job.op, mean, y, sigma_n).tolist() if sigma_n > 0 else [None] * len(batch)
+    values: dict[str, list] = {"data_consistency": dc}
+    if x is not None:
+        values.update(psnr=psnr(mean, x).tolist(), psnr_sample0=psnr(first, x).tolist(), ssim=_ssim(mean, x))
+        values["lpips"] = job.lpips(mean, x).tolist() if job.lpips is not None else [None] * len(batch)
+    rows = []
+    for i, item in enumerate(batch):
+        row = {
+            "image": item.stem,
+            "source": item.source,
+            "reference": item.reference,
+            "height": item.x_shape[1],
+            "width": item.x_shape[2],
+        }
+        row.update({k: v[i] for k, v in values.items()})
+        rows.append(row)
+    return rows
+
+
+def _ssim(x_hat: torch.Tensor, x: torch.Tensor) -> list[float | None]:
+    """SSIM, or None for images smaller than its 11x11 window."""
+    return ssim(x_hat, x).tolist() if min(x.shape[-2:]) >= 11 else [None] * x.shape[0]
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, Any]:
+    """CUDA max allocated during the batch, or the process's peak RSS on CPU (``ru_maxrss``, kB on Linux)."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "memory_kind": "cuda_max_allocated"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory_kind": "cpu_max_rss"}
+
+
+def write_metrics(job: Job, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write ``metrics.json`` / ``metrics.csv`` with the rows in input order (earlier rows of a resumed run kept)."""
+    order = {it.stem: it.index for it in job.items}
+    ordered = sorted(rows.values(), key=lambda r: (order.get(r["image"], math.inf), r["image"]))
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.options).items()}
+    return write_results(job.options.output_dir, {**job.run, "lpips": job.lpips_note, "options": options}, ordered)
+
+
+__all__ = ["METHODS", "Item", "Job", "Options", "model_family", "prepare", "restore", "run"]

@@ -1,0 +1,315 @@
+r"""Lightning callbacks of UD2M training (algorithms.md §7.7, §9; house-style J): EMA, image logging and export.
+
+- :class:`EMA`: exponential moving average of the trainable generator tensors (LoRA, learned scalars) in the
+  half-life form of EDM (Karras et al., 2022, ``training_loop.py``), :math:`\beta = 0.5^{1/h}` per step; its state
+  lives in the Lightning checkpoint (exact resume) and it is swapped in for validation, testing and export.
+- :class:`ImageLogger`: rank-zero images of the first validation batch (x, lifted y, x̂0, per-block iterates) through
+  the logger's API (TensorBoard ``add_image``) or as PNG files for any other logger.
+- :class:`ExportOnTrainEnd`: writes the sampling folder of §9 (``ud2m.export.export_checkpoint``) when ``fit`` ends,
+  with the EMA weights when an :class:`EMA` callback is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+def tracked_parameters(pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
+    """The generator's trainable tensors by state-dict name (``sampler.*`` with ``requires_grad``)."""
+    root = getattr(pl_module, "sampler", pl_module)
+    prefix = "sampler." if root is not pl_module else ""
+    return {prefix + name: p for name, p in root.named_parameters() if p.requires_grad}
+
+
+class EMA(pl.Callback):
+    r"""EMA of the trainable generator tensors, EDM half-life form (algorithms.md §7.7).
+
+    After every generator update (every increase of ``trainer.global_step``; skipped steps do not count),
+    :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta` with :math:`\beta = 0.5^{1/h}`, so a weight's
+    contribution halves every :math:`h` steps. The shadow tensors are fp32 copies on the module's device, saved in
+    the checkpoint (:meth:`state_dict`), swapped into the model for validation/test (:meth:`swapped`) and used by
+    :class:`ExportOnTrainEnd` and ``train.py export``.
+
+    Args:
+        halflife_steps: :math:`h` in generator updates (1000 [ours]).
+    """
+
+    def __init__(self, halflife_steps: int = 1000) -> None:
+        if halflife_steps <= 0:
+            raise ValueError(f"EMA: halflife_steps must be positive, got {halflife_steps}")
+        self.halflife_steps = int(halflife_steps)
+        self.beta = 0.5 ** (1.0 / self.halflife_steps)
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.last_step = -1  # global_step of the last update
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start from the current weights, or move a restored shadow to the module's device."""
+        params = tracked_parameters(pl_module)
+        if self.shadow is None:
+            self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+            self.last_step = trainer.global_step
+            return
+        if set(self.shadow) != set(params):
+            raise KeyError(f"EMA state does not match the model: {sorted(set(self.shadow) ^ set(params))[:5]}")
+        self.shadow = {name: v.to(params[name].device) for name, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Update after each generator step (no update when the step was skipped by the NaN guard)."""
+        if self.shadow is None or trainer.global_step == self.last_step:
+            return
+        for name, p in tracked_parameters(pl_module).items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.beta)
+        self.last_step = trainer.global_step
+
+    @contextlib.contextmanager
+    def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Context in which the model holds the EMA weights (the training weights are restored on exit)."""
+        if self.shadow is None or self._backup is not None:
+            yield
+            return
+        params = tracked_parameters(pl_module)
+        with torch.no_grad():
+            self._backup = {name: p.detach().clone() for name, p in params.items()}
+            for name, p in params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self._backup[name])
+            self._backup = None
+
+    def _enter(self, pl_module: pl.LightningModule) -> None:
+        self._context = self.swapped(pl_module)
+        self._context.__enter__()
+
+    def _exit(self) -> None:
+        context, self._context = getattr(self, "_context", None), None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate with the EMA weights."""
+        self._enter(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Back to the training weights."""
+        self._exit()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Test with the EMA weights."""
+        if self.shadow is None:  # `trainer.test(ckpt_path=...)` restores the state without fitting
+            self.on_fit_start(trainer, pl_module)
+        self._enter(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Back to the training weights."""
+        self._exit()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint written while the EMA weights are swapped in must still hold the training weights."""
+        if self._backup is not None:
+            checkpoint["state_dict"].update(self._backup)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shadow tensors, half-life and the step of the last update (exact resume)."""
+        return {"halflife_steps": self.halflife_steps, "last_step": self.last_step, "shadow": self.shadow}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the half-life must match this callback's)."""
+        if int(state_dict["halflife_steps"]) != self.halflife_steps:
+            raise ValueError(
+                f"EMA: checkpoint half-life {state_dict['halflife_steps']} differs from {self.halflife_steps}"
+            )
+        self.last_step = int(state_dict["last_step"])
+        self.shadow = None if state_dict["shadow"] is None else dict(state_dict["shadow"])
+
+
+def find_ema(trainer: pl.Trainer) -> EMA | None:
+    """The trainer's :class:`EMA` callback, if any."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+class ImageLogger(pl.Callback):
+    """Log the first validation batch: x, lift(y), x̂0 and the per-block iterates of the last grid point.
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` the grids go to ``add_image`` (tag ``val/<name>``);
+    with any other logger (or none) they are written as PNG files under ``<log_dir>/images`` (or ``out_dir``).
+    Rank zero only; nothing happens during the sanity check.
+
+    Args:
+        max_images: images per grid.
+        every_n_validations: log every n-th validation run.
+        out_dir: folder for PNG files (default: ``trainer.log_dir/images``).
+    """
+
+    def __init__(self, max_images: int = 4, every_n_validations: int = 1, out_dir: str | None = None) -> None:
+        self.max_images, self.every_n_validations, self.out_dir = max_images, every_n_validations, out_dir
+        self._validations = 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Count validation runs."""
+        if not trainer.sanity_checking:
+            self._validations += 1
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args
+    ) -> None:
+        """Log the images returned by ``validation_step`` for batch 0."""
+        if batch_idx != 0 or not isinstance(outputs, dict) or trainer.sanity_checking:
+            return
+        if self._validations % self.every_n_validations:
+            return
+        for name, grid in self.grids(outputs).items():
+            self.write(trainer, f"val/{name}", grid)
+
+    def grids(self, outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``(3 or 1, H', W')`` grids on [0, 1]: one per image kind, plus ``iterates`` (blocks of the last step)."""
+        from torchvision.utils import make_grid
+
+        n = self.max_images
+        out = {k: make_grid(_to_unit(outputs[k][:n]), nrow=n) for k in ("x", "y", "x_hat") if k in outputs}
+        steps = outputs.get("iterates") or []
+        blocks = [b["x"][0] for b in (steps[-1].get("blocks", []) if steps else [])]
+        blocks = [x for x in blocks if x.shape == outputs["x"].shape[1:]]  # pixel-space iterates only
+        if blocks:
+            out["iterates"] = make_grid(_to_unit(torch.stack(blocks)), nrow=len(blocks))
+        return out
+
+    def write(self, trainer: pl.Trainer, tag: str, grid: torch.Tensor) -> None:
+        """Through TensorBoard when it is the logger, else a PNG file."""
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
+            return
+        from ud2m.io import save_image
+
+        root = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "images")
+        save_image(grid * 2 - 1, root / f"step{trainer.global_step:07d}_{tag.replace('/', '_')}.png")
+
+
+# ------------------------------------------------------------------------------------------------ export
+class ExportOnTrainEnd(pl.Callback):
+    """Write the sampling folder of algorithms.md §9 when ``fit`` ends (rank zero), EMA weights when available.
+
+    Args:
+        out_dir: destination folder (``ud2m.json``, ``adapter/``, ``scalars.safetensors``, ...).
+        use_ema: export the EMA weights when an :class:`EMA` callback is present.
+        num_steps: default N of the exported sampler (§8).
+        eta: default DDIM eta of the exported sampler.
+    """
+
+    def __init__(self, out_dir: str, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0) -> None:
+        self.out_dir, self.use_ema, self.num_steps, self.eta = out_dir, use_ema, num_steps, eta
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export (rank zero writes; every rank waits for it)."""
+        ema = find_ema(trainer) if self.use_ema else None
+        if trainer.is_global_zero:
+            with ema.swapped(pl_module) if ema is not None else contextlib.nullcontext():
+                path = export_module(
+                    pl_module, self.out_dir, ema=ema is not None, num_steps=self.num_steps, eta=self.eta,
+                    steps=trainer.global_step, data=_describe_data(trainer),
+                )  # fmt: skip
+            logger.info("exported the UD2M sampler to %s", path)
+        trainer.strategy.barrier("ud2m-export")
+
+
+def _describe_data(trainer: pl.Trainer) -> str:
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None:
+        return "unknown"
+    source = getattr(dm, "train_shards", None) or getattr(dm, "root", None)
+    return f"{type(dm).__name__}({source})" if source is not None else type(dm).__name__
+
+
+def export_module(
+    pl_module: pl.LightningModule,
+    out_dir: str | Path,
+    *,
+    ema: bool,
+    num_steps: int = 3,
+    eta: float = 1.0,
+    steps: int = 0,
+    data: str = "unknown",
+) -> Path:
+    """Export ``pl_module.sampler`` with ``ud2m.export.export_checkpoint``, building the manifest sections of §9
+    from the module (base-model reference from the LightningCLI config when present, operator, sampler, training).
+    """
+    from ud2m.export import export_checkpoint
+
+    hp = pl_module.hparams
+    training = {
+        "steps": int(steps),
+        "seed": int(hp.seed),
+        "l2_weighting": hp.l2_weighting,
+        "loss_weights": {"l2": hp.omega_l2, "lpips": hp.omega_lpips, "adv": hp.omega_adv, "gp": hp.omega_gp},
+        "lpips_backbone": hp.perceptual_net,
+        "data": data,
+        "prompt": hp.prompt,
+    }
+    return Path(
+        export_checkpoint(
+            pl_module.sampler,
+            out_dir,
+            base_model=base_model_reference(pl_module),
+            operator=operator_reference(pl_module),
+            sampler={"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)},
+            training=training,
+            ema=ema,
+        )
+    )
+
+
+def _config(value: Any) -> dict[str, Any]:
+    """A ``{class_path, init_args}`` config as a plain dict (jsonargparse Namespaces included), else ``{}``."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return dict(value) if isinstance(value, dict) and "class_path" in value else {}
+
+
+def base_model_reference(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """``family`` (``"pixel"``/``"latent"``, as ``sample.py`` names them) and ``id_or_path``/``subfolder`` of the
+    frozen prior from the LightningCLI config (absolute when local; None without a config). ``ud2m.export`` fills
+    the prediction type, dtype, scheduler and the SHA-256 of a local folder."""
+    prior_cfg = _config(_config(pl_module.hparams.get("sampler")).get("init_args", {}).get("prior"))
+    args = prior_cfg.get("init_args", {}) or {}
+    source = args.get("path_or_hub_id")
+    if source is not None and Path(str(source)).expanduser().exists():
+        source = str(Path(str(source)).expanduser().resolve())
+    reference = {"family": "latent" if pl_module.sampler.latent else "pixel", "id_or_path": source}
+    if args.get("subfolder") is not None:
+        reference["subfolder"] = args["subfolder"]
+    return reference
+
+
+def operator_reference(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The training operator (or generator) as ``class_path``/``init_args`` plus ``sigma_y`` (§9)."""
+    hp = pl_module.hparams
+    spec = _config(hp.get("operator"))
+    if not spec and pl_module.operator is not None:
+        cls = type(pl_module.operator)
+        spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": None}
+    sigma_y = hp.sigma_y if isinstance(hp.sigma_y, int | float) else list(hp.sigma_y)
+    is_generator = not isinstance(pl_module.operator, torch.nn.Module) and pl_module.operator is not None
+    return {**spec, "sigma_y": sigma_y, "generator": spec.get("class_path") if is_generator else None}

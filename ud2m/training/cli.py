@@ -1,0 +1,109 @@
+"""The LightningCLI of UD2M training (house-style K) and the ``train.py export`` command (algorithms.md §9).
+
+``UD2MCLI`` = ``LightningCLI(UnfoldedDistillation, <any LightningDataModule>)``: experiments are YAML files under
+``configs/experiments/`` that choose the prior, operator, discriminator and data through ``class_path``/``init_args``;
+every default lives in the type-hinted signatures. Shared values are linked once (``link_arguments``): the data's
+``image_size``/``channels`` feed the discriminator. A ``checkpoint`` section configures the always-present
+``ModelCheckpoint`` (``save_last=True`` by default, so ``last.ckpt`` allows exact resume).
+
+Pretrained priors load through a classmethod, which jsonargparse cannot name as a ``class_path``; the two
+``Pretrained*Prior`` names below are classes made from those loaders (``jsonargparse.class_from_function``), so a
+config says ``class_path: ud2m.training.cli.PretrainedPixelPrior`` with ``init_args: {path_or_hub_id: ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import class_from_function
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ud2m.priors.latent import LatentConsistencyPrior
+from ud2m.priors.pixel import PixelDiffusionPrior
+from ud2m.training.callbacks import EMA, export_module
+from ud2m.training.module import UnfoldedDistillation
+
+logger = logging.getLogger(__name__)
+
+#: ``PixelDiffusionPrior.from_pretrained`` as a class for configs (local folder or hub id).
+PretrainedPixelPrior = class_from_function(
+    PixelDiffusionPrior.from_pretrained, PixelDiffusionPrior, name="PretrainedPixelPrior"
+)
+#: ``LatentConsistencyPrior.from_pretrained`` as a class for configs (SD/LCM/SDXL folders or hub ids).
+PretrainedLatentPrior = class_from_function(
+    LatentConsistencyPrior.from_pretrained, LatentConsistencyPrior, name="PretrainedLatentPrior"
+)
+
+
+class UD2MCLI(LightningCLI):
+    """``LightningCLI`` for :class:`UnfoldedDistillation` with any ``LightningDataModule`` (``data.class_path``).
+
+    Args:
+        args: command-line style list or a dict config (``None``: ``sys.argv``).
+        run: run the subcommand (``False``: only parse and instantiate, as the config tests do).
+        **kwargs: further ``LightningCLI`` arguments.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            UnfoldedDistillation,
+            LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # the module owns its two AdamW optimisers (§7.7)
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The ``checkpoint`` section and the links data -> discriminator."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.link_arguments("data.init_args.image_size", "model.discriminator.init_args.image_size")
+        parser.link_arguments("data.init_args.channels", "model.discriminator.init_args.in_channels")
+
+
+# ------------------------------------------------------------------------------------------------ export command
+def export(ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0) -> Path:
+    """Export a training checkpoint (``last.ckpt``) to the sampling folder of algorithms.md §9.
+
+    The model is rebuilt from the configuration stored in the checkpoint by LightningCLI (frozen base weights are
+    reloaded from their original path), the trainable weights are loaded, and the EMA weights replace them when the
+    checkpoint holds an EMA state and ``use_ema`` is set.
+
+    Args:
+        ckpt: a ``.ckpt`` written by ``train.py fit``.
+        out: destination folder.
+        use_ema: export the EMA weights when present.
+        num_steps: default N of the exported sampler.
+        eta: default DDIM eta of the exported sampler.
+
+    Returns:
+        the export folder.
+    """
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model = UnfoldedDistillation.load_from_checkpoint(ckpt, map_location="cpu")
+    shadow = _ema_shadow(checkpoint) if use_ema else None
+    if shadow is not None:
+        _, unexpected = model.load_state_dict(shadow, strict=False)  # frozen tensors are not in the EMA
+        if unexpected:
+            raise KeyError(f"{ckpt}: EMA state names tensors the model does not have, e.g. {unexpected[:5]}")
+    data = str(checkpoint.get("datamodule_hyper_parameters", {}).get("_class_path", "unknown"))
+    return export_module(
+        model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, steps=checkpoint["global_step"], data=data
+    )
+
+
+def _ema_shadow(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The EMA shadow tensors saved by the :class:`EMA` callback, if any."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith(EMA.__qualname__) and isinstance(state, dict) and state.get("shadow") is not None:
+            return state["shadow"]
+    return None

@@ -1,0 +1,398 @@
+r"""UD2M training wiring: the ``UnfoldedDistillation`` LightningModule (algorithms.md §7.5-7.8).
+
+Implements one training step of UD2M (Mbakam et al., unfolded distillation of diffusion models) as fixed by §7.6:
+per-sample diffusion times, the measurement simulated with the *same* operator object that the sampler's proxes,
+``lift(y)`` and the logs use, one graph-keeping forward of the K-block sampler, then a discriminator update and a
+generator update with manual optimisation (Lightning ``generative_adversarial_net.py`` pattern), global-norm
+clipping of the generator, and a NaN/Inf guard that skips and counts a bad step instead of corrupting the weights.
+Validation runs the full N-step sampler (§8) on fixed seeds and logs PSNR/SSIM (LPIPS only with a real backbone).
+
+This module wires; the math lives in :mod:`ud2m.unfolded`, :mod:`ud2m.losses`, :mod:`ud2m.operators`.
+Randomness comes from generators seeded by ``(seed, global_step, rank)``; global RNGs are never touched here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ud2m.losses import (
+    discriminator_loss,
+    generator_adversarial,
+    gradient_penalty,
+    l2_consistency,
+    l2_weight,
+    lpips_loss,
+    make_lpips,
+)
+from ud2m.metrics import psnr, ssim
+from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.noise import measure
+from ud2m.operators.random import OperatorGenerator, sample_sigma_y
+from ud2m.unfolded import UnfoldedSampler, sample_ud2m
+from ud2m.utils import rand, randn
+
+logger = logging.getLogger(__name__)
+
+Operator = LinearOperator | NonlinearOperator
+T_MIN, T_MAX = 1, 999  # §7.6 step 1: t ~ U{1, ..., 999} per sample
+
+
+def mix_seed(*values: int | str) -> int:
+    """A 63-bit seed from an ordered tuple of values (stable across processes, unlike ``hash``).
+
+    >>> mix_seed(0, 1) == mix_seed(0, 1) != mix_seed(1, 0)
+    True
+    """
+    digest = hashlib.sha256("/".join(str(v) for v in values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class UnfoldedDistillation(pl.LightningModule):
+    r"""Train a UD2M sampler (LoRA + learned scalars) against a conditional discriminator (algorithms.md §7.6).
+
+    Generator loss :math:`\omega_{l2} L_{l2} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` and discriminator loss
+    :math:`L_D + \omega_{gp} GP` of §7.5, with the AdamW defaults of §7.7. One trainer step (``global_step``) is one
+    generator update; the ``d_steps_per_g`` discriminator updates of a step do not advance it.
+
+    Args:
+        sampler: the unfolded sampler (frozen prior + LoRA + scalars); its :meth:`generator_parameters` are trained.
+        discriminator: ``D(x, c) -> (B,)`` logits, or None for L2 (+ LPIPS) training only.
+        operator: a fixed operator, a random operator generator (§2.7, one draw per step), or None when every
+            batch is paired (carries ``y`` and ``params``, see :mod:`ud2m.training.data`).
+        sigma_y: noise std on the [0, 1] scale: a float, or a ``(low, high)`` log-uniform range drawn per sample.
+        omega_l2: weight of the conditional-consistency L2.
+        omega_lpips: weight of the LPIPS loss (0 disables it).
+        omega_adv: weight of the generator's adversarial loss (0, or no discriminator, disables the GAN).
+        omega_gp: weight of the zero-centred gradient penalty in the discriminator loss.
+        l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code) or ``"min_snr"`` (§7.5).
+        perceptual_net: LPIPS backbone (``"vgg"`` for the UD2M loss).
+        perceptual_weights: local path of the torchvision backbone weights (no download ever).
+        allow_random_lpips: use a random-backbone LPIPS when no weights exist (plumbing only; logged as
+            ``train/lpips_random_backbone = 1`` and never reported as ``val/lpips``).
+        lr_g: generator learning rate.
+        lr_d: discriminator learning rate.
+        betas: AdamW betas of both optimisers.
+        weight_decay_d: discriminator weight decay (the generator's groups carry their own, §7.7).
+        warmup_steps: linear learning-rate warm-up length (0: constant).
+        clip_norm: global gradient-norm clip of the generator (None: no clipping).
+        d_steps_per_g: discriminator updates per generator update.
+        adv_start_step: first step with the discriminator and adversarial loss (plain L2 + LPIPS before).
+        val_num_steps: N of the validation sampler (§8).
+        val_eta: DDIM eta of the validation sampler.
+        prompt: text prompt of text-conditioned priors (None: the empty prompt); ignored by other priors.
+        seed: base seed of every generator used in training and validation.
+        ema_halflife_steps: add an :class:`ud2m.training.callbacks.EMA` callback with this half-life (None: off).
+    """
+
+    def __init__(
+        self,
+        sampler: UnfoldedSampler,
+        discriminator: nn.Module | None = None,
+        *,
+        operator: Operator | OperatorGenerator | None = None,
+        sigma_y: float | tuple[float, float] = 0.01,
+        omega_l2: float = 1.0,
+        omega_lpips: float = 0.1,
+        omega_adv: float = 0.1,
+        omega_gp: float = 10.0,
+        l2_weighting: Literal["none", "snr", "min_snr"] = "none",
+        perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
+        perceptual_weights: str | None = None,
+        allow_random_lpips: bool = False,
+        lr_g: float = 1e-4,
+        lr_d: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay_d: float = 0.01,
+        warmup_steps: int = 0,
+        clip_norm: float | None = 1.0,
+        d_steps_per_g: int = 1,
+        adv_start_step: int = 0,
+        val_num_steps: int = 3,
+        val_eta: float = 1.0,
+        prompt: str | None = None,
+        seed: int = 0,
+        ema_halflife_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=_injected_objects(sampler=sampler, discriminator=discriminator, operator=operator)
+        )
+        _check_sigma_y(sigma_y)
+        if d_steps_per_g < 1:
+            raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
+        self.automatic_optimization = False
+        self.sampler = sampler
+        self.discriminator = discriminator if omega_adv > 0 else None
+        self.operator = operator
+        self.perceptual = (
+            make_lpips(perceptual_net, perceptual_weights, allow_random_backbone=allow_random_lpips)
+            if omega_lpips > 0
+            else None
+        )
+        self.skipped_steps = 0
+        self._cond: Any = None
+        self._paired_ops: dict[str, Operator] = {}
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def configure_optimizers(self):
+        """AdamW for the generator (LoRA wd 0.01, scalars wd 0, from the sampler) and the discriminator (§7.7)."""
+        hp = self.hparams
+        groups = self.sampler.generator_parameters()
+        for group in groups:  # e.g. a learned initialiser trains at lr × 0.1 (§7.2)
+            group["lr"] = hp.lr_g * group.get("lr_scale", 1.0)
+        opt_g = torch.optim.AdamW(groups, lr=hp.lr_g, betas=tuple(hp.betas), eps=1e-8)
+        if self.discriminator is None:
+            return opt_g
+        d_params = self.discriminator.parameters()
+        opt_d = torch.optim.AdamW(d_params, lr=hp.lr_d, betas=tuple(hp.betas), weight_decay=hp.weight_decay_d)
+        return [opt_g, opt_d]
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """An EMA callback when ``ema_halflife_steps`` is set (it replaces an EMA given to the Trainer)."""
+        if self.hparams.ema_halflife_steps is None:
+            return []
+        from ud2m.training.callbacks import EMA
+
+        return [EMA(halflife_steps=self.hparams.ema_halflife_steps)]
+
+    # ------------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One UD2M step (§7.6): simulate, one sampler forward, D update(s), G update, log."""
+        g = self._generator("train", self.global_step, self.skipped_steps)
+        x0 = batch["x"]  # (B, C, H, W) on [-1, 1]
+        op, sigma_y, y = self._measurement(batch, g)  # 3.
+        t, x_t = self._diffuse(x0, g)  # 1.-2.
+        x0_hat = self.sampler(x_t, t, y, op, sigma_y, cond=self._condition(), generator=g)  # 4. K blocks, graph kept
+        c = op.lift(y).detach()  # discriminator conditioning, identical for real and fake (§7.4)
+        opts = self.optimizers()
+        opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        logs: dict[str, Any] = {}
+        adversarial = opt_d is not None and self.global_step >= self.hparams.adv_start_step
+        self._set_learning_rates(opt_g, opt_d)
+        ok_d = True
+        if adversarial:  # 5. D update on (x0, sg(x0_hat))
+            for _ in range(self.hparams.d_steps_per_g):
+                ok_d &= self._discriminator_update(opt_d, x0, x0_hat.detach(), c, g, logs)
+        self.toggle_optimizer(opt_g)  # 6. G update, D frozen
+        loss_g = self._generator_loss(x0, x0_hat, c, t, adversarial, logs)
+        ok_g = self._guarded_step(opt_g, loss_g, "g", logs, clip_norm=self.hparams.clip_norm, counted=True)
+        self.untoggle_optimizer(opt_g)
+        self.skipped_steps += int(not (ok_d and ok_g))
+        self._log_train(logs, x0.shape[0])  # 7.
+
+    def _diffuse(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """§7.6 steps 1-2: ``t ~ U{1..999}`` per sample and ``x_t = a_t z0 + b_t eps`` (latent priors: z0 = E(x0))."""
+        prior = self.sampler.prior
+        u = rand((x0.shape[0],), g, device=self.device)
+        t = (T_MIN + torch.floor(u * (T_MAX - T_MIN + 1))).clamp(T_MIN, T_MAX)  # (B,) integer-valued floats
+        with torch.no_grad():  # the clean target needs no graph
+            z0 = prior.encode(x0)
+        eps = randn(z0.shape, g, device=self.device, dtype=z0.dtype)
+        return t, prior.add_noise(z0, t, eps)
+
+    def _measurement(self, batch: dict[str, Any], g: torch.Generator) -> tuple[Operator, torch.Tensor, torch.Tensor]:
+        """``(op, sigma_y (B,), y)``: the stored pair of a paired batch, else ``y = measure(op, x0, sigma_y)``."""
+        x0 = batch["x"]
+        if "y" in batch:
+            return self._paired(batch)
+        op = self.operator
+        if op is None:
+            raise ValueError("UnfoldedDistillation: operator is None but the batch carries no stored 'y' (paired data)")
+        if isinstance(op, OperatorGenerator):
+            op = op(x0.shape[0], tuple(x0.shape[-2:]), g, self.device)
+        sigma_y = self._sigma_y(x0.shape[0], g)
+        return op, sigma_y, measure(op, x0, sigma_y, g)
+
+    def _sigma_y(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        """Fixed ``sigma_y`` or a per-sample log-uniform draw (§2.7), ``(B,)``."""
+        s = self.hparams.sigma_y
+        if isinstance(s, int | float):
+            return torch.full((batch_size,), float(s), device=self.device)
+        return sample_sigma_y(batch_size, g, float(s[0]), float(s[1]), device=self.device)
+
+    def _paired(self, batch: dict[str, Any]) -> tuple[Operator, torch.Tensor, torch.Tensor]:
+        """Operator rebuilt from the shard's ``params`` (one shared spec per batch) and the stored ``y``."""
+        from ud2m.operators.presets import instantiate_operator
+
+        specs = {json.dumps(p["operator"], sort_keys=True) for p in batch["params"]}
+        if len(specs) != 1:
+            raise ValueError(
+                f"paired batch mixes {len(specs)} operator specifications; write one operator per shard set"
+            )
+        (spec,) = specs
+        if spec not in self._paired_ops:
+            self._paired_ops[spec] = instantiate_operator(json.loads(spec), source="paired shard").to(self.device)
+        sigma_y = torch.tensor([float(p["sigma_y"]) for p in batch["params"]], device=self.device)
+        return self._paired_ops[spec], sigma_y, batch["y"].float()
+
+    def _discriminator(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``D(x, c)`` in fp32 with autocast disabled (§1.4)."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.discriminator(x.float(), c.float())
+
+    def _discriminator_update(self, opt_d, x0, x0_hat, c, g, logs: dict) -> bool:
+        """§7.6 step 5: ``L_D + omega_gp GP`` on ``(x0, sg(x0_hat))``; returns False when the step was skipped."""
+        self.toggle_optimizer(opt_d)
+        d_real, d_fake = self._discriminator(x0, c), self._discriminator(x0_hat, c)
+        gp = gradient_penalty(self._discriminator, x0, x0_hat, c, generator=g)
+        loss_d = discriminator_loss(d_real, d_fake).mean() + self.hparams.omega_gp * gp.mean()
+        logs.update({"d_real": d_real.mean(), "d_fake": d_fake.mean(), "gp": gp.mean(), "loss_d": loss_d})
+        ok = self._guarded_step(opt_d, loss_d, "d", logs, clip_norm=None, counted=False)
+        self.untoggle_optimizer(opt_d)
+        return ok
+
+    def _generator_loss(self, x0, x0_hat, c, t, adversarial: bool, logs: dict) -> torch.Tensor:
+        r""":math:`\omega_{l2} L_{l2} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` (§7.5), batch means."""
+        hp = self.hparams
+        weight = None
+        if hp.l2_weighting != "none":
+            alpha_bar = 1 - self.sampler.prior.schedule.nu(t)  # VP-equivalent ᾱ_t for every family
+            weight = l2_weight(alpha_bar, hp.l2_weighting)
+        logs["l2"] = l2_consistency(x0_hat, x0, weight).mean()
+        loss = hp.omega_l2 * logs["l2"]
+        if self.perceptual is not None:
+            logs["lpips"] = lpips_loss(self.perceptual, x0_hat, x0).mean()
+            logs["lpips_random_backbone"] = float(self.perceptual.random_backbone)
+            loss = loss + hp.omega_lpips * logs["lpips"]
+        if adversarial:
+            logs["adv_g"] = generator_adversarial(self._discriminator(x0_hat, c)).mean()
+            loss = loss + hp.omega_adv * logs["adv_g"]
+        logs["loss_g"] = loss
+        return loss
+
+    def _guarded_step(self, opt, loss: torch.Tensor, name: str, logs: dict, *, clip_norm, counted: bool) -> bool:
+        """Backward, NaN/Inf guard, optional clipping and the optimiser step; False when the step was skipped.
+
+        The decision is reduced over ranks (any rank bad -> every rank skips), so DDP replicas stay identical.
+        ``counted=False`` steps through the strategy (precision plugin included) without advancing
+        ``global_step``, so that one trainer step is one generator update.
+        """
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        logs[f"grad_norm_{name}"] = norm
+        bad = not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            opt.zero_grad(set_to_none=True)
+            logger.warning("step %d: non-finite %s loss or gradient; update skipped", self.global_step, name)
+            return False
+        if clip_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
+        if counted:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+        return True
+
+    def _set_learning_rates(self, opt_g, opt_d) -> None:
+        """Linear warm-up from the step count (stateless, so a resumed run gets the same rates)."""
+        if self.hparams.warmup_steps <= 0:
+            return
+        factor = min(1.0, (self.global_step + 1) / self.hparams.warmup_steps)
+        for opt, lr in ((opt_g, self.hparams.lr_g), (opt_d, self.hparams.lr_d)):
+            for group in [] if opt is None else opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0) * factor
+
+    def _log_train(self, logs: dict[str, Any], batch_size: int) -> None:
+        """``train/*`` losses, gradient norms, learned scalars and the skipped-step count."""
+        for name, value in self.sampler.scalars().items():
+            value = torch.as_tensor(value).detach().float().reshape(-1)
+            logs[name] = value.mean()
+            if value.numel() > 1:
+                logs.update({f"{name}/block_{k}": v for k, v in enumerate(value)})
+        logs["skipped_steps"] = float(self.skipped_steps)
+        logs = {f"train/{k}": (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in logs.items()}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """Full N-step sampler on fixed seeds; ``val/psnr``, ``val/ssim`` (``val/lpips`` with a real backbone)."""
+        return self._common_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """As :meth:`validation_step`, logged under ``test/``."""
+        return self._common_step(batch, batch_idx, "test")
+
+    def _common_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> dict[str, Any] | None:
+        """Sample with N steps (§8); return images (x, lifted y, x_hat, per-block iterates) for batch 0."""
+        g = self._generator(stage, batch_idx)  # same seeds at every evaluation
+        x0 = batch["x"]
+        op, sigma_y, y = self._measurement(batch, g)
+        iterates: list[dict] = []
+        x_hat = sample_ud2m(
+            self.sampler, op, y, sigma_y, x_shape=tuple(x0.shape), num_steps=self.hparams.val_num_steps,
+            eta=self.hparams.val_eta, cond=self._condition(), generator=g,
+            callback=iterates.append if batch_idx == 0 else None,
+        )  # fmt: skip
+        metrics = {f"{stage}/psnr": psnr(x_hat, x0).mean(), f"{stage}/ssim": ssim(x_hat, x0).mean()}
+        if self.perceptual is not None and not self.perceptual.random_backbone:
+            metrics[f"{stage}/lpips"] = lpips_loss(self.perceptual, x_hat.clamp(-1, 1), x0).mean()
+        self.log_dict(metrics, sync_dist=True, batch_size=x0.shape[0])
+        if batch_idx != 0:
+            return None
+        return {"x": x0, "y": op.lift(y), "x_hat": x_hat, "iterates": iterates}
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _condition(self) -> Any:
+        """Prompt embedding of text-conditioned priors (computed once, frozen encoders), None otherwise."""
+        prior = self.sampler.prior
+        if not getattr(prior, "text_encoders", None):
+            return None
+        if self._cond is None:
+            with torch.no_grad():
+                self._cond = prior.encode_prompt(self.hparams.prompt or "")
+        return self._cond.to(device=self.device)
+
+    def _generator(self, *key: int | str) -> torch.Generator:
+        """A generator on this device seeded by ``(seed, key..., rank)``."""
+        seed = mix_seed(self.hparams.seed, *key, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Names (state-dict keys) of the frozen parameters: the base prior and the LPIPS net."""
+        return {name for name, p in self.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen base weights (rebuilt from the config on load) and keep the skipped-step count."""
+        frozen = self.frozen_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["ud2m"] = {"skipped_steps": self.skipped_steps, "frozen_omitted": sorted(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill the omitted frozen weights from this (config-built) model, so loading stays strict for everything
+        else; restore the skipped-step count."""
+        state = checkpoint["state_dict"]
+        for name, p in self.named_parameters():
+            if not p.requires_grad and name not in state:
+                state[name] = p.detach()
+        self.skipped_steps = int(checkpoint.get("ud2m", {}).get("skipped_steps", 0))
+
+
+def _injected_objects(**objects: Any) -> list[str]:
+    """Names of injected objects to keep out of ``hparams`` (no pickled modules in checkpoints).
+
+    Under LightningCLI the hyperparameters are the parsed config (``class_path``/``init_args``), which is what
+    ``load_from_checkpoint`` needs, so nothing is ignored there.
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    if _given_hyperparameters.get() is not None:
+        return []
+    return [name for name, obj in objects.items() if obj is not None]
+
+
+def _check_sigma_y(sigma_y: float | tuple[float, float]) -> None:
+    if isinstance(sigma_y, int | float):
+        if sigma_y < 0:
+            raise ValueError(f"sigma_y: expected >= 0, got {sigma_y}")
+        return
+    if len(sigma_y) != 2 or not 0 < sigma_y[0] <= sigma_y[1]:
+        raise ValueError(f"sigma_y: expected a float or a range (low, high) with 0 < low <= high, got {sigma_y}")

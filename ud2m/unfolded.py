@@ -1,0 +1,424 @@
+r"""The unfolded UD2M model and its N-step DDIM sampler (algorithms.md §7.1-7.3, §7.8, §8).
+
+UD2M distils a conditional consistency model :math:`x_0 \sim p(x_0 \mid x_t, y)` from a frozen diffusion prior:
+K unfolded LATINO blocks (a combined-quadratic prox on :math:`(y, x_t)`, a re-noise to a learnable level, one
+:math:`\hat x_0` prediction by the LoRA-adapted prior :math:`G_{\theta+\Delta\theta}`) after a Wiener warm start.
+:func:`sample_ud2m` chains the model along the quadratic grid with exact DDIM steps (NFE = N·K).
+
+This module owns the wiring only: every formula (ρ₀, the combined prox, the warm start, the DDIM step) is a shared
+kernel of :mod:`ud2m.solvers.steps`, and the operator is passed at call time, so one model serves a batch of
+different kernels, masks and noise levels (generalised models, §7.8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ud2m.operators.noise import sigma_internal
+from ud2m.priors.base import Prior
+from ud2m.priors.lora import attach_lora, lora_config, trainable_parameters
+from ud2m.schedules import quadratic_grid
+from ud2m.solvers.steps import Operator, ddim_step, rho_zero, ud2m_data_step, ud2m_warm_start
+from ud2m.utils import Generator, append_dims, batch_scalar, randn
+
+logger = logging.getLogger(__name__)
+
+RENOISE_MODES = ("continuous", "nearest")
+OUT_LAYER_NAMES = ("conv_norm_out", "conv_out")
+SCALAR_NAMES = ("log_lambda", "log_rho_scale", "log_sigma_z_scale")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_out")
+LORA_WEIGHT_DECAY = 0.01
+INITIALIZER_LR_SCALE = 0.1  # the reference trains a learned initialiser at lr × 0.1 (§7.2)
+
+
+def is_latent_prior(prior: Prior) -> bool:
+    """True when the prior works in a latent space (it overrides ``decode``), e.g. latent consistency models."""
+    return type(prior).decode is not Prior.decode
+
+
+class UnfoldedSampler(nn.Module):
+    r"""K unfolded LATINO blocks around a LoRA-adapted frozen prior (algorithms.md §7.1-7.3).
+
+    Block k, per sample, with :math:`a = a_t`, :math:`s = s_t`, :math:`\sigma_n = 2\sigma_y`,
+    :math:`\sigma_e = \texttt{rho\_sigma\_scale}\cdot\sigma_n`:
+
+    .. math::
+        \rho_0 = \frac{\sigma_e s}{\sqrt{\sigma_e^2 + s^2}},\quad \rho = \rho_0 e^{\log\rho_\text{scale}},\quad
+        z = \arg\min_z \frac{\|y-Az\|^2}{2\lambda\sigma_n^2} + \frac{\|z-x_t/a\|^2}{2s^2} + \frac{\|z-x\|^2}{2\rho^2}
+
+    .. math::
+        \sigma_z = \operatorname{clamp}(\rho_0 e^{\log\sigma_{z,\text{scale}}}, s_1, s_{999}),\quad
+        t_z = t(\sigma_z),\quad x \leftarrow G_{\theta+\Delta\theta}(a_{t_z} z + b_{t_z}\xi, t_z)
+
+    Positivity by parametrisation: :math:`\lambda = e^{\log\lambda}` and the two scales are exponentials of
+    parameters initialised at 0 (shape ``(1,)`` tied, ``(K,)`` untied). LoRA starts with :math:`B = 0`, so at
+    initialisation the adapted prior equals the frozen prior exactly.
+
+    Closed-form priors (``prior.net is None``, e.g. :class:`~ud2m.priors.gaussian.GaussianPrior`) get no LoRA; any
+    tensor of the prior that requires grad (e.g. a small learnable correction registered by a subclass after the
+    base is frozen, as the tests do) is trained like LoRA (weight decay 0.01). If ``prior.net`` already carries a
+    peft adapter named ``"default"`` (e.g. loaded from an export), it is reused; its rank, alpha and targets must
+    match.
+
+    Latent priors [ours, heuristic]: x_t is a latent, the estimate x stays in pixel space, and the prox is split
+    (§7.2 (i)-(v)): pixel prox with :math:`\rho_p = \sigma_e e^{\log\rho_\text{scale}}`, encode, Gaussian fusion
+    with x_t at weight :math:`1/\rho_0^2`, re-noise and predict in latent space, decode.
+
+    Args:
+        prior: the frozen prior; LoRA is attached to ``prior.net`` in place.
+        num_blocks: K.
+        tied_scalars: one set of log-scalars shared by all blocks (``(1,)``) or one per block (``(K,)``).
+        rho_sigma_scale: :math:`\sigma_e/\sigma_n` (1; 13 is the reference's inpainting preset).
+        renoise: ``"continuous"`` (learnable :math:`\sigma_z`, float :math:`t_z`) or ``"nearest"`` (reference
+            parity: :math:`t_z = \arg\min_t |s_t - \rho_0|` over integers 1..999; no ``log_sigma_z_scale``).
+        s0: prior std of the Wiener warm start.
+        lora_rank, lora_alpha, lora_targets: the peft ``LoraConfig`` (r = 5, α = 1.5 [ref]).
+        train_out_layer: also train ``conv_norm_out``/``conv_out`` fully (cast to fp32), as the reference did.
+        gradient_checkpointing: recompute each block in backward (``use_reentrant=False``); the re-noise ξ of
+            every block is drawn before the checkpointed function, so recomputation is deterministic.
+        detach_encoder: latent priors only: no gradient through the VAE encoder (saves memory). ``log_lambda`` and
+            ``log_rho_scale`` then have no gradient path and are frozen.
+        initializer: learned warm start ``f(y, op, x_t, t) -> x0`` (pixel space) replacing the Wiener start.
+
+    ``prior.nfe`` counts every network call, so with gradient checkpointing the backward recomputation adds K.
+    """
+
+    def __init__(
+        self,
+        prior: Prior,
+        *,
+        num_blocks: int = 3,
+        tied_scalars: bool = True,
+        rho_sigma_scale: float = 1.0,
+        renoise: str = "continuous",
+        s0: float = 0.5,
+        lora_rank: int = 5,
+        lora_alpha: float = 1.5,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
+        train_out_layer: bool = False,
+        gradient_checkpointing: bool = False,
+        detach_encoder: bool = False,
+        initializer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: expected K >= 1, got {num_blocks}")
+        if renoise not in RENOISE_MODES:
+            raise ValueError(f"renoise: expected one of {RENOISE_MODES}, got {renoise!r}")
+        if not rho_sigma_scale > 0 or not s0 > 0:
+            raise ValueError(f"rho_sigma_scale and s0 must be positive, got {rho_sigma_scale} and {s0}")
+        self.prior = prior
+        self.num_blocks = num_blocks
+        self.tied_scalars = tied_scalars
+        self.rho_sigma_scale = float(rho_sigma_scale)
+        self.renoise = renoise
+        self.s0 = float(s0)
+        self.train_out_layer = train_out_layer
+        self.gradient_checkpointing = gradient_checkpointing
+        self.detach_encoder = detach_encoder
+        self.initializer = initializer
+        self.latent = is_latent_prior(prior)
+        self._init_scalars()
+        self._init_network(lora_rank, lora_alpha, tuple(lora_targets))
+
+    # ------------------------------------------------------------------ construction
+    def _init_scalars(self) -> None:
+        """Log-parametrised scalars at 0 (λ = ρ_scale = σ_z_scale = 1), §7.3."""
+        shape = (1,) if self.tied_scalars else (self.num_blocks,)
+        self.log_lambda = nn.Parameter(torch.zeros(shape))
+        self.log_rho_scale = nn.Parameter(torch.zeros(shape))
+        if self.renoise == "continuous":
+            self.log_sigma_z_scale = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_parameter("log_sigma_z_scale", None)  # "nearest": no parameter that could never learn
+        if self.latent and self.detach_encoder:
+            # the split prox (§7.2 (i)) is their only path to the output, and it is cut at the encoder
+            self.log_lambda.requires_grad_(False)
+            self.log_rho_scale.requires_grad_(False)
+
+    def _init_network(self, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+        """Attach (or reuse) the LoRA adapter and optionally unfreeze the output layer."""
+        net = self.prior.net
+        if net is None:
+            if self.train_out_layer:
+                raise ValueError(f"train_out_layer=True needs a network; {type(self.prior).__name__} has none")
+            return
+        if "default" in getattr(net, "peft_config", {}):
+            _check_lora_config(lora_config(net), rank, alpha, targets)
+            for name, p in net.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            attach_lora(net, rank=rank, alpha=alpha, target_modules=targets)
+        if self.train_out_layer:
+            for module in out_layer_modules(net).values():
+                module.float().requires_grad_(True)  # trainables are fp32 (§1.4)
+
+    # ------------------------------------------------------------------ parameters
+    def generator_parameters(self) -> list[dict]:
+        """AdamW parameter groups of the generator (§7.7), each tensor once (deduplicated by identity).
+
+        Returns:
+            ``[{"name": "lora", params, weight_decay: 0.01}, {"name": "initializer", params, weight_decay: 0.01,
+            "lr_scale": 0.1}, {"name": "scalars", params, weight_decay: 0.0}]`` without empty groups. ``lora`` holds
+            LoRA, the out layer and any other trainable prior tensor; ``lr_scale`` is for the caller to apply.
+        """
+        scalars = [p for p in self._scalar_params() if p.requires_grad]
+        init = trainable_parameters(self.initializer) if self.initializer is not None else []
+        taken = {id(p) for p in scalars + init}
+        rest = [p for p in trainable_parameters(self) if id(p) not in taken]
+        groups = [
+            {"name": "lora", "params": rest, "weight_decay": LORA_WEIGHT_DECAY},
+            {
+                "name": "initializer",
+                "params": init,
+                "weight_decay": LORA_WEIGHT_DECAY,
+                "lr_scale": INITIALIZER_LR_SCALE,
+            },
+            {"name": "scalars", "params": scalars, "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def _scalar_params(self) -> list[nn.Parameter]:
+        return [p for p in (self.log_lambda, self.log_rho_scale, self.log_sigma_z_scale) if p is not None]
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """Current (detached) values of λ, ρ_scale and σ_z_scale (the last absent with ``renoise="nearest"``)."""
+        out = {"lambda": self.log_lambda.detach().exp(), "rho_scale": self.log_rho_scale.detach().exp()}
+        if self.log_sigma_z_scale is not None:
+            out["sigma_z_scale"] = self.log_sigma_z_scale.detach().exp()
+        return out
+
+    @staticmethod
+    def _scalar(p: torch.Tensor, k: int) -> torch.Tensor:
+        """Block k's value of a tied ``(1,)`` or untied ``(K,)`` parameter, as a 0-d tensor."""
+        return p[k] if p.numel() > 1 else p[0]
+
+    # ------------------------------------------------------------------ the model
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: float | torch.Tensor,
+        y: torch.Tensor,
+        op: Operator,
+        sigma_y: float | torch.Tensor,
+        *,
+        cond: Any = None,
+        generator: Generator = None,
+        callback: Callable[[dict], None] | None = None,
+    ) -> torch.Tensor:
+        r""":math:`\hat x_0 = \text{block}_{K-1} \circ \dots \circ \text{block}_0(x^{(0)})` (§7.2): K NFEs.
+
+        Args:
+            x_t: ``(B, ...)`` noisy state :math:`a_t x_0 + b_t\varepsilon` in the prior's space (latent for latent
+                priors).
+            t: native time, a float or ``(B,)`` tensor (per-sample times allowed).
+            y: measurements ``(B, ...)`` on the internal scale.
+            op: forward operator (any per-sample parameters), passed at call time.
+            sigma_y: noise std on the [0, 1] scale, float or ``(B,)``.
+            cond: prior conditioning (text embeddings for latent priors).
+            generator: a ``torch.Generator`` or a list of B generators for the re-noise ξ.
+            callback: called after each block with ``dict(k, x, x_prior, z, t_z, sigma_z)`` (``x`` pixel estimate,
+                ``x_prior`` the prior-space prediction, ``z`` the data-step output).
+
+        Returns:
+            :math:`\hat x_0` in pixel space, unclamped, ``(B, C, H, W)``.
+        """
+        x_t, t, a, s, sigma_n = self._setup(x_t, t, y, sigma_y)
+        x = self._warm_start(x_t, t, a, s, y, op, sigma_n)  # x^(0), pixel space
+        for k in range(self.num_blocks):
+            xi = randn(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)  # 6. ξ, outside the checkpoint
+            x, x_prior, z, t_z, sigma_z = self._run_block(k, x_t, a, s, y, op, sigma_n, x, xi, cond)
+            if callback is not None:
+                callback(dict(k=k, x=x, x_prior=x_prior, z=z, t_z=t_z, sigma_z=sigma_z))
+        return x
+
+    def warm_start(
+        self, x_t: torch.Tensor, t: float | torch.Tensor, y: torch.Tensor, op: Operator, sigma_y: float | torch.Tensor
+    ) -> torch.Tensor:
+        r"""The single warm start of training and sampling (§7.2), pixel space.
+
+        Wiener estimate under :math:`N(0, s_0^2 I)` given y and x_t (:func:`~ud2m.solvers.steps.ud2m_warm_start`),
+        or ``initializer(y, op, x_t, t)`` when one is set. Latent priors [ours]: the latent Wiener shrinkage
+        :math:`\tau_0^2 x_t a/b^2` is decoded, then one pixel prox with :math:`\gamma = \tau_0^2/\sigma_n^2`.
+        """
+        x_t, t, a, s, sigma_n = self._setup(x_t, t, y, sigma_y)
+        return self._warm_start(x_t, t, a, s, y, op, sigma_n)
+
+    def _setup(self, x_t, t, y, sigma_y) -> tuple[torch.Tensor, ...]:
+        """Per-sample ``(x_t, t, a_t, s_t, σ_n)``, scalars ``(B,)`` in x_t's float dtype (fp32 or fp64)."""
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        x_t = x_t.to(dtype)
+        B, device = x_t.shape[0], x_t.device
+        t = batch_scalar(t, B, device=device, dtype=dtype, name="t")  # (B,)
+        a, _ = self.prior.scales(t)
+        s = self.prior.sigma(t)
+        sigma_n = sigma_internal(batch_scalar(sigma_y, B, device=device, dtype=dtype, name="sigma_y"))
+        if y.shape[0] != B:
+            raise ValueError(f"y: expected a batch of {B} measurements (like x_t), got shape {tuple(y.shape)}")
+        return x_t, t, a.to(device), s.to(device), sigma_n
+
+    def _warm_start(self, x_t, t, a, s, y, op, sigma_n) -> torch.Tensor:
+        if self.initializer is not None:
+            return self.initializer(y, op, x_t, t)
+        if not self.latent:
+            with _no_autocast(x_t):
+                return ud2m_warm_start(op, y, x_t, a=a, s=s, sigma_n=sigma_n, s0=self.s0)
+        tau2 = 1.0 / (1.0 / s**2 + 1.0 / self.s0**2)  # (B,) 1/τ0² = 1/s² + 1/s0²
+        u = self.prior.decode(append_dims(tau2 / (a * s**2), x_t.ndim) * x_t)  # latent Wiener mean, decoded
+        with _no_autocast(u):
+            return op.prox_l2(u.float(), y, tau2 / sigma_n.clamp_min(1e-3) ** 2)  # σ_n floor of ud2m_warm_start
+
+    def _run_block(self, k, x_t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._block, k, x_t, a, s, y, op, sigma_n, x, xi, cond, use_reentrant=False)
+        return self._block(k, x_t, a, s, y, op, sigma_n, x, xi, cond)
+
+    def _block(self, k, x_t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
+        """Block k of §7.1; returns ``(x_pixel, x_prior_space, z, t_z, sigma_z)``."""
+        rho0 = rho_zero(s, self.rho_sigma_scale * sigma_n)  # 1. (B,)
+        rho_scale = self._scalar(self.log_rho_scale, k).exp()
+        lam = self._scalar(self.log_lambda, k).exp()
+        if self.latent:
+            z = self._latent_data_step(x_t, a, s, y, op, sigma_n, x, rho0=rho0, rho_scale=rho_scale, lam=lam)
+        else:  # 2.-4. combined quadratic, one prox
+            with _no_autocast(x):
+                z = ud2m_data_step(op, y, x_t, x, a=a, s=s, rho=rho0 * rho_scale, lam=lam, sigma_n=sigma_n)
+        sigma_z, t_z = self._renoise_level(k, rho0)  # 5.
+        z_in = self.prior.add_noise(z, t_z, xi)  # 6. a_{t_z} z + b_{t_z} ξ
+        x_prior = self.prior.predict_x0(z_in, t_z, cond)  # 7. 1 NFE, LoRA-adapted prior
+        x_pixel = self.prior.decode(x_prior) if self.latent else x_prior
+        return x_pixel, x_prior, z, t_z, sigma_z
+
+    def _latent_data_step(self, x_t, a, s, y, op, sigma_n, x, *, rho0, rho_scale, lam) -> torch.Tensor:
+        """Split prox of latent priors (§7.2 (i)-(iii)) [ours, heuristic]; returns the fused latent ζ."""
+        rho_p = self.rho_sigma_scale * sigma_n * rho_scale
+        with _no_autocast(x):
+            z_pix = op.prox_l2(x, y, rho_p**2 / (lam * sigma_n**2))  # (i) pixel prox around the decoded estimate
+        zeta = self.prior.encode(z_pix.detach() if self.detach_encoder else z_pix)  # (ii) VAE mean
+        w0, n = 1.0 / rho0**2, zeta.ndim
+        # (iii) Gaussian fusion with x_t (x_t a/b² = x_t/(a s²)) in latent space
+        return (append_dims(w0, n) * zeta + x_t / append_dims(a * s**2, n)) / append_dims(w0 + 1.0 / s**2, n)
+
+    def _renoise_level(self, k: int, rho0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(σ_z, t_z)``: continuous :math:`t(\mathrm{clamp}(\rho_0 e^{\log\sigma_{z,scale}}, s_1, s_{999}))`, or
+        the reference's nearest integer time."""
+        t_lo, t_hi = self._time_range()
+        if self.renoise == "nearest":
+            grid = torch.arange(t_lo, t_hi + 1, device=rho0.device, dtype=rho0.dtype)  # (T,)
+            s_grid = self.prior.sigma(grid).to(rho0.device)
+            t_z = grid[(s_grid[None, :] - rho0.detach()[:, None]).abs().argmin(dim=1)]  # (B,)
+            return self.prior.sigma(t_z).to(rho0.device), t_z
+        lo, hi = (self.prior.sigma(torch.tensor(v, dtype=rho0.dtype)).to(rho0.device) for v in (t_lo, t_hi))
+        sigma_z = torch.clamp(rho0 * self._scalar(self.log_sigma_z_scale, k).exp(), lo, hi)
+        return sigma_z, self.prior.t_of_sigma(sigma_z).to(rho0.device)
+
+    def _time_range(self) -> tuple[int, int]:
+        """Integer re-noise range [1, 999] within the schedule's native range."""
+        schedule = self.prior.schedule
+        return max(1, int(schedule.t_min)), min(999, int(schedule.t_max))
+
+
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Proxes run in fp32 with autocast disabled (§1.4); the prior's network calls stay under autocast."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def out_layer_modules(net: nn.Module) -> dict[str, nn.Module]:
+    """The output layers trained with ``train_out_layer=True`` (``conv_norm_out``, ``conv_out``), by name.
+
+    Raises:
+        ValueError: if the network has none of them.
+    """
+    modules = {name: getattr(net, name) for name in OUT_LAYER_NAMES if isinstance(getattr(net, name, None), nn.Module)}
+    if not modules:
+        raise ValueError(f"train_out_layer: {type(net).__name__} has none of the output layers {OUT_LAYER_NAMES}")
+    return modules
+
+
+def _check_lora_config(config, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """An adapter already on the network must be the one this model would attach."""
+    have = (config.r, float(config.lora_alpha), sorted(config.target_modules))
+    want = (rank, float(alpha), sorted(targets))
+    if have != want:
+        raise ValueError(f"existing LoRA adapter 'default' has (rank, alpha, targets) = {have}, expected {want}")
+
+
+# ---------------------------------------------------------------------------------------------- N-step sampler (§8)
+def sample_ud2m(
+    model: UnfoldedSampler,
+    op: Operator,
+    y: torch.Tensor,
+    sigma_y: float | torch.Tensor,
+    *,
+    x_shape: tuple[int, ...],
+    num_steps: int = 3,
+    eta: float = 1.0,
+    cond: Any = None,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    r"""N-step UD2M sampler (algorithms.md §8): K blocks per grid point, exact DDIM steps between them.
+
+    On the quadratic grid :math:`t_1 = 999 > \dots > t_N`, from :math:`x \sim N(0, I)`:
+    :math:`\hat x_0 = G_K(x, t_n, y)`, then (n < N) :math:`\hat\varepsilon = (x - a_n\hat x_0)/b_n`,
+    :math:`\varsigma = \eta (b_{n+1}/b_n)\sqrt{1 - a_n^2/a_{n+1}^2}`,
+    :math:`x \leftarrow a_{n+1}\hat x_0 + \sqrt{b_{n+1}^2 - \varsigma^2}\,\hat\varepsilon + \varsigma\xi`.
+    With η = 1 and blocks that sample :math:`p(x_0 \mid x_t, y)` exactly, the output is an exact posterior sample.
+    NFE = N·K.
+
+    Args:
+        model: an :class:`UnfoldedSampler` (or any module with ``prior`` and the same call signature).
+        op: forward operator.
+        y: measurements ``(B, ...)``; its float dtype (fp32, or fp64 for tests) sets the state's dtype.
+        sigma_y: noise std on the [0, 1] scale.
+        x_shape: pixel shape ``(B, C, H, W)`` of the result (the state has ``prior.latent_shape(x_shape)``).
+        num_steps: N.
+        eta: DDIM stochasticity (1 = exact DDPM posterior steps [ours]; the reference's wrong variance ≈ 0.1).
+        cond: prior conditioning.
+        generator: ``torch.Generator`` or list of B generators (initial state, re-noise, DDIM noise).
+        callback: called per grid point with ``dict(n, t, x, x0_hat, blocks)`` (``blocks``: the K block dicts).
+
+    Returns:
+        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point, pixel space.
+    """
+    if eta < 0:
+        raise ValueError(f"eta: expected a non-negative value, got {eta}")
+    prior = model.prior
+    z_shape = prior.latent_shape(tuple(x_shape))
+    dtype, device = torch.promote_types(y.dtype, torch.float32), y.device
+    grid = quadratic_grid(num_steps)
+    x = randn(z_shape, generator, device=device, dtype=dtype)  # 1. x_{t_1} ~ N(0, I)
+    for n, t_n in enumerate(grid):
+        t = torch.full((z_shape[0],), float(t_n), device=device, dtype=dtype)
+        blocks: list[dict] = []
+        x0_hat = model(x, t, y, op, sigma_y, cond=cond, generator=generator, callback=blocks.append)  # 3. K NFEs
+        if callback is not None:
+            callback(dict(n=n, t=t, x=x, x0_hat=x0_hat, blocks=blocks))
+        if n == len(grid) - 1:  # 4.
+            break
+        z0_hat = _prior_space_estimate(prior, x0_hat, blocks)  # 5.
+        x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
+    return x0_hat.clamp(-1, 1)  # 8. (latent priors: the model already decoded)
+
+
+def _prior_space_estimate(prior: Prior, x0_hat: torch.Tensor, blocks: list[dict]) -> torch.Tensor:
+    """The DDIM step's x̂0: clamped pixels (pixel priors) or the last block's latent prediction (latent priors)."""
+    if not is_latent_prior(prior):
+        return x0_hat.clamp(-1, 1)
+    if not blocks or "x_prior" not in blocks[-1]:
+        raise ValueError("sample_ud2m: with a latent prior the model must report 'x_prior' through its callback")
+    return blocks[-1]["x_prior"]
+
+
+def _ddim(prior: Prior, x, z0_hat, t, t_next: float, eta: float, generator: Generator) -> torch.Tensor:
+    """One DDIM step from ``t`` to ``t_next`` with fresh ξ (§8 steps 5-7, :func:`~ud2m.solvers.steps.ddim_step`)."""
+    a, b = (v.to(x.device) for v in prior.scales(t))
+    a_next, b_next = (v.to(x.device) for v in prior.scales(torch.full_like(t, t_next)))
+    xi = randn(x.shape, generator, device=x.device, dtype=x.dtype)  # 7. ξ ~ N(0, I)
+    return ddim_step(x, z0_hat, a=a, b=b, a_next=a_next, b_next=b_next, eta=eta, xi=xi)
