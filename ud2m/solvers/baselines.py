@@ -265,7 +265,7 @@ def solve_diffpir(
     cond: Any = None,
     sigma_y: float | torch.Tensor,
     num_steps: int = 100,
-    lambda_: float = 7.0,
+    lambda_: float = 1.75,
     zeta: float = 0.3,
     generator: Generator = None,
     callback: Callback = None,
@@ -299,7 +299,8 @@ def solve_diffpir(
         sigma_y: noise std on the [0, 1] scale, float or ``(B,)``.
         num_steps: number of steps when ``timesteps`` is None (NFE = number of timesteps).
         lambda_: :math:`\lambda` (regularisation strength of the prior term, internal units; see
-            :func:`diffpir_gamma` for the factor 4 against the reference code).
+            :func:`diffpir_gamma` for the factor 4 against the reference code). The default 1.75 is the
+            reference's tuned setting lambda = 7 (zeta = 0.3) converted to our units.
         zeta: :math:`\zeta \in [0, 1]`, share of fresh noise in the re-noising.
         generator: torch generator or list of B generators.
         callback: called with ``dict(k, t, sigma, x, x0_hat, gamma)`` after every step (``x0_hat``: after the
