@@ -311,3 +311,16 @@ def test_kernel_and_mask_files(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot read mask image"):
         Inpainting(str(tmp_path / "bad.png"))
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "sr2_bicubic", "sr2_reflect", "inpaint_random", "denoising"])
+def test_pseudo_inverse_takes_one_eps_per_sample(name, data):
+    """A (B,) eps regularises each sample with its own value: equal to running the samples one at a time."""
+    op = make(name)
+    x, _, _ = data
+    y = op.A(x)
+    eps = torch.tensor([1e-4, 0.3], dtype=torch.float64)
+    both = op.A_dagger(y, eps)
+    for i in range(2):
+        alone = op.A_dagger(y, float(eps[i]))
+        assert torch.allclose(both[i], alone[i], atol=1e-8)

@@ -180,6 +180,16 @@ def test_latino_posterior_samples_on_a_tiny_latent_model(latent_model, photos, t
         assert np.abs(read_png(tmp_path / "b1" / name) - read_png(tmp_path / "b2" / name)).max() <= 1
 
 
+def test_jpeg_preset_uses_its_effective_noise_level(latent_model, tmp_path):
+    """ud2m/jpeg_qf10 simulates without Gaussian noise (sigma_y 0) and solves with sigma_eff 0.01 (§2.6): LATINO's
+    data weights stay finite (sigma_y 0 alone would make gamma infinite, undefined for the nonlinear prox)."""
+    result = run(
+        tmp_path / "jpeg", input="skimage:astronaut", operator="ud2m/jpeg_qf10", model=str(latent_model), crop=32
+    )
+    row = result["images"][0]
+    assert row["nfe"] == 8 and np.isfinite(row["psnr"]) and row["data_consistency"] is not None
+
+
 def test_latino_pro_calibrates_and_saves_a_reusable_prompt(latent_model, tmp_path):
     num_outer = 2
     result = run(

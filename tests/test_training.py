@@ -178,7 +178,7 @@ def test_checkpoint_round_trip_restores_every_state(resume_runs):
     _assert_equal_tree(saved["model"], probe.model, "model")
     _assert_equal_tree(saved["optimizers"], probe.optimizers, "optimizers")
     _assert_equal_tree(saved["ema"], probe.ema, "ema")
-    state = torch.load(resume_runs["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(resume_runs["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("sampler.prior.") and "lora" not in k and k.endswith("weight") for k in state)
 
 
@@ -249,7 +249,7 @@ def test_train_py_end_to_end_export_and_sample(cli_inputs, tmp_path):
     exported = export(ckpt, tmp_path / "export_command")  # load_from_checkpoint through the CLI instantiator
     prior = tiny_pixel_prior(in_channels=1)
     model = load_checkpoint(exported, prior, allow_hash_mismatch=True)
-    shadow = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+    shadow = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]
     shadow = next(v["shadow"] for k, v in shadow.items() if k.startswith("EMA"))
     loaded = dict(model.named_parameters())
     for name, value in shadow.items():  # the export holds the EMA weights

@@ -45,6 +45,13 @@ def batch_scalar(
     return v
 
 
+def broadcast_eps(eps: float | torch.Tensor, y: torch.Tensor) -> float | torch.Tensor:
+    """A float, or a ``(B,)`` tensor reshaped to broadcast against ``y`` (per-sample regularisation)."""
+    if torch.is_tensor(eps) and eps.ndim == 1:
+        return append_dims(eps.to(device=y.device, dtype=y.real.dtype if y.is_complex() else y.dtype), y.ndim)
+    return eps
+
+
 def randn(
     shape: Sequence[int],
     generator: Generator = None,

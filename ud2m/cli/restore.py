@@ -102,6 +102,7 @@ class Job:
     lpips: Any = None
     lpips_note: str = "disabled"
     preset_size: int | None = None
+    sigma_data: float | None = None  # noise level of the data term (JPEG presets: sigma_eff, §2.6); None: sigma_y
     run: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,10 +131,10 @@ def prepare(options: Options) -> Job:
     _check_numbers(options, method)
     sources = discover_images(options.input)
     manifest = _read_manifest(options.checkpoint) if method == "ud2m" else None
-    op, sigma_y, operator_name, preset_size = resolve_operator(options, manifest)
+    op, sigma_y, operator_name, preset_size, sigma_data = resolve_operator(options, manifest)
     device = resolve_device(options.device)
     job = Job(options, method, op.to(device), operator_name, sigma_y, [], device, manifest=manifest)
-    job.preset_size = preset_size
+    job.preset_size, job.sigma_data = preset_size, sigma_data
     if method not in DETERMINISTIC:
         _load_models(job)
     job.items = plan_items(job, sources)
@@ -194,25 +195,49 @@ def resolve_dtype(dtype: str) -> torch.dtype | None:
     return names[dtype]
 
 
-def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, float, str, int | None]:
-    """``(operator, sigma_y, name, size)`` from ``--operator`` (preset name or YAML) or the checkpoint's manifest;
-    ``size`` is the preset's square ``image_size`` (None when it has none or it is not square)."""
-    size = None
+def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, float, str, int | None, float | None]:
+    """``(operator, sigma_y, name, size, sigma_data)`` from ``--operator`` (preset name or YAML) or the checkpoint's
+    manifest; ``size`` is the preset's square ``image_size`` (None when it has none or it is not square), ``name``
+    the shipped preset's name when the file is one (so the solvers' weight tables find it), ``sigma_data`` the
+    data-term noise level when it differs from the simulation's (``sigma_eff`` of JPEG presets, §2.6)."""
+    size, sigma_data = None, None
     if options.operator is not None:
         preset = load_preset(options.operator)
-        op, sigma_y, name = preset.operator, preset.sigma_y, str(options.operator)
+        op, sigma_y, name = preset.operator, preset.sigma_y, preset_name(options.operator)
         hw = preset.meta.get("image_size")
         size = int(hw[0]) if isinstance(hw, (list, tuple)) and len(hw) == 2 and hw[0] == hw[1] else None
+        sigma_data = preset.meta.get("sigma_eff")
     elif manifest is not None:
-        spec = manifest["operator"]
-        op = instantiate_operator({"class_path": spec["class_path"], "init_args": spec.get("init_args", {})})
-        sigma_y, name = float(spec["sigma_y"]), f"checkpoint:{spec['class_path']}"
+        op, sigma_y, name = _manifest_operator(manifest, options)
     else:
         raise ValueError("--operator is required (a preset name such as ud2m/sr_x4, or a preset YAML file)")
     sigma_y = float(sigma_y if options.sigma_y is None else options.sigma_y)
     if sigma_y < 0:
         raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
-    return op.float().eval(), sigma_y, name, size
+    return op.float().eval(), sigma_y, name, size, None if sigma_data is None else float(sigma_data)
+
+
+def preset_name(operator: str | Path) -> str:
+    """``"latino/sr_x16"`` for a shipped preset given by name or by its file path; the string itself otherwise."""
+    from ud2m.operators.presets import PRESET_DIR, preset_path
+
+    path = preset_path(operator).resolve()
+    return str(path.relative_to(PRESET_DIR).with_suffix("")) if path.is_relative_to(PRESET_DIR) else str(operator)
+
+
+def _manifest_operator(manifest: dict, options: Options) -> tuple[Any, float | None, str]:
+    """The training operator of an export; a model trained on random operators or a noise range needs both."""
+    spec = manifest["operator"]
+    sigma = spec.get("sigma_y")
+    if spec.get("generator") is not None or not spec.get("class_path") or not spec.get("init_args"):
+        raise ValueError(
+            f"{options.checkpoint}: this model was trained on random operators ({spec.get('class_path')}); "
+            "pass the operator to restore with --operator (a preset name or YAML file)"
+        )
+    if not isinstance(sigma, (int, float)) and options.sigma_y is None:
+        raise ValueError(f"{options.checkpoint}: trained with a noise range sigma_y={sigma}; pass --sigma_y")
+    op = instantiate_operator({"class_path": spec["class_path"], "init_args": spec["init_args"]})
+    return op, sigma if isinstance(sigma, (int, float)) else None, f"checkpoint:{spec['class_path']}"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -292,7 +317,10 @@ def _load_models(job: Job) -> None:
             options.checkpoint, job.prior, allow_hash_mismatch=options.allow_hash_mismatch, base_path=base_path
         )
     if family == "latent":
-        job.cond = _condition(job.prior, options.prompt, job.device)
+        prompt = options.prompt
+        if method == "ud2m":  # the prompt the adapter was trained with (training uses "" for None)
+            prompt = job.manifest["training"].get("prompt") or ""
+        job.cond = _condition(job.prior, prompt, job.device)
 
 
 def _condition(prior, prompt: str, device: torch.device):
@@ -554,9 +582,10 @@ def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[
     from ud2m.solvers import baselines, latino, steps, weights
 
     o, op = job.options, job.op
-    kw: dict[str, Any] = dict(sigma_y=job.sigma_y, **(o.solver_options or {}))
+    sigma_data = job.sigma_y if job.sigma_data is None else job.sigma_data
+    kw: dict[str, Any] = dict(sigma_y=sigma_data, **(o.solver_options or {}))
     if job.method == "wiener":
-        return steps.wiener_init(op, y, sigma_internal(job.sigma_y), **(o.solver_options or {})), {}
+        return steps.wiener_init(op, y, sigma_internal(sigma_data), **(o.solver_options or {})), {}
     if job.method == "tikhonov":
         return baselines.solve_tikhonov(op, y, **kw).clamp(-1, 1), {}
     if job.method == "tv":
@@ -636,7 +665,7 @@ def _save_condition(job: Job, cond, i: int, item: Item) -> None:
 def _metric_rows(job: Job, batch: list[Item], x, y, mean, first) -> list[dict[str, Any]]:
     """Per-image PSNR / SSIM / LPIPS on the posterior mean (and PSNR of sample 0) when a reference exists, and the
     data-consistency ratio :math:`\\|A\\hat x - y\\|/(\\sqrt m\\,\\sigma_n)` (§10.1)."""
-    sigma_n = sigma_internal(job.sigma_y)
+    sigma_n = sigma_internal(job.sigma_y if job.sigma_data is None else job.sigma_data)
     dc = data_consistency(job.op, mean, y, sigma_n).tolist() if sigma_n > 0 else [None] * len(batch)
     values: dict[str, list] = {"data_consistency": dc}
     if x is not None:

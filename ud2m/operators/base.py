@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ud2m.operators.cg import conjugate_gradient, prox_l2_cg
-from ud2m.utils import append_dims, batch_dot, batch_scalar, check_finite, randn
+from ud2m.utils import append_dims, batch_dot, batch_scalar, broadcast_eps, check_finite, randn
 
 
 class LinearOperator(nn.Module):
@@ -119,8 +119,10 @@ class LinearOperator(nn.Module):
         b = self.A_adjoint(y) + eps * z
         return conjugate_gradient(lambda v: self.A_adjoint_A(v) + eps * v, b, z, rtol=0.0, max_iter=iters).x
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-        r"""Regularised pseudo-inverse :math:`A^\top (AA^\top + \epsilon I)^{-1} y` (CG default)."""
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
+        r"""Regularised pseudo-inverse :math:`A^\top (AA^\top + \epsilon I)^{-1} y` (CG default); ``eps`` may be a
+        ``(B,)`` tensor (one value per sample)."""
+        eps = broadcast_eps(eps, y)
         u = conjugate_gradient(
             lambda v: self.A(self.A_adjoint(v)) + eps * v, y, rtol=self.cg_rtol, max_iter=self.cg_max_iter
         ).x

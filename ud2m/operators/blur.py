@@ -11,7 +11,7 @@ import torch
 
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.kernels import as_kernel, box_kernel, gaussian_kernel, kernel_to_otf
-from ud2m.utils import append_dims
+from ud2m.utils import append_dims, broadcast_eps
 
 
 def check_image_batch(x: torch.Tensor, op: object, *, ndim: int = 4) -> None:
@@ -67,11 +67,11 @@ class KernelBlur(LinearOperator):
         r"""Projection onto :math:`\{Ax = y\}` (pseudo-inverse on frequencies where :math:`\hat h = 0`)."""
         return z + self.A_dagger(y - self.A(z), eps=0.0)
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         r"""Wiener pseudo-inverse :math:`F^{-1}[\bar{\hat h} \hat y / (|\hat h|^2 + \epsilon)]` (0 where the
         denominator vanishes)."""
         h = self.otf(y)
-        den = h.abs() ** 2 + eps
+        den = h.abs() ** 2 + broadcast_eps(eps, y)
         ratio = torch.where(den > 0, h.conj() / den.clamp_min(1e-30), torch.zeros_like(h))
         return torch.fft.irfft2(torch.fft.rfft2(y) * ratio, s=y.shape[-2:])
 

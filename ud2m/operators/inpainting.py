@@ -12,7 +12,7 @@ import torch
 
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.blur import check_batch
-from ud2m.utils import append_dims, rand
+from ud2m.utils import append_dims, broadcast_eps, rand
 
 
 def as_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,9 @@ class Inpainting(LinearOperator):
         m = self._mask_for(z)
         return m * y + (1 - m) * z
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         """:math:`M y / (1 + \\epsilon)`."""
-        return self._mask_for(y) * y / (1 + eps)
+        return self._mask_for(y) * y / (1 + broadcast_eps(eps, y))
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`M \\odot y`."""
@@ -197,9 +197,9 @@ class Denoising(LinearOperator):
     def _project(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         """:math:`y / (1 + \\epsilon)`."""
-        return y / (1 + eps)
+        return y / (1 + broadcast_eps(eps, y))
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` itself."""

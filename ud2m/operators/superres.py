@@ -18,7 +18,7 @@ from ud2m.operators.kernels import (
     gaussian_kernel,
     kernel_to_otf,
 )
-from ud2m.utils import append_dims
+from ud2m.utils import append_dims, broadcast_eps
 
 PADDINGS = ("circular", "reflect")
 
@@ -190,7 +190,7 @@ class SuperResolution(LinearOperator):
         X = Z + (h.conj() * U[..., None, :, None, :]).reshape(Z.shape)
         return torch.fft.ifft2(X).real
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         r""":math:`A^\top(AA^\top + \epsilon I)^{-1} y = F^{-1}[\bar{\hat h}\,\mathrm{tile}(\hat y / (\mathrm{mean}_b
         |\hat h|^2 + \epsilon))]` for circular padding; CG otherwise."""
         if self.padding != "circular":
@@ -198,7 +198,7 @@ class SuperResolution(LinearOperator):
         s = self.factor
         H, W = y.shape[-2] * s, y.shape[-1] * s
         h = self._otf((H, W), y.dtype, onesided=False)
-        den = mean_blocks(h.abs() ** 2, s) + eps
+        den = mean_blocks(h.abs() ** 2, s) + broadcast_eps(eps, y)
         Y = torch.where(den > 0, torch.fft.fft2(y) / den.clamp_min(1e-30), torch.zeros_like(den, dtype=h.dtype))
         return torch.fft.ifft2(h.conj() * tile_blocks(Y, s)).real
 

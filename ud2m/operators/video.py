@@ -26,7 +26,7 @@ from ud2m.operators.base import LinearOperator, NonlinearOperator
 from ud2m.operators.blur import check_image_batch
 from ud2m.operators.compose import Compose, register_closed_form_prox
 from ud2m.operators.superres import SuperResolution, mean_blocks
-from ud2m.utils import append_dims, batch_scalar
+from ud2m.utils import append_dims, batch_scalar, broadcast_eps
 
 __all__ = [
     "PerFrame",
@@ -181,9 +181,9 @@ class TemporalAveragePool(LinearOperator):
         """:math:`z + P^\\top (PP^\\top)^{-1}(y - Pz)`."""
         return z + self.A_adjoint((y - self.A(z)) / self._gains(z))
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         """:math:`P^\\top (y / (p_\\tau + \\epsilon))`."""
-        return self.A_adjoint(y / (self._gains(y) + eps))
+        return self.A_adjoint(y / (self._gains(y) + broadcast_eps(eps, y)))
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:
         """Each pooled frame repeated ``f`` times, cropped to T (nearest-frame upsampling, §6.6)."""
@@ -262,11 +262,11 @@ class TemporalBlur(LinearOperator):
         num = torch.fft.rfft(z, dim=2) + g * h.conj() * torch.fft.rfft(y, dim=2)
         return torch.fft.irfft(num / (1 + g * h.abs() ** 2), n=z.shape[2], dim=2)
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         """Wiener inverse :math:`F_t^{-1}[\\bar{\\hat h}_t \\hat y / (|\\hat h_t|^2 + \\epsilon)]` (0 where the
         denominator vanishes)."""
         h = self._otf_for(y)
-        den = h.abs() ** 2 + eps
+        den = h.abs() ** 2 + broadcast_eps(eps, y)
         return self._filter(y, torch.where(den > 0, h.conj() / den.clamp_min(1e-30), torch.zeros_like(h)))
 
     def _project(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -315,8 +315,10 @@ class PerFrame(_FrameWise, LinearOperator):
     def _project(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._per_frame("prox_l2", z, y, gamma=math.inf)
 
-    def A_dagger(self, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         """Frame-wise pseudo-inverse (exact: :math:`AA^\\top` is block diagonal over frames)."""
+        if torch.is_tensor(eps) and eps.ndim == 1:
+            eps = eps.repeat_interleave(y.shape[2])  # one value per sample -> per frame
         return self._per_frame("A_dagger", y, eps=eps)
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:

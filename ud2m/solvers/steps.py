@@ -28,8 +28,9 @@ def wiener_init(op: Operator, y: torch.Tensor, sigma_n: float | torch.Tensor, s0
     """
     if not isinstance(op, LinearOperator):
         return op.lift(y).clamp(-1, 1)
-    sigma = float(torch.as_tensor(sigma_n).max())
-    return op.A_dagger(y, eps=max(sigma, 1e-3) ** 2 / s0**2).clamp(-1, 1)
+    sigma = batch_scalar(sigma_n, y.shape[0], device=y.device, dtype=torch.float32, name="sigma_n")
+    eps = sigma.clamp_min(1e-3) ** 2 / s0**2  # (B,): one regulariser per sample (§1.5: batch-independent)
+    return op.A_dagger(y, eps=eps if bool((eps != eps[0]).any()) else float(eps[0])).clamp(-1, 1)
 
 
 def renoise(prior: Prior, z0: torch.Tensor, t: float | torch.Tensor, generator: Generator = None) -> torch.Tensor:
@@ -90,6 +91,11 @@ def ud2m_data_step(
     """
     B = x.shape[0]
     sigma_n = batch_scalar(sigma_n, B, device=x.device, dtype=x.dtype, name="sigma_n")
+    if not bool((sigma_n > 0).all()):
+        raise ValueError(
+            f"UD2M data step: the noise level must be positive (got sigma_n = {sigma_n.tolist()}); for noiseless "
+            "data such as JPEG give the data term an effective noise level (sigma_eff, algorithms.md §2.6)"
+        )
     tau2 = 1.0 / (1.0 / s**2 + 1.0 / rho**2)  # (B,)
     m = append_dims(tau2, x.ndim) * (x_t / append_dims(a * s**2, x.ndim) + x / append_dims(rho**2, x.ndim))
     return op.prox_l2(m, y, tau2 / (lam * sigma_n**2))

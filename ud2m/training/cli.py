@@ -88,8 +88,8 @@ def export(ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta:
     Returns:
         the export folder.
     """
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model = UnfoldedDistillation.load_from_checkpoint(ckpt, map_location="cpu")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    model = UnfoldedDistillation.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     shadow = _ema_shadow(checkpoint) if use_ema else None
     if shadow is not None:
         _, unexpected = model.load_state_dict(shadow, strict=False)  # frozen tensors are not in the EMA
