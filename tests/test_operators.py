@@ -324,3 +324,19 @@ def test_pseudo_inverse_takes_one_eps_per_sample(name, data):
     for i in range(2):
         alone = op.A_dagger(y, float(eps[i]))
         assert torch.allclose(both[i], alone[i], atol=1e-8)
+
+
+def test_otf_cache_follows_the_kernel_and_inference_mode(rng):
+    """The cached OTF is recomputed after an in-place kernel edit or a dtype change, and one computed under
+    inference mode never enters an autograd graph."""
+    op = GaussianBlur(1.0, 5)
+    x = torch.randn(1, 1, 8, 8, generator=rng)
+    with torch.inference_mode():
+        op.A(x)
+    z = x.clone().requires_grad_(True)
+    op.prox_l2(z, op.A(x), 2.0).sum().backward()  # would raise if the inference-mode OTF were reused
+    assert z.grad is not None
+    before = op.A(x)
+    op.kernel.mul_(0).add_(1 / 25)  # now a 5x5 box
+    assert torch.allclose(op.A(x), UniformBlur(5).A(x), atol=1e-6) and not torch.allclose(op.A(x), before)
+    assert op.double().A(x.double()).dtype == torch.float64

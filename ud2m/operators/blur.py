@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ud2m.operators.base import LinearOperator
-from ud2m.operators.kernels import as_kernel, box_kernel, gaussian_kernel, kernel_to_otf
+from ud2m.operators.kernels import OTFCache, as_kernel, box_kernel, gaussian_kernel
 from ud2m.utils import append_dims, broadcast_eps
 
 
@@ -41,12 +41,13 @@ class KernelBlur(LinearOperator):
         if isinstance(kernel, (str, Path)):
             kernel = load_kernel(kernel)
         self.register_buffer("kernel", as_kernel(kernel, normalize=normalize))
+        self._otf_cache = OTFCache()
 
     def otf(self, x: torch.Tensor) -> torch.Tensor:
         """Half-spectrum OTF ``(B or 1, 1, H, W // 2 + 1)`` matched to ``x``'s size and dtype."""
         check_image_batch(x, self)
         check_batch(self.kernel.shape[0], x.shape[0], self, "kernel")
-        return kernel_to_otf(self.kernel.to(x.dtype), tuple(x.shape[-2:]))
+        return self._otf_cache(self.kernel, tuple(x.shape[-2:]), x.dtype, onesided=True)
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         """Circular convolution :math:`F^{-1}(\\hat h F x)`."""

@@ -53,6 +53,32 @@ def kernel_to_otf(kernel: torch.Tensor, size: tuple[int, int], *, onesided: bool
     return torch.fft.rfft2(padded) if onesided else torch.fft.fft2(padded)
 
 
+class OTFCache:
+    """A small cache of optical transfer functions keyed by everything that determines them.
+
+    The key holds the image size, dtype, device, half/full spectrum, the kernel's storage and version counter (so an
+    in-place edit or ``.to()`` of the kernel invalidates it) and whether inference mode is on (inference tensors must
+    not enter autograd graphs later). At most ``max_entries`` spectra are kept.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, kernel: torch.Tensor, size: tuple[int, int], dtype: torch.dtype, onesided: bool) -> torch.Tensor:
+        """``kernel_to_otf(kernel.to(dtype), size, onesided=onesided)``, computed once per key."""
+        if kernel.requires_grad:  # a learnable kernel: never cache, keep the graph
+            return kernel_to_otf(kernel.to(dtype), size, onesided=onesided)
+        key = (tuple(size), dtype, kernel.device, onesided, kernel.data_ptr(), kernel._version)
+        key += (torch.is_inference_mode_enabled(),)
+        otf = self._entries.get(key)
+        if otf is None:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            otf = self._entries[key] = kernel_to_otf(kernel.to(dtype), size, onesided=onesided)
+        return otf
+
+
 def gaussian_kernel(
     sigma: float | tuple[float, float],
     size: int | None = None,

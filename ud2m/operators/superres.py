@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.blur import check_batch, check_image_batch
 from ud2m.operators.kernels import (
+    OTFCache,
     as_kernel,
     average_pool_kernel,
     bicubic_kernel,
     gaussian_kernel,
-    kernel_to_otf,
 )
 from ud2m.utils import append_dims, broadcast_eps
 
@@ -109,6 +109,7 @@ class SuperResolution(LinearOperator):
         self.factor = int(factor)
         self.padding = padding
         self.register_buffer("kernel", sr_filter(self.factor, filter, gaussian_sigma, gaussian_size))
+        self._otf_cache = OTFCache()
 
     # ------------------------------------------------------------------ checks and helpers
     def _check(self, x: torch.Tensor) -> None:
@@ -120,7 +121,7 @@ class SuperResolution(LinearOperator):
             raise ValueError(f"SuperResolution: image size {H}x{W} is not divisible by the SR factor {s}")
 
     def _otf(self, size: tuple[int, int], dtype: torch.dtype, *, onesided: bool = True) -> torch.Tensor:
-        return kernel_to_otf(self.kernel.to(dtype), size, onesided=onesided)
+        return self._otf_cache(self.kernel, tuple(size), dtype, onesided)
 
     def _grouped_weight(self, B: int, C: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
         """Flipped kernels as a grouped-conv weight, for inputs reshaped to ``(1, B*C, H, W)``."""
