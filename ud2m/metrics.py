@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ud2m.losses import make_lpips
-from ud2m.utils import batch_scalar
+from ud2m.utils import Welford, batch_scalar  # Welford lives in utils so solvers can use it too
 
 # ------------------------------------------------------------------------------------------------ PSNR / SSIM
 
@@ -177,52 +177,6 @@ class LPIPSMetric(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ Welford
-
-
-class Welford:
-    r"""Running pixelwise mean and unbiased std over posterior samples (Welford, 1962; Chan et al. merge).
-
-    Each :meth:`update` adds one sample per observation, ``(B, ...)``, or several along ``sample_dim``. With
-    :math:`n` samples, ``mean`` is :math:`\bar x` and ``std`` is :math:`\sqrt{\sum (x_s - \bar x)^2 / (n - 1)}`.
-
-    Args:
-        dtype: accumulator dtype (default: the dtype of the first update).
-    """
-
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
-        self.dtype = dtype
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor, sample_dim: int | None = None) -> None:
-        """Add one sample ``x`` (``sample_dim=None``) or ``x.shape[sample_dim]`` samples stacked along that dim."""
-        x = x.detach().to(self.dtype or x.dtype)
-        xs = x.unsqueeze(0) if sample_dim is None else x.movedim(sample_dim, 0)  # (n_b, B, ...)
-        n_b, mean_b = xs.shape[0], xs.mean(0)
-        m2_b = (xs - mean_b).pow(2).sum(0)
-        if self.mean is None:
-            self.count, self.mean, self._m2 = n_b, mean_b, m2_b
-            return
-        if mean_b.shape != self.mean.shape:
-            raise ValueError(f"Welford: sample shape {tuple(mean_b.shape)} differs from {tuple(self.mean.shape)}")
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta.pow(2) * (self.count * n_b / n)
-        self.count = n
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Unbiased pixelwise variance; needs at least two samples."""
-        if self.count < 2:
-            raise ValueError(f"Welford: the unbiased variance needs at least 2 samples, got {self.count}")
-        return self._m2 / (self.count - 1)
-
-    @property
-    def std(self) -> torch.Tensor:
-        """Unbiased pixelwise standard deviation (square root of :attr:`var`)."""
-        return self.var.sqrt()
 
 
 __all__ = [

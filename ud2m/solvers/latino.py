@@ -31,7 +31,7 @@ from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior, TextCondition
 from ud2m.schedules import DMD2_4, LATINO_SDXL
 from ud2m.solvers.steps import data_consistency, renoise, sae_step, wiener_init
-from ud2m.utils import Generator, append_dims, batch_scalar
+from ud2m.utils import Generator, Welford, append_dims, batch_scalar
 
 logger = logging.getLogger(__name__)
 
@@ -175,31 +175,6 @@ def latino(
 
 
 # ---------------------------------------------------------------------------------------------------- posterior
-class _Welford:
-    """Pixelwise running mean and sum of squared deviations, merged chunk by chunk (Chan et al. 1979)."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def update(self, chunk: torch.Tensor) -> None:
-        """Add ``chunk`` of shape ``(k, B, ...)`` (k samples of each of B images)."""
-        k = chunk.shape[0]
-        mean_b = chunk.mean(0)
-        m2_b = (chunk - mean_b).square().sum(0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = k, mean_b, m2_b
-            return
-        n = self.n + k
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (k / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.n * k / n)
-        self.n = n
-
-    def std(self) -> torch.Tensor:
-        """Unbiased standard deviation :math:`\\sqrt{M_2/(n-1)}`; zeros when n = 1 (undefined)."""
-        return (self.m2 / (self.n - 1)).sqrt() if self.n > 1 else torch.zeros_like(self.mean)
-
-
 def _sample_seeds(generator: Generator, B: int, S: int, device: torch.device) -> torch.Tensor:
     """``(B, S)`` int64 seeds; with a list of B generators, row i comes from generator i only (§1.5)."""
     high = 2**62
@@ -277,19 +252,20 @@ def latino_posterior(
         logger.info("latino_posterior: %s has per-sample parameters; running one sample per call", type(op).__name__)
         k = 1
     seeds = _sample_seeds(generator, B, S, y.device)
-    stats, kept, nfe = _Welford(), [], 0
+    stats, kept, nfe = Welford(), [], 0
     for s0 in range(0, S, k):
         kk = min(k, S - s0)
         gens = [_seeded(seeds[i, s], y.device) for s in range(s0, s0 + kk) for i in range(B)]  # sample-major
         kwargs = {n: _repeat_batch(v, kk, B) if n in _PER_SAMPLE_KWARGS else v for n, v in latino_kwargs.items()}
         x, info = latino(prior, op, _repeat_batch(y, kk, B), generator=gens, return_info=True, **kwargs)
         x = x.detach().reshape(kk, B, *x.shape[1:])  # (k, B, ...)
-        stats.update(x)
+        stats.update(x, sample_dim=0)
         if keep_samples or s0 == 0:
             kept.append(x)
         nfe += kk * info["nfe"]
     samples = torch.cat(kept).transpose(0, 1) if keep_samples else kept[0][0]
-    return stats.mean, stats.std(), samples, nfe
+    std = stats.std if stats.count > 1 else torch.zeros_like(stats.mean)  # one sample: no spread estimate
+    return stats.mean, std, samples, nfe
 
 
 def _seeded(seed: torch.Tensor, device: torch.device) -> torch.Generator:
