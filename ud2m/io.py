@@ -72,7 +72,11 @@ def read_array(source: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return np.asarray(img, dtype=np.uint16 if img.mode != "I" else np.int32).astype(np.uint16)
+                arr = np.asarray(img, dtype=np.uint16 if img.mode != "I" else np.int32)
+                if arr.min() < 0 or arr.max() > 65535:  # 32-bit integer images: refuse rather than wrap around
+                    lo, hi = arr.min(), arr.max()
+                    raise ValueError(f"{path}: integer pixel values must lie in [0, 65535], got [{lo}, {hi}]")
+                return arr.astype(np.uint16)
             _warn_16bit_colour_png(path, img)
             return np.asarray(img.convert("RGBA" if "A" in img.mode else ("L" if img.mode in ("L", "1") else "RGB")))
     except (UnidentifiedImageError, OSError) as err:

@@ -390,6 +390,7 @@ def sample_ud2m(
     if eta < 0:
         raise ValueError(f"eta: expected a non-negative value, got {eta}")
     prior = model.prior
+    op.check_measurement(y, tuple(x_shape))  # wrong y shape / NaN: a clear error before any network call
     z_shape = prior.latent_shape(tuple(x_shape))
     dtype, device = torch.promote_types(y.dtype, torch.float32), y.device
     grid = quadratic_grid(num_steps)

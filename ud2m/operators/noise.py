@@ -41,7 +41,10 @@ def measure(
         generator: a ``torch.Generator`` or a list of B generators.
     """
     x = x.float()
-    sigma_n = sigma_internal(batch_scalar(sigma_y, x.shape[0], device=x.device, name="sigma_y"))
+    sigma_y = batch_scalar(sigma_y, x.shape[0], device=x.device, name="sigma_y")
+    if not bool((sigma_y >= 0).all()):
+        raise ValueError(f"measure: sigma_y must be >= 0, got {sigma_y.tolist()}")
+    sigma_n = sigma_internal(sigma_y)
     if getattr(op, "noise_before_forward", False):
         n = randn(x.shape, generator, device=x.device)
         return op.simulate((x + append_dims(sigma_n, x.ndim) * n).clamp(-1.0, 1.0))
