@@ -9,6 +9,11 @@ Export a checkpoint to the folder that ``sample.py --checkpoint`` reads (algorit
 
     python train.py export --ckpt <run>/checkpoints/last.ckpt --out exports/my_model
 
+Train a pixel diffusion prior for your own domain first (docs/prior_training.md)::
+
+    python train.py prior fit --config configs/priors/digits.yaml
+    python train.py prior export --ckpt <run>/checkpoints/last.ckpt --out priors/digits
+
 See docs/training.md.
 """
 
@@ -21,8 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source ch
 
 
 def main(args: list[str] | None = None) -> None:
-    """``export`` runs :func:`ud2m.training.cli.export`; anything else goes to the LightningCLI."""
+    """``export`` runs :func:`ud2m.training.cli.export`, ``prior ...`` the base-prior CLI; anything else goes to
+    the UD2M LightningCLI."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["prior"]:
+        from ud2m.training.prior_module import main as prior_main
+
+        if args is None:  # from the shell: LightningCLI reads sys.argv itself, without the "prior" word
+            sys.argv = [sys.argv[0], *argv[1:]]
+        prior_main(None if args is None else argv[1:])
+        return
     if argv[:1] == ["export"]:
         from jsonargparse import auto_cli
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -47,12 +48,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.0, 100.0, 2500.0])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1
-    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "rows": {}}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),
+        "rows": {},
+    }
     print("| operator | gamma | A (ms) | A^T (ms) | prox (ms) | CG prox (ms) | CG iterations to 1e-5 |")
     print("|---|---|---|---|---|---|---|")
     for name, op in operators(args.size).items():
@@ -65,6 +73,7 @@ def main() -> None:
                 f"| {name} | {gamma:g} | {1e3 * row['A_s']:.1f} | {1e3 * row['A_adjoint_s']:.1f} | "
                 f"{1e3 * row['prox_l2_s']:.1f} | {1e3 * row['prox_l2_cg_s']:.1f} | {its} |"
             )
+    results["load_average_end"] = os.getloadavg()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,192 @@
+"""Training a pixel diffusion prior (``ud2m.training.prior_module``): the DDPM loss equals its hand formula (Ho et al.
+2020, Eq. 14), a short run lowers the loss below the trivial predictor's, the validation DDIM sampler equals
+diffusers' ``DDIMPipeline``, the exported folder is read back identically by ``PixelDiffusionPrior`` and by
+diffusers, and the shipped prior configs parse and instantiate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+
+from ud2m.priors.pixel import PixelDiffusionPrior
+from ud2m.priors.tiny import tiny_pixel_unet
+from ud2m.training.callbacks import EMA, tracked_parameters
+from ud2m.training.data import SyntheticImages
+from ud2m.training.prior_module import DiffusionPriorTraining, PriorCLI, ddim_timesteps, sample_ddim
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIOR_CONFIGS = [ROOT / "configs" / "priors" / f"{name}.yaml" for name in ("digits", "photos")]
+
+
+def make_module(prediction_type: str = "epsilon", channels: int = 3, **kwargs) -> DiffusionPriorTraining:
+    unet = tiny_pixel_unet(in_channels=channels, block_out_channels=(16, 32)).train()
+    return DiffusionPriorTraining(unet, prediction_type=prediction_type, **kwargs)
+
+
+def hand_alphas_cumprod() -> torch.Tensor:
+    """Ho et al.'s linear schedule: beta_i evenly spaced in [1e-4, 0.02], abar_t = prod_{i<=t}(1 - beta_i) (fp32)."""
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0).double()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_equals_the_hand_formula(prediction_type, rng):
+    module = make_module(prediction_type).double()
+    x0 = torch.rand((4, 3, 16, 16), generator=rng, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=rng, dtype=torch.float64)
+    t = torch.tensor([0, 17, 500, 999], dtype=torch.float64)
+    a = hand_alphas_cumprod()[t.long()].sqrt().view(-1, 1, 1, 1)
+    b = (1 - hand_alphas_cumprod()[t.long()]).sqrt().view(-1, 1, 1, 1)
+    target = {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[prediction_type]
+    with torch.no_grad():
+        expected = (module.unet(a * x0 + b * eps, t).sample - target).pow(2).mean(dim=(1, 2, 3))
+        got = module.loss(x0, t, eps)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predict_x0_inverts_the_target(prediction_type, rng):
+    """If the network output were the exact target, predict_x0 would return x0 (x0_from_prediction is its inverse)."""
+    module = make_module(prediction_type).double()
+    x0 = torch.rand((2, 3, 16, 16), generator=rng, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=rng, dtype=torch.float64)
+    t = torch.tensor([3.0, 800.0], dtype=torch.float64)
+    a, b = hand_alphas_cumprod()[t.long()].sqrt(), (1 - hand_alphas_cumprod()[t.long()]).sqrt()
+    target = a.view(-1, 1, 1, 1) * eps - b.view(-1, 1, 1, 1) * x0 if prediction_type == "v_prediction" else eps
+    x_t = a.view(-1, 1, 1, 1) * x0 + b.view(-1, 1, 1, 1) * eps
+    with mock.patch.object(module, "network", return_value=target):
+        torch.testing.assert_close(module.predict_x0(x_t, t), x0, rtol=0, atol=1e-10)
+
+
+def test_training_lowers_the_loss_below_the_trivial_predictor(rng):
+    """Overfit one batch for 30 steps at a high lr: the loss on fixed (x0, t, eps) must fall below its value at
+    step 0 and below half the loss of the trivial predictor eps_hat = 0 (which is mean(eps^2), about 1)."""
+    data = SyntheticImages(num_train=8, num_val=1, batch_size=8, image_size=16, channels=3, seed=1)
+    module = make_module(lr=3e-3, warmup_steps=0, ema_halflife_steps=5)
+    data.setup()
+    x0 = torch.stack([data.datasets["train"][i]["x"] for i in range(8)])
+    t = torch.arange(8, dtype=torch.float32) * 125 + 50  # spread over [50, 925]
+    eps = torch.randn(x0.shape, generator=rng)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return float(module.loss(x0, t, eps).mean())
+
+    before = fixed_loss()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    after, trivial = fixed_loss(), float(eps.pow(2).mean())
+    assert trainer.global_step == 30
+    assert after < before and after < 0.5 * trivial, (before, after, trivial)
+
+
+def test_sample_ddim_equals_diffusers_ddim_pipeline():
+    """Same network, same initial noise, eta = 0, 5 steps: our sampler and diffusers' DDIMPipeline agree."""
+    module = make_module().eval()
+    scheduler = DDIMScheduler.from_config({**module.scheduler_config(), "clip_sample": False})
+    pipe = DDIMPipeline(unet=module.unet, scheduler=scheduler)
+    assert ddim_timesteps(5, 1000) == [800, 600, 400, 200, 0]
+    with torch.no_grad():
+        ref = pipe(
+            batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, eta=0.0, output_type="np"
+        ).images  # fmt: skip  (B, H, W, C) on [0, 1]
+        ours = sample_ddim(module.predict_x0, module.schedule, (2, 3, 16, 16), num_steps=5,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
+    ours01 = ((ours / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+    assert abs(ours01 - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_save_pretrained_round_trips_the_ema_weights(prediction_type, tmp_path, rng):
+    module = make_module(prediction_type).eval()
+    ema = EMA(halflife_steps=10)
+    ema.shadow = {
+        n: p.detach() + 0.01 * torch.randn(p.shape, generator=rng) for n, p in tracked_parameters(module).items()
+    }
+    x_t = torch.randn((2, 3, 16, 16), generator=rng)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        own = module.predict_x0(x_t, t)
+        with ema.swapped(module):
+            own_ema = module.predict_x0(x_t, t)
+        module.save_pretrained(tmp_path / "ema", ema=ema)
+        module.save_pretrained(tmp_path / "raw")
+        from_ema = PixelDiffusionPrior.from_pretrained(tmp_path / "ema").predict_x0(x_t, t)
+        from_raw = PixelDiffusionPrior.from_pretrained(tmp_path / "raw").predict_x0(x_t, t)
+    torch.testing.assert_close(from_ema, own_ema, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_raw, own, rtol=0, atol=1e-6)
+    assert (own - own_ema).abs().max() > 1e-4  # the EMA weights were really exported, training weights restored
+    torch.testing.assert_close(module.predict_x0(x_t, t).detach(), own, rtol=0, atol=0)
+
+
+def test_exported_folder_loads_in_diffusers(tmp_path):
+    module = make_module("v_prediction", channels=1).eval()
+    module.save_pretrained(tmp_path / "prior")
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "prior")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.in_channels == 1
+    for (name, p), q in zip(module.unet.state_dict().items(), pipe.unet.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert images.images.shape == (1, 16, 16, 1)
+
+
+def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
+    """A 3-step ``fit`` through PriorCLI: SavePriorOnTrainEnd writes the EMA weights, ``export_prior`` of
+    last.ckpt writes the same weights, and both differ from the final training weights."""
+    from ud2m.training.prior_module import export_prior
+
+    config = {
+        "model": {
+            "unet": {"class_path": "diffusers.UNet2DModel", "init_args": {
+                "layers_per_block": 1, "block_out_channels": [16, 32], "norm_num_groups": 8,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            }},
+            "ema_halflife_steps": 1, "warmup_steps": 0, "lr": 1e-2, "val_num_samples": 2, "val_num_steps": 2,
+        },
+        "data": {"class_path": "ud2m.training.data.SyntheticImages",
+                 "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 3, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+            "enable_model_summary": False, "limit_val_batches": 1,
+            "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
+                           "init_args": {"out_dir": str(tmp_path / "prior")}}],
+        },
+    }  # fmt: skip
+    cli = PriorCLI(args={"fit": config})
+    assert cli.model.unet.config.in_channels == 1 and cli.model.unet.config.sample_size == 16  # linked from data
+    saved = PixelDiffusionPrior.from_pretrained(tmp_path / "prior").net.state_dict()
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    exported = PixelDiffusionPrior.from_pretrained(export_prior(ckpt, tmp_path / "exported")).net.state_dict()
+    training = cli.model.unet.state_dict()
+    for name, p in saved.items():
+        torch.testing.assert_close(exported[name], p, rtol=0, atol=0, msg=name)
+    assert any((training[n] - p).abs().max() > 0 for n, p in saved.items() if p.is_floating_point())
+
+
+@pytest.mark.parametrize("config", PRIOR_CONFIGS, ids=lambda p: p.stem)
+def test_prior_config_parses_and_instantiates(config, tmp_path):
+    argv = ["prior", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+    with mock.patch("sys.argv", argv):
+        cli = PriorCLI(run=False)
+    unet, data = cli.model.unet, cli.datamodule
+    assert isinstance(cli.model, DiffusionPriorTraining)
+    assert unet.config.in_channels == unet.config.out_channels == data.channels  # linked
+    assert unet.config.sample_size == data.image_size
+    assert "AttnDownBlock2D" == unet.config.down_block_types[-1]  # attention at the lowest resolution
+    if config.stem == "digits":
+        assert (data.image_size, data.channels, data.batch_size) == (32, 1, 64)
+        assert 1e6 <= sum(p.numel() for p in unet.parameters()) <= 2e6
+    else:
+        assert (data.image_size, data.channels) == (64, 3)
+    assert cli.model.hparams.unet["class_path"] == "diffusers.UNet2DModel"  # config, not a pickled module
