@@ -610,6 +610,8 @@ class SyntheticImages(LightningDataModule):
         gens = [
             torch.Generator().manual_seed(wds.utils.make_seed(self.seed, split_id, i)) for i in range(self.num[split])
         ]
+        if not gens:  # an empty split (e.g. num_val=0): no images, no generators to draw from
+            return ImageListDataset([], [], CropFlip(self.image_size, train=False))
         x = smooth_images(self.num[split], self.channels, self.image_size, cutoff=self.cutoff, generator=gens)
         keys = [f"synthetic-{split}-{i:06d}" for i in range(self.num[split])]
         return ImageListDataset(list(x), keys, CropFlip(self.image_size, train=False))
