@@ -302,13 +302,16 @@ class UnfoldedDistillation(pl.LightningModule):
                 group["lr"] = lr * group.get("lr_scale", 1.0) * factor
 
     def _log_train(self, logs: dict[str, Any], batch_size: int) -> None:
-        """``train/*`` losses, gradient norms, learned scalars and the skipped-step count."""
+        """``train/*`` losses, gradient norms, learned scalars, skipped steps and skipped (corrupt) samples."""
         for name, value in self.sampler.scalars().items():
             value = torch.as_tensor(value).detach().float().reshape(-1)
             logs[name] = value.mean()
             if value.numel() > 1:
                 logs.update({f"{name}/block_{k}": v for k, v in enumerate(value)})
         logs["skipped_steps"] = float(self.skipped_steps)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "skipped_samples"):  # corrupt shard members skipped by the data module
+            logs["skipped_samples"] = float(datamodule.skipped_samples)
         logs = {f"train/{k}": (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in logs.items()}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
 
