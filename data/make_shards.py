@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
-from ud2m.io import load_image
+from ud2m.io import digits32, load_image
 from ud2m.training.data import list_image_files, split_train_val, upscale_to
 
 logger = logging.getLogger("make_shards")
@@ -70,11 +70,8 @@ def skimage_sources(channels: int) -> list[Source]:
 
 
 def digits_sources(channels: int) -> list[Source]:
-    """scikit-learn's 1,797 8x8 digits (values 0..16), bilinearly upsampled to 32x32 (names ``digits:<i>``)."""
-    from sklearn.datasets import load_digits
-
-    x01 = torch.from_numpy(load_digits().images).float()[:, None] / 16.0  # (N, 1, 8, 8)
-    x = 2 * F.interpolate(x01, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1) - 1
+    """scikit-learn's 1,797 8x8 digits bilinearly upsampled to 32x32 (``ud2m.io.digits32``, names ``digits:<i>``)."""
+    x = 2 * torch.from_numpy(digits32())[:, None] - 1  # (N, 1, 32, 32) on [-1, 1]
     x = x.expand(-1, channels, -1, -1)
     return [Source(f"digits:{i:04d}", lambda i=i: x[i : i + 1]) for i in range(x.shape[0])]
 

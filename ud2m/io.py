@@ -11,10 +11,13 @@ which is logged.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 import logging
 import math
+import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,8 @@ def read_array(source: str | Path) -> np.ndarray:
     source = str(source)
     if source.startswith("skimage:"):
         return _skimage_array(source)
+    if source.startswith("digits:"):
+        return _digit_array(source)
     path = _existing_file(source)
     if path.suffix.lower() in (".tif", ".tiff"):
         arr = _read_tiff(path)
@@ -81,6 +86,61 @@ def read_array(source: str | Path) -> np.ndarray:
             return np.asarray(img.convert("RGBA" if "A" in img.mode else ("L" if img.mode in ("L", "1") else "RGB")))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image file ({err})") from err
+
+
+def split_train_val(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of ``names`` (indices into ``names``, each list in ascending order).
+
+    The names are sorted first, so the split does not depend on the listing order of the file system; then a
+    ``random.Random(seed)`` permutation picks ``n_val = round(val_fraction * n)`` validation items, at least one
+    when ``val_fraction > 0`` and ``n >= 2``, and at most ``n - 1``.
+
+    >>> split_train_val(["a", "b", "c", "d"], 0.0, seed=0)
+    ([0, 1, 2, 3], [])
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    n = len(names)
+    n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+    order = sorted(range(n), key=lambda i: names[i])
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------- built-in digits
+#: Held-out share and seed of the built-in digits split (the same split as ``data/make_shards.py --from_digits``).
+DIGITS_VAL_FRACTION, DIGITS_SEED = 0.05, 0
+
+
+@functools.cache
+def digits32() -> np.ndarray:
+    """scikit-learn's 1,797 handwritten digits (8x8, values 0..16) bilinearly upsampled to 32x32, on [0, 1]:
+    ``(1797, 32, 32)`` float32. They ship inside scikit-learn: no download."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    x01 = torch.from_numpy(load_digits().images).float()[:, None] / 16.0  # (N, 1, 8, 8)
+    up = F.interpolate(x01, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
+    return up[:, 0].numpy()
+
+
+def digits_names(split: str = "all") -> list[str]:
+    """``digits:NNNN`` sources of the built-in digits: ``"all"``, or the deterministic ``"train"`` / ``"val"`` split
+    (:func:`split_train_val` on the names, 5 % held out, seed 0)."""
+    names = [f"digits:{i:04d}" for i in range(digits32().shape[0])]
+    if split == "all":
+        return names
+    if split not in ("train", "val"):
+        raise FileNotFoundError(f"digits:{split}: expected digits:all, digits:train, digits:val or digits:<index>")
+    train, val = split_train_val(names, DIGITS_VAL_FRACTION, DIGITS_SEED)
+    return [names[i] for i in (train if split == "train" else val)]
+
+
+def _digit_array(source: str) -> np.ndarray:
+    key = source.split(":", 1)[1]
+    if not key.isdigit() or int(key) >= digits32().shape[0]:
+        raise FileNotFoundError(f"{source}: expected digits:<index> with index < {digits32().shape[0]}")
+    return digits32()[int(key)]
 
 
 def _skimage_array(source: str) -> np.ndarray:
@@ -131,8 +191,8 @@ def image_size(source: str | Path) -> tuple[int, int]:
         ValueError: for a file that is not a readable image.
     """
     source = str(source)
-    if source.startswith("skimage:"):
-        arr = _skimage_array(source)
+    if source.startswith(("skimage:", "digits:")):
+        arr = read_array(source)
         return int(arr.shape[0]), int(arr.shape[1])
     path = _existing_file(source)
     from PIL import Image, UnidentifiedImageError
@@ -149,7 +209,8 @@ def discover_images(spec: str | Path) -> list[str]:
 
     Args:
         spec: one image file, a folder (its files with an image suffix, not recursive), a glob pattern
-            (``"photos/*.png"``, ``"data/**/*.tif"``) or ``skimage:<name>``.
+            (``"photos/*.png"``, ``"data/**/*.tif"``), ``skimage:<name>`` or the built-in digits
+            (``digits:val`` the held-out split, ``digits:train``, ``digits:all``, ``digits:<index>``).
 
     Returns:
         The sources as strings; other files in a folder or glob match are skipped with a log message.
@@ -160,6 +221,9 @@ def discover_images(spec: str | Path) -> list[str]:
     spec = str(spec)
     if spec.startswith("skimage:"):
         return [spec]
+    if spec.startswith("digits:"):  # built-in digits: digits:val (held out), digits:train, digits:all, digits:<i>
+        key = spec.split(":", 1)[1]
+        return [spec] if key.isdigit() else digits_names(key)
     path = Path(spec).expanduser()
     if path.is_file():
         return [str(path)]
@@ -180,6 +244,8 @@ def discover_images(spec: str | Path) -> list[str]:
 def source_stem(source: str | Path) -> str:
     """Output name stem of a source: the file stem, or ``<name>`` for ``skimage:<name>``."""
     source = str(source)
+    if source.startswith("digits:"):
+        return "digit_" + source.split(":", 1)[1]
     return source.split(":", 1)[1] if source.startswith("skimage:") else Path(source).stem
 
 

@@ -37,7 +37,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ud2m.io import IMAGE_SUFFIXES, load_image
+from ud2m.io import IMAGE_SUFFIXES, discover_images, load_image, split_train_val
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +50,6 @@ class CorruptSample(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
-
-
-def split_train_val(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/val split of ``names`` (indices into ``names``, each list in ascending order).
-
-    The names are sorted first, so the split does not depend on the listing order of the file system; then a
-    ``random.Random(seed)`` permutation picks ``n_val = round(val_fraction * n)`` validation items, at least one
-    when ``val_fraction > 0`` and ``n >= 2``, and at most ``n - 1``.
-
-    >>> split_train_val(["a", "b", "c", "d"], 0.0, seed=0)
-    ([0, 1, 2, 3], [])
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    n = len(names)
-    n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(val_fraction * n)))
-    order = sorted(range(n), key=lambda i: names[i])
-    random.Random(seed).shuffle(order)
-    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def worker_id() -> int:
@@ -497,6 +478,8 @@ class ImageFolderImages(LightningDataModule):
 
     def sources(self) -> list[str]:
         """The configured sources as strings (folder contents, or the given list)."""
+        if isinstance(self.root, str) and self.root.startswith("digits:"):
+            return discover_images(self.root)  # the built-in digits (digits:all, digits:train, ...)
         if isinstance(self.root, str | Path) and not str(self.root).startswith("skimage:"):
             return [str(p) for p in list_image_files(self.root)]
         return [str(self.root)] if isinstance(self.root, str | Path) else [str(s) for s in self.root]
