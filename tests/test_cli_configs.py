@@ -13,7 +13,7 @@ import pytest
 from ud2m.training.cli import UD2MCLI
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((ROOT / "configs" / "experiments").rglob("*.yaml"))
+EXPERIMENTS = [*sorted((ROOT / "configs" / "experiments").rglob("*.yaml")), ROOT / "configs" / "quickstart.yaml"]
 
 
 class ParseOnlyCLI(UD2MCLI):
