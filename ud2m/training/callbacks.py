@@ -140,6 +140,17 @@ class EMA(pl.Callback):
         self.shadow = None if state_dict["shadow"] is None else dict(state_dict["shadow"])
 
 
+def ema_from_checkpoint(checkpoint: dict[str, Any]) -> EMA | None:
+    """The :class:`EMA` callback saved in a loaded Lightning checkpoint (``torch.load`` dict), restored; None when
+    the checkpoint holds no EMA shadow."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith(EMA.__qualname__) and isinstance(state, dict) and state.get("shadow") is not None:
+            ema = EMA(int(state["halflife_steps"]))
+            ema.load_state_dict(state)
+            return ema
+    return None
+
+
 def find_ema(trainer: pl.Trainer) -> EMA | None:
     """The trainer's :class:`EMA` callback, if any."""
     return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)

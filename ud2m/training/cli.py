@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.priors.pixel import PixelDiffusionPrior
-from ud2m.training.callbacks import EMA, export_module
+from ud2m.training.callbacks import ema_from_checkpoint, export_module
 from ud2m.training.module import UnfoldedDistillation
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def export(ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta:
     """
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     model = UnfoldedDistillation.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    shadow = _ema_shadow(checkpoint) if use_ema else None
+    ema = ema_from_checkpoint(checkpoint) if use_ema else None
+    shadow = None if ema is None else ema.shadow
     if shadow is not None:
         _, unexpected = model.load_state_dict(shadow, strict=False)  # frozen tensors are not in the EMA
         if unexpected:
@@ -99,11 +100,3 @@ def export(ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta:
     return export_module(
         model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, steps=checkpoint["global_step"], data=data
     )
-
-
-def _ema_shadow(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The EMA shadow tensors saved by the :class:`EMA` callback, if any."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith(EMA.__qualname__) and isinstance(state, dict) and state.get("shadow") is not None:
-            return state["shadow"]
-    return None

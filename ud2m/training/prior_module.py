@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from ud2m.priors.base import x0_from_prediction
 from ud2m.priors.vp import VPSchedule
 from ud2m.solvers.steps import ddim_step
-from ud2m.training.callbacks import EMA, find_ema
+from ud2m.training.callbacks import EMA, ema_from_checkpoint, find_ema
 from ud2m.training.module import _injected_objects, mix_seed
 from ud2m.utils import append_dims, rand, randn
 
@@ -338,14 +338,9 @@ def export_prior(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Pat
         out: destination folder.
         use_ema: use the EMA shadow weights of the checkpoint when present.
     """
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model = DiffusionPriorTraining.load_from_checkpoint(ckpt, map_location="cpu")
-    ema = None
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if use_ema and key.startswith(EMA.__qualname__) and isinstance(state, dict) and state.get("shadow"):
-            ema = EMA(int(state["halflife_steps"]))
-            ema.load_state_dict(state)
-    return model.save_pretrained(out, ema=ema)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    model = DiffusionPriorTraining.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    return model.save_pretrained(out, ema=ema_from_checkpoint(checkpoint) if use_ema else None)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
