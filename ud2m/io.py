@@ -301,16 +301,6 @@ def save_image(x: torch.Tensor, path: str | Path, *, bits: int = 8) -> None:
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
 
 
-def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR on [0, 1] after clamping (algorithms.md §10.1), inputs on [-1, 1]; returns ``(B,)``.
-
-    Kept for backward compatibility; the implementation is :func:`ud2m.metrics.psnr`.
-    """
-    from ud2m.metrics import psnr as _psnr  # lazy: metrics pulls in the LPIPS helpers
-
-    return _psnr(x_hat, x)
-
-
 # ---------------------------------------------------------------------------------------------- result tables
 RESULTS_JSON, RESULTS_CSV = "metrics.json", "metrics.csv"
 SUMMARY_KEYS = ("psnr", "psnr_sample0", "ssim", "lpips", "data_consistency", "nfe", "seconds", "peak_memory_mb")

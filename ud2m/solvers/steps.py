@@ -30,7 +30,7 @@ def wiener_init(op: Operator, y: torch.Tensor, sigma_n: float | torch.Tensor, s0
         return op.lift(y).clamp(-1, 1)
     sigma = batch_scalar(sigma_n, y.shape[0], device=y.device, dtype=torch.float32, name="sigma_n")
     eps = sigma.clamp_min(1e-3) ** 2 / s0**2  # (B,): one regulariser per sample (§1.5: batch-independent)
-    return op.A_dagger(y, eps=eps if bool((eps != eps[0]).any()) else float(eps[0])).clamp(-1, 1)
+    return op.A_dagger(y, eps=eps).clamp(-1, 1)
 
 
 def renoise(prior: Prior, z0: torch.Tensor, t: float | torch.Tensor, generator: Generator = None) -> torch.Tensor:
