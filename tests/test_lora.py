@@ -7,35 +7,17 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from ud2m.priors.lora import attach_lora, load_lora, lora_state_dict, save_lora, trainable_parameters
 from ud2m.priors.tiny import tiny_pixel_prior
+from ud2m.priors.tiny_latent import tiny_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_out"]
 
 
 def tiny_cond_unet(seed=0):
-    """environment.md's tiny UNet2DConditionModel."""
-    with torch.random.fork_rng(devices=[]):  # random weights without touching the global RNG state
-        torch.manual_seed(seed)
-        return _cond_unet()
-
-
-def _cond_unet():
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        time_cond_proj_dim=32,
-    ).eval()
+    """environment.md's tiny UNet2DConditionModel (the LCM kind of the tiny-model factory)."""
+    return tiny_unet("lcm", seed=seed)
 
 
 def cond_inputs(rng):
