@@ -340,3 +340,17 @@ def test_otf_cache_follows_the_kernel_and_inference_mode(rng):
     op.kernel.mul_(0).add_(1 / 25)  # now a 5x5 box
     assert torch.allclose(op.A(x), UniformBlur(5).A(x), atol=1e-6) and not torch.allclose(op.A(x), before)
     assert op.double().A(x.double()).dtype == torch.float64
+
+
+def test_operators_built_under_inference_mode_apply_and_follow_in_place_edits(rng):
+    """A kernel created under ``inference_mode`` has no version counter: the operator must still work (the OTF is
+    then recomputed every call, so an in-place edit is seen) and equal the same operator built normally."""
+    x = torch.randn(2, 1, 16, 16, generator=rng)
+    with torch.inference_mode():
+        blur, sr = GaussianBlur(1.0, 5), SuperResolution(2, filter="gaussian", gaussian_sigma=1.0, gaussian_size=3)
+        assert torch.equal(blur.A(x), GaussianBlur(1.0, 5).A(x))
+        y = sr.A(x)
+        assert torch.allclose(sr.prox_l2(x, y, 3.0), SuperResolution(2, filter="gaussian", gaussian_sigma=1.0,
+                                                                      gaussian_size=3).prox_l2(x, y, 3.0))  # fmt: skip
+        blur.kernel.mul_(0).add_(1 / 25)
+        assert torch.allclose(blur.A(x), UniformBlur(5).A(x), atol=1e-6)

@@ -67,7 +67,9 @@ class OTFCache:
 
     def __call__(self, kernel: torch.Tensor, size: tuple[int, int], dtype: torch.dtype, onesided: bool) -> torch.Tensor:
         """``kernel_to_otf(kernel.to(dtype), size, onesided=onesided)``, computed once per key."""
-        if kernel.requires_grad:  # a learnable kernel: never cache, keep the graph
+        if kernel.requires_grad or kernel.is_inference():
+            # a learnable kernel: keep the graph; a kernel created under inference_mode has no version counter, so
+            # an in-place edit could not be detected: compute the spectrum every call
             return kernel_to_otf(kernel.to(dtype), size, onesided=onesided)
         key = (tuple(size), dtype, kernel.device, onesided, kernel.data_ptr(), kernel._version)
         key += (torch.is_inference_mode_enabled(),)
