@@ -16,7 +16,7 @@ from jsonargparse import auto_cli
 
 from ud2m.cli.restore import Options, restore
 
-Method = Literal["latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "ud2m"]
+Method = Literal["latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m"]
 
 
 def sample(

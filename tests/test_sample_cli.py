@@ -104,7 +104,7 @@ def test_seeds_differ_per_image_and_sample():
 
 
 # ---------------------------------------------------------------------------------------------- classical methods
-@pytest.mark.parametrize("method", ["wiener", "tikhonov", "tv"])
+@pytest.mark.parametrize("method", ["wiener", "lift", "tikhonov", "tv"])
 def test_classical_methods_without_a_model(method, tmp_path):
     result = run(tmp_path, input="skimage:astronaut", operator="ud2m/deblur_gaussian", method=method)
     row = result["images"][0]

@@ -34,9 +34,9 @@ from ud2m.operators.presets import instantiate_operator, load_preset
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "ud2m")
+METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m")
 NEEDS_AUTOGRAD = ("latino_pro", "dps")  # §5.2: the solver enables grad locally; no inference_mode
-DETERMINISTIC = ("tikhonov", "tv", "wiener")
+DETERMINISTIC = ("tikhonov", "tv", "wiener", "lift")
 RUN_KEYS = ("method", "operator", "sigma_y", "seed", "num_samples", "model", "checkpoint", "simulate", "prompt")
 
 
@@ -584,6 +584,8 @@ def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[
     o, op = job.options, job.op
     sigma_data = job.sigma_y if job.sigma_data is None else job.sigma_data
     kw: dict[str, Any] = dict(sigma_y=sigma_data, **(o.solver_options or {}))
+    if job.method == "lift":  # no inversion: Aᵀy (bilinear upsampling for SR), the naive baseline
+        return op.lift(y).clamp(-1, 1), {}
     if job.method == "wiener":
         return steps.wiener_init(op, y, sigma_internal(sigma_data), **(o.solver_options or {})), {}
     if job.method == "tikhonov":
