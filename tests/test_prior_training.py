@@ -6,6 +6,7 @@ diffusers, and the shipped prior configs parse and instantiate.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -158,6 +159,7 @@ def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
                  "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
         "trainer": {
             "accelerator": "cpu", "max_steps": 3, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+            "log_every_n_steps": 1,
             "enable_model_summary": False, "limit_val_batches": 1,
             "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
                            "init_args": {"out_dir": str(tmp_path / "prior")}}],
@@ -172,6 +174,18 @@ def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
     for name, p in saved.items():
         torch.testing.assert_close(exported[name], p, rtol=0, atol=0, msg=name)
     assert any((training[n] - p).abs().max() > 0 for n, p in saved.items() if p.is_floating_point())
+
+    # the data card is read from the run: hash of the saved weights, every logged loss step, a sample grid
+    from ud2m.export import base_model_hash
+    from ud2m.training.prior_module import main as prior_main
+
+    run = next(tmp_path.rglob("events.out.tfevents.*")).parent
+    prior_main(["card", "--prior", str(tmp_path / "prior"), "--run", str(run), "--name", "t", "--command", "c"])
+    card = json.loads((tmp_path / "prior" / "card.json").read_text())
+    assert card["sha256"] == base_model_hash(tmp_path / "prior")
+    assert card["parameters"] == sum(p.numel() for p in saved.values())
+    assert card["max_steps"] == 3 and list(card["train_loss"]) == ["2"]  # logged at steps 0, 1, 2; the last kept
+    assert (tmp_path / "prior" / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("config", PRIOR_CONFIGS, ids=lambda p: p.stem)

@@ -379,7 +379,8 @@ class PriorCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """``export --ckpt C --out O`` runs :func:`export_prior`; anything else goes to :class:`PriorCLI`."""
+    """``export --ckpt C --out O`` runs :func:`export_prior`, ``card ...`` :func:`~ud2m.training.prior_card.write_card`;
+    anything else goes to :class:`PriorCLI`."""
     import sys
 
     argv = sys.argv[1:] if args is None else list(args)
@@ -387,6 +388,13 @@ def main(args: list[str] | None = None) -> None:
         from jsonargparse import auto_cli
 
         auto_cli(export_prior, args=argv[1:])
+        return
+    if argv[:1] == ["card"]:
+        from jsonargparse import auto_cli
+
+        from ud2m.training.prior_card import write_card
+
+        auto_cli(write_card, args=argv[1:], as_positional=False)
         return
     PriorCLI(args=args)  # None: LightningCLI reads sys.argv itself
 

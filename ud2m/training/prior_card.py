@@ -1,0 +1,103 @@
+"""The machine-readable data card of a trained base prior (issue [quickstart]): ``card.json`` and ``samples.png``.
+
+Everything in the card is read from the run itself, never typed in: the weight hash
+(:func:`ud2m.export.base_model_hash`), the parameter count, the loss curves and wall time from the run's
+TensorBoard events, and the library versions of the machine that writes the card (run it where it trained)::
+
+    python train.py prior card --prior outputs/priors/photos_prior \\
+        --run outputs/priors/runs/photos/lightning_logs/version_0 --name photos \\
+        --command "OMP_NUM_THREADS=1 python train.py prior fit --config configs/priors/photos.yaml"
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ud2m.export import base_model_hash
+
+
+def scalar_curve(run: str | Path, tag: str, every: int = 1) -> dict[int, float]:
+    """``{step: value}`` of a TensorBoard scalar, keeping the steps whose index is a multiple of ``every``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    values = events.Scalars(tag)
+    return {e.step: round(e.value, 5) for i, e in enumerate(values) if i % every == every - 1 or i == len(values) - 1}
+
+
+def wall_seconds(run: str | Path) -> float:
+    """Seconds between the first and the last scalar event of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    times = [e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag)]
+    return round(max(times) - min(times), 1) if times else 0.0
+
+
+def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50, seed: int = 0) -> Path:
+    """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+    from torchvision.utils import make_grid, save_image
+
+    pipe = DDIMPipeline.from_pretrained(str(prior))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
+                  output_type="np").images  # fmt: skip
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    save_image(make_grid(x, nrow=int(num**0.5), padding=1), out)
+    return out
+
+
+def write_card(prior: str, run: str, name: str, command: str, data: str = "", max_steps: int | None = None) -> Path:
+    """Write ``card.json`` (hash, parameters, versions, wall time, loss curves) and ``samples.png`` into ``prior``.
+
+    Args:
+        prior: the exported diffusers folder (``SavePriorOnTrainEnd``'s ``out_dir``).
+        run: the run's TensorBoard folder (``.../lightning_logs/version_N``).
+        name: the prior's name.
+        command: the command that trained it.
+        data: one line on the training data and the held-out split.
+        max_steps: recorded as given (``None``: the last logged step + 1).
+    """
+    import diffusers
+    import lightning
+    from diffusers import UNet2DModel
+
+    folder = Path(prior)
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    train = scalar_curve(run, "train/loss", every=4)
+    card = {
+        "name": name,
+        "sha256": base_model_hash(folder),
+        "model": f"diffusers UNet2DModel {list(unet.config.block_out_channels)}, "
+        f"{unet.config.sample_size}x{unet.config.sample_size}x{unet.config.in_channels}, EMA weights",
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "data": data,
+        "command": command,
+        "max_steps": max_steps if max_steps is not None else (max(train) + 1 if train else None),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "lightning": lightning.__version__,
+        },
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads when the card was written",
+        "train_wall_seconds": wall_seconds(run),
+        "train_loss": train,
+        "val_loss": scalar_curve(run, "val/loss"),
+        "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline)",
+    }
+    sample_grid(folder, folder / "samples.png")
+    path = folder / "card.json"
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
