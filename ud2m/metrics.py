@@ -1,4 +1,5 @@
-r"""Image and video restoration metrics (algorithms.md §10.1, §10.2) and posterior-sample statistics (§8).
+r"""Image and video restoration metrics (algorithms.md §10.1, §10.2), distribution metrics in an embedding space
+(Fréchet distance, conditional W2 / CFID, coverage: §10.3, §10.4) and posterior-sample statistics (§8).
 
 PSNR and SSIM (Wang et al., 2004) are computed per image on [0, 1] after clamping, from library images on [-1, 1];
 videos ``(B, C, T, H, W)`` are scored per frame and averaged, plus a clip-global PSNR. The data-consistency ratio
@@ -176,15 +177,108 @@ class LPIPSMetric(nn.Module):
             return self.perceptual(a, b).reshape(a.shape[0])
 
 
+# ------------------------------------------------------------------------------------------------ distribution metrics
+
+
+def _moments(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Centred cross-covariance (1/(n − 1)) Σ (a_i − m_a)(b_i − m_b)ᵀ in fp64 (§10.3)."""
+    a = a.double() - a.double().mean(0)
+    b = a if b is None else b.double() - b.double().mean(0)
+    return a.T @ b / (a.shape[0] - 1)
+
+
+def sqrtm_psd(C: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues clipped at 0; fp64)."""
+    C = 0.5 * (C + C.T)
+    w, V = torch.linalg.eigh(C.double())
+    return (V * w.clamp_min(0).sqrt()) @ V.T
+
+
+def bures(C1: torch.Tensor, C2: torch.Tensor) -> torch.Tensor:
+    r"""tr C₁ + tr C₂ − 2 tr (C₁^{1/2} C₂ C₁^{1/2})^{1/2}: the covariance part of W2² between Gaussians."""
+    r = sqrtm_psd(C1)
+    return torch.trace(C1) + torch.trace(C2) - 2 * torch.trace(sqrtm_psd(r @ C2.double() @ r))
+
+
+def frechet_distance(e_a: torch.Tensor, e_b: torch.Tensor) -> float:
+    r"""FID-type distance ‖m_a − m_b‖² + Bures(C_a, C_b) between two embedding sets ``(n, d)`` (the squared W2 of
+    their Gaussian fits, §10.3 "FID in the same space")."""
+    if e_a.ndim != 2 or e_b.ndim != 2 or e_a.shape[1] != e_b.shape[1] or min(len(e_a), len(e_b)) < 2:
+        raise ValueError(f"frechet_distance: expected two (n >= 2, d) sets, got {tuple(e_a.shape)}, {tuple(e_b.shape)}")
+    m = e_a.double().mean(0) - e_b.double().mean(0)
+    return float(m @ m + bures(_moments(e_a), _moments(e_b)))
+
+
+def cfid(e_x: torch.Tensor, e_x_hat: torch.Tensor, e_y: torch.Tensor) -> float:
+    r"""Conditional Fréchet distance (CFID, §10.3) with centred moments, in fp64.
+
+    .. math::
+        \mathrm{CFID} = \|m_x - m_{\hat x}\|^2 + \operatorname{tr}[(C_{xy} - C_{\hat xy}) C_{yy}^+ (C_{xy} -
+        C_{\hat xy})^\top] + \mathrm{Bures}(C_{x|y}, C_{\hat x|y}),\quad C_{x|y} = C_{xx} - C_{xy} C_{yy}^+ C_{xy}^\top
+
+    For jointly Gaussian (x, y) and (x̂, y) this is E_y W2²(p(x | y), p(x̂ | y)): the first two terms are the mean
+    squared distance between the two conditional means (linear in y), the last the distance of the conditional
+    covariances (constant in y). With S samples per observation, pass each sample with a repeated (x, y).
+
+    Args:
+        e_x, e_x_hat, e_y: ``(n, d_x)``, ``(n, d_x)``, ``(n, d_y)`` paired embeddings of ground truth, estimate and
+            observation.
+    """
+    if not e_x.shape == e_x_hat.shape or e_x.ndim != 2 or e_y.ndim != 2 or e_x.shape[0] != e_y.shape[0] or len(e_x) < 2:
+        raise ValueError(f"cfid: expected (n, d) pairs, got {tuple(e_x.shape)}, {tuple(e_x_hat.shape)}, "
+                         f"{tuple(e_y.shape)}")  # fmt: skip
+    C_yy_pinv = torch.linalg.pinv(_moments(e_y), hermitian=True)
+    C_xy, C_hy = _moments(e_x, e_y), _moments(e_x_hat, e_y)
+    C_x_y = _moments(e_x) - C_xy @ C_yy_pinv @ C_xy.T
+    C_h_y = _moments(e_x_hat) - C_hy @ C_yy_pinv @ C_hy.T
+    m = e_x.double().mean(0) - e_x_hat.double().mean(0)
+    D = C_xy - C_hy
+    return float(m @ m + torch.trace(D @ C_yy_pinv @ D.T) + bures(C_x_y, C_h_y))
+
+
+def coverage(e_samples: torch.Tensor, e_x: torch.Tensor, alphas: torch.Tensor | None = None) -> dict:
+    r"""Coverage of posterior samples in an embedding space (§10.4).
+
+    For each observation with S sample embeddings e_s: ē = mean_s e_s, d_s = ‖e_s − ē‖, r_α = α-quantile of {d_s}
+    (linear interpolation); covered at level α iff ‖e_x − ē‖ ≤ r_α. A calibrated sampler gives Coverage(α) ≈ α.
+
+    Args:
+        e_samples: ``(N, S, d)`` sample embeddings per observation.
+        e_x: ``(N, d)`` embeddings of the ground truths.
+        alphas: levels (default 0.01, 0.02, ..., 1.00).
+
+    Returns:
+        ``{"alpha": [...], "coverage": [...], "calibration_error": mean_α |Coverage(α) − α|}``.
+    """
+    if e_samples.ndim != 3 or e_x.shape != (e_samples.shape[0], e_samples.shape[2]):
+        raise ValueError(f"coverage: expected (N, S, d) samples and (N, d) truths, got {tuple(e_samples.shape)}, "
+                         f"{tuple(e_x.shape)}")  # fmt: skip
+    alphas = torch.arange(1, 101, dtype=torch.float64) / 100 if alphas is None else alphas.double().reshape(-1)
+    center = e_samples.double().mean(1, keepdim=True)  # (N, 1, d)
+    d_s = (e_samples.double() - center).norm(dim=2)  # (N, S)
+    r = torch.quantile(d_s, alphas, dim=1)  # (A, N)
+    covered = ((e_x.double() - center[:, 0]).norm(dim=1) <= r).double().mean(1)  # (A,)
+    return {
+        "alpha": alphas.tolist(),
+        "coverage": covered.tolist(),
+        "calibration_error": float((covered - alphas).abs().mean()),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ Welford
 
 
 __all__ = [
     "LPIPSMetric",
     "Welford",
+    "bures",
+    "cfid",
+    "coverage",
     "data_consistency",
+    "frechet_distance",
     "gaussian_window",
     "psnr",
+    "sqrtm_psd",
     "ssim",
     "video_psnr_global",
 ]
