@@ -88,3 +88,33 @@ def test_wrong_key_in_a_yaml_file_fails_naming_the_key(tmp_path, capsys):
     with mock.patch("sys.argv", ["train.py", "--config", str(bad)]), pytest.raises(SystemExit):
         ParseOnlyCLI(run=False)
     assert "lr_generator" in capsys.readouterr().err
+
+
+def _quality_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("problem", ["sr_x4", "deblur_gaussian", "inpaint_random", "inpaint_box"])
+def test_quality_benchmark_photos_configs_parse_with_each_presets_operator(problem, tmp_path):
+    """benchmarks/quality.py derives one UD2M config per photos problem from photos_sr4.yaml: each must parse and
+    carry its preset's operator and noise level (and the inpainting rho scale of §7.1)."""
+    import yaml
+
+    from ud2m.operators.presets import load_preset
+
+    cfg = _quality_benchmark().photos_config(problem)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with mock.patch("sys.argv", ["train.py", "--config", str(tmp_path / "c.yaml")]):
+        cli = ParseOnlyCLI(run=False)
+    preset = load_preset(f"photos/{problem}")
+    assert (
+        cli.config.model.operator.class_path == f"{type(preset.operator).__module__}.{type(preset.operator).__name__}"
+    )
+    assert cli.config.model.sigma_y == preset.sigma_y
+    scale = cli.config.model.sampler.init_args.get("rho_sigma_scale", 1.0)
+    assert scale == (13.0 if problem.startswith("inpaint") else 1.0)
