@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -25,11 +26,26 @@ def _load(name: str, attr: str):
     return getattr(module, attr)
 
 
-def test_shipped_prior_matches_its_data_card_and_denoises_held_out_digits():
-    card = json.loads((ASSET / "card.json").read_text())
-    assert base_model_hash(ASSET) == card["sha256"]
-    prior = PixelDiffusionPrior.from_pretrained(ASSET)
-    x = torch.cat([load_image(s, channels=1) for s in digits_names("val")[:16]])  # never seen in training
+def _held_out_photo_crops() -> torch.Tensor:
+    """Eight 64x64 crops of the two photographs held out of the photos prior's training (its data card)."""
+    crops = []
+    for name in ("coffee", "immunohistochemistry"):
+        x = load_image(f"skimage:{name}", channels=3)
+        H, W = x.shape[-2:]
+        crops += [x[..., top : top + 64, left : left + 64] for top in (H // 4, H // 2) for left in (W // 4, W // 2)]
+    return torch.cat(crops)
+
+
+@pytest.mark.parametrize("name", ["digits", "photos"])
+def test_shipped_prior_matches_its_data_card_and_denoises_held_out_images(name):
+    asset = ROOT / "ud2m" / "assets" / "priors" / name
+    card = json.loads((asset / "card.json").read_text())
+    assert base_model_hash(asset) == card["sha256"]
+    prior = PixelDiffusionPrior.from_pretrained(asset)
+    if name == "digits":
+        x = torch.cat([load_image(s, channels=1) for s in digits_names("val")[:16]])  # never seen in training
+    else:
+        x = _held_out_photo_crops()
     g = torch.Generator().manual_seed(0)
     for t in (100, 300):
         x_t = prior.add_noise(x, float(t), torch.randn(x.shape, generator=g))
