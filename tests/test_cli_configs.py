@@ -102,7 +102,7 @@ def _quality_benchmark():
 @pytest.mark.parametrize("problem", ["sr_x4", "deblur_gaussian", "inpaint_random", "inpaint_box"])
 def test_quality_benchmark_photos_configs_parse_with_each_presets_operator(problem, tmp_path):
     """benchmarks/quality.py derives one UD2M config per photos problem from photos_sr4.yaml: each must parse and
-    carry its preset's operator and noise level (and the inpainting rho scale of §7.1)."""
+    carry its preset's operator and noise level (and §7.1's rho scale 13 where pixels are unobserved)."""
     import yaml
 
     from ud2m.operators.presets import load_preset
@@ -117,4 +117,4 @@ def test_quality_benchmark_photos_configs_parse_with_each_presets_operator(probl
     )
     assert cli.config.model.sigma_y == preset.sigma_y
     scale = cli.config.model.sampler.init_args.get("rho_sigma_scale", 1.0)
-    assert scale == (13.0 if problem.startswith("inpaint") else 1.0)
+    assert scale == (1.0 if problem == "deblur_gaussian" else 13.0)  # 13 wherever pixels are unobserved
