@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from jsonargparse import class_from_function
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.priors.pixel import PixelDiffusionPrior
+from ud2m.training.base_cli import ModuleCLI
 from ud2m.training.callbacks import ema_from_checkpoint, export_module
 from ud2m.training.module import UnfoldedDistillation
 
@@ -40,8 +37,9 @@ PretrainedLatentPrior = class_from_function(
 )
 
 
-class UD2MCLI(LightningCLI):
-    """``LightningCLI`` for :class:`UnfoldedDistillation` with any ``LightningDataModule`` (``data.class_path``).
+class UD2MCLI(ModuleCLI):
+    """``LightningCLI`` for :class:`UnfoldedDistillation` (which owns its two AdamW optimisers, §7.7) with any
+    ``LightningDataModule``; the data's ``image_size`` and ``channels`` are linked into the discriminator.
 
     Args:
         args: command-line style list or a dict config (``None``: ``sys.argv``).
@@ -49,25 +47,11 @@ class UD2MCLI(LightningCLI):
         **kwargs: further ``LightningCLI`` arguments.
     """
 
-    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(
-            UnfoldedDistillation,
-            LightningDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,  # the module owns its two AdamW optimisers (§7.7)
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """The ``checkpoint`` section and the links data -> discriminator."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
-        parser.link_arguments("data.init_args.image_size", "model.discriminator.init_args.image_size")
-        parser.link_arguments("data.init_args.channels", "model.discriminator.init_args.in_channels")
+    module_class = UnfoldedDistillation
+    data_links = (
+        ("data.init_args.image_size", "model.discriminator.init_args.image_size"),
+        ("data.init_args.channels", "model.discriminator.init_args.in_channels"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ export command

@@ -31,13 +31,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ud2m.priors.base import x0_from_prediction
 from ud2m.priors.vp import VPSchedule
 from ud2m.solvers.steps import ddim_step
+from ud2m.training.base_cli import ModuleCLI
 from ud2m.training.callbacks import EMA, ema_from_checkpoint, find_ema
 from ud2m.training.module import _injected_objects, mix_seed
 from ud2m.utils import append_dims, rand, randn
@@ -344,7 +342,7 @@ def export_prior(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Pat
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-class PriorCLI(LightningCLI):
+class PriorCLI(ModuleCLI):
     """``LightningCLI(DiffusionPriorTraining, <any LightningDataModule>)`` with a ``checkpoint`` section.
 
     The data's ``channels`` and ``image_size`` are linked to the UNet's ``in_channels``/``out_channels`` and
@@ -356,26 +354,12 @@ class PriorCLI(LightningCLI):
         **kwargs: further ``LightningCLI`` arguments.
     """
 
-    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(
-            DiffusionPriorTraining,
-            LightningDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,  # the module owns AdamW + warm-up
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """The ``checkpoint`` section and the links data -> UNet."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
-        parser.link_arguments("data.init_args.channels", "model.unet.init_args.in_channels")
-        parser.link_arguments("data.init_args.channels", "model.unet.init_args.out_channels")
-        parser.link_arguments("data.init_args.image_size", "model.unet.init_args.sample_size")
+    module_class = DiffusionPriorTraining  # owns AdamW + warm-up
+    data_links = (
+        ("data.init_args.channels", "model.unet.init_args.in_channels"),
+        ("data.init_args.channels", "model.unet.init_args.out_channels"),
+        ("data.init_args.image_size", "model.unet.init_args.sample_size"),
+    )
 
 
 def main(args: list[str] | None = None) -> None:
