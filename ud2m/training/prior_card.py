@@ -21,25 +21,24 @@ import torch
 from ud2m.export import base_model_hash
 
 
-def scalar_curve(run: str | Path, tag: str, every: int = 1) -> dict[int, float]:
-    """``{step: value}`` of a TensorBoard scalar, keeping the steps whose index is a multiple of ``every``."""
+def read_scalars(run: str | Path) -> dict[str, list]:
+    """Every scalar series of a TensorBoard run folder, ``{tag: [ScalarEvent(wall_time, step, value), ...]}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return {}
-    values = events.Scalars(tag)
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def scalar_curve(scalars: dict[str, list], tag: str, every: int = 1) -> dict[int, float]:
+    """``{step: value}`` of one series of :func:`read_scalars`, keeping every ``every``-th value and the last."""
+    values = scalars.get(tag, [])
     return {e.step: round(e.value, 5) for i, e in enumerate(values) if i % every == every - 1 or i == len(values) - 1}
 
 
-def wall_seconds(run: str | Path) -> float:
-    """Seconds between the first and the last scalar event of a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
-    times = [e.wall_time for tag in events.Tags()["scalars"] for e in events.Scalars(tag)]
+def wall_seconds(scalars: dict[str, list]) -> float:
+    """Seconds between the first and the last event of :func:`read_scalars`."""
+    times = [e.wall_time for values in scalars.values() for e in values]
     return round(max(times) - min(times), 1) if times else 0.0
 
 
@@ -75,7 +74,8 @@ def write_card(prior: str, run: str, name: str, command: str, data: str = "", ma
 
     folder = Path(prior)
     unet = UNet2DModel.from_pretrained(folder / "unet")
-    train = scalar_curve(run, "train/loss", every=4)
+    scalars = read_scalars(run)
+    train = scalar_curve(scalars, "train/loss", every=4)
     card = {
         "name": name,
         "sha256": base_model_hash(folder),
@@ -92,9 +92,9 @@ def write_card(prior: str, run: str, name: str, command: str, data: str = "", ma
             "lightning": lightning.__version__,
         },
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads when the card was written",
-        "train_wall_seconds": wall_seconds(run),
+        "train_wall_seconds": wall_seconds(scalars),
         "train_loss": train,
-        "val_loss": scalar_curve(run, "val/loss"),
+        "val_loss": scalar_curve(scalars, "val/loss"),
         "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline)",
     }
     sample_grid(folder, folder / "samples.png")
