@@ -1,11 +1,14 @@
 """Baselines (ud2m.solvers.baselines) and the TV/PDHG kernels (ud2m.solvers.tv), checked against derived identities:
 Tikhonov = exact Gaussian posterior mean; exact adjoint of D; PDHG = prox for lam_tv = 0 and a vanishing duality
 gap otherwise; DPS's gradient = its closed form for the affine Gaussian denoiser; DPS/DiffPIR sample means equal the
-exact mean of their affine recursions and move toward the exact posterior mean; NFE and seeding; every operator
-family runs through the tiny pixel and latent priors."""
+exact mean of their affine recursions and move toward the exact posterior mean; NFE and seeding; DiffPIR's quad
+grid = the reference formula; DPS's step-count scaling of zeta; every operator family runs through the tiny pixel and
+latent priors."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +25,7 @@ from ud2m.operators import (
     sigma_internal,
 )
 from ud2m.priors.gaussian import GaussianPrior, operator_matrix
-from ud2m.schedules import uniform_grid
+from ud2m.schedules import quadratic_skip_grid, uniform_grid
 from ud2m.solvers.baselines import (
     diffpir_gamma,
     dps_guidance,
@@ -256,7 +259,7 @@ def test_gaussian_prior_mean_moves_toward_posterior(method, name, rng):
     se_norm = (var.sum() / S).sqrt()  # E||m_hat - E m_hat||^2 = tr(Cov)/S
     assert (m_hat - m_post[0]).norm() + 5 * se_norm < (prior.mu - m_post[0]).norm()
     if method != "dps_norm":
-        grid = uniform_grid(kw["num_steps"])
+        grid = (quadratic_skip_grid if method == "diffpir" else uniform_grid)(kw["num_steps"])  # each solver's default
         rule = dict(lambda_=kw.get("lambda_"), sigma_y=sigma_y)
         m_exact = _exact_mean(method.split("_")[0], prior, op, y, grid, zeta=kw["zeta"], **rule)[0]
         assert ((m_hat - m_exact).abs() <= 5 * (var / S).sqrt() + 1e-12).all()
@@ -344,6 +347,80 @@ def test_baselines_reject_bad_arguments(rng):
         solve_dps(prior, op, y, step_rule="adaptive")
     with pytest.raises(ValueError, match="zeta"):
         solve_diffpir(prior, op, y, sigma_y=0.01, zeta=1.5)
+    with pytest.raises(ValueError, match="grid"):
+        solve_diffpir(prior, op, y, sigma_y=0.01, grid="cosine")
+    with pytest.raises(ValueError, match="repeat timesteps"):
+        solve_diffpir(prior, op, y, sigma_y=0.01, num_steps=1000)  # quad has at most ~T/2 distinct steps
+    with pytest.raises(ValueError, match="zeta_scaling"):
+        solve_dps(prior, op, y, zeta_scaling="linear")
+
+
+# ---------------------------------------------------------------------------------------------- grids and step sizes
+def _reference_quad_grid(N: int, T: int = 1000) -> tuple[int, ...]:
+    """DiffPIR's reference construction, written independently: an index seq = int(sqrt(linspace(0, T^2, N))) with
+    seq[-1] -= 1 walks the noise levels from the noisiest, so the native time of step i is T - 1 - seq[i]."""
+    seq = [int(v) for v in np.sqrt(np.linspace(0, T**2, N))]
+    seq[-1] -= 1
+    return tuple(T - 1 - j for j in seq)
+
+
+@pytest.mark.parametrize("N", [2, 3, 7, 20, 50, 100, 501])
+def test_quadratic_skip_grid_is_the_reference_grid(N):
+    """N strictly decreasing integer times from 999 to 0 (the schedule's range), equal to the reference formula, and
+    quadratic: step i sits at i/(N-1) ~ ((999 - t_i)/1000)^2, within one timestep of rounding."""
+    grid = quadratic_skip_grid(N)
+    assert len(grid) == N and grid == _reference_quad_grid(N)
+    assert all(isinstance(t, int) for t in grid) and grid[0] == 999 and grid[-1] == 0
+    assert all(t1 < t0 for t0, t1 in itertools.pairwise(grid))
+    for i, t in enumerate(grid[:-1]):
+        assert 999 - t <= 1000 * math.sqrt(i / (N - 1)) < 999 - t + 1
+    assert quadratic_skip_grid(1) == (999,)
+    with pytest.raises(ValueError, match="repeat timesteps"):
+        quadratic_skip_grid(502)
+
+
+def test_diffpir_grid_option(rng):
+    """grid="uniform" reproduces the former default exactly (the explicit uniform_grid); the default walks the
+    quad grid; explicit timesteps override both."""
+    op = GaussianBlur(1.0, 3)
+    prior, y = _gaussian_problem(op, rng, batch=2)
+
+    def run(**kw):
+        seen = []
+        kw = dict(sigma_y=0.02, num_steps=9, generator=torch.Generator().manual_seed(3), callback=seen.append, **kw)
+        return solve_diffpir(prior, op, y, **kw), tuple(c["t"] for c in seen)
+
+    old, t_old = run(timesteps=uniform_grid(9))
+    new, t_new = run(grid="uniform")
+    assert torch.equal(old, new) and t_new == t_old == uniform_grid(9)
+    assert run()[1] == quadratic_skip_grid(9)
+    assert run(grid="uniform", timesteps=(700, 300, 20))[1] == (700, 300, 20)
+
+
+@pytest.mark.parametrize("step_rule", ["norm", "squared"])
+def test_dps_zeta_scaling_by_steps(step_rule, rng):
+    """zeta_scaling="steps" applies zeta_eff = zeta * 1000 / N. On one timestep the DDIM step lands on x0_hat, so the
+    output is x0_hat - zeta_eff * (gradient of the step rule's loss at the chain's start), with the gradient
+    recomputed from the closed form of the Gaussian denoiser; on N steps the chain equals the unscaled ("none", the
+    former behaviour) chain with zeta * 1000 / N."""
+    op = Inpainting((torch.rand(1, 1, 4, 4, generator=rng) < 0.5).float())
+    prior, y = _gaussian_problem(op, rng, batch=2)
+    x_init = torch.randn(2, *SHAPE, generator=rng, dtype=F64)
+    seen, zeta = [], 4e-4
+    kw = dict(timesteps=(300,), zeta=zeta, zeta_scaling="steps", step_rule=step_rule, callback=seen.append)
+    out = solve_dps(prior, op, y, x_init, generator=rng, **kw)
+    a, b = _scales(prior, 300)
+    k_t = a * prior.s**2 / (a**2 * prior.s**2 + b**2)
+    z = (seen[0]["x0_hat"] - prior.mu) / k_t + a * prior.mu  # the start, from x0_hat = mu + k_t (z - a mu)
+    g = dps_guidance(prior, op, y, z, 300.0)
+    loss_scale = 1.0 if step_rule == "norm" else 2 * g.residual_norm[:, None, None, None]  # grad ||r||^2
+    torch.testing.assert_close(out, g.x0_hat - 1000 * zeta * loss_scale * g.grad)
+    for N in (10, 40):
+        scaled = solve_dps(
+            prior, op, y, num_steps=N, zeta=0.5, zeta_scaling="steps", step_rule=step_rule, generator=rng.manual_seed(1)
+        )
+        plain = solve_dps(prior, op, y, num_steps=N, zeta=500 / N, step_rule=step_rule, generator=rng.manual_seed(1))
+        assert torch.equal(scaled, plain)
 
 
 # ---------------------------------------------------------------------------------------------- tiny networks

@@ -117,6 +117,24 @@ def test_pixel_round_trip_is_exact(variant, pixel_export, tmp_path, rng, monkeyp
         assert torch.equal(loaded.state_dict()[name], value), name
 
 
+def test_old_manifest_without_noise_rule_loads_with_the_reference_rule(tmp_path, rng):
+    """Exports written before the §7.1 revision carry no ``block.noise_rule``: they were trained with the
+    reference rule (σ_e = rho_sigma_scale·σ_n), and load with it, sampling exactly as before."""
+    base = save_tiny_pixel_pipeline(tmp_path / "base")
+    model = UnfoldedSampler(PixelDiffusionPrior.from_pretrained(base), num_blocks=2, noise_rule="reference")
+    perturb(model, rng)
+    out = export(model, tmp_path / "export", base)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["block"]["noise_rule"] == "reference"
+    for key in ("noise_rule", "sigma_cap", "renoise_cap"):  # what an export of the previous release holds
+        del manifest["block"][key]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    loaded = load_checkpoint(out, PixelDiffusionPrior.from_pretrained(base))
+    assert loaded.noise_rule == "reference" and loaded.rho_sigma_scale == model.rho_sigma_scale
+    op, y = pixel_problem(rng)
+    assert torch.equal(run(loaded, op, y), run(model, op, y))
+
+
 def test_hash_mismatch_is_refused_unless_allowed(pixel_export, tmp_path, rng):
     base, model, out = pixel_export
     copy = shutil.copytree(base, tmp_path / "base")

@@ -272,7 +272,7 @@ def conv_params(c_in: int, c_out: int) -> int:
 def test_discriminator_layers_and_parameter_count(size, C, channels):
     L = len(channels) - 1  # spec §7.4: L = min(5, log2(min(H, W)) - 2)
     assert L == min(5, round(math.log2(size)) - 2)
-    D = ConditionalDiscriminator(C, size)
+    D = ConditionalDiscriminator(C, size, condition=("y",))  # the reference input [x, lift(y)]: 2C channels
     assert D.num_blocks == default_num_blocks((size, size)) == L
     assert block_channels(L) == channels
     expected = conv_params(2 * C, channels[0])
@@ -284,7 +284,7 @@ def test_discriminator_layers_and_parameter_count(size, C, channels):
 
 
 def test_discriminator_forward_shape_dtype_and_gradients(rng, device):
-    D = ConditionalDiscriminator(3, (32, 48)).to(device)
+    D = ConditionalDiscriminator(3, (32, 48), condition=("y",)).to(device)
     x, c = torch.randn(4, 3, 32, 48, generator=rng).to(device), torch.randn(4, 3, 32, 48, generator=rng).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):  # D runs in fp32 under mixed precision (§1.4)
         logits = D(x.bfloat16(), c)
@@ -308,8 +308,8 @@ def test_discriminator_rejects_bad_shapes():
 
 
 def test_spectral_norm_discriminator_runs_and_gp_trains_it(rng, device):
-    D = ConditionalDiscriminator(1, 32, spectral_norm=True).to(device)
-    plain = ConditionalDiscriminator(1, 32)
+    D = ConditionalDiscriminator(1, 32, condition=("y",), spectral_norm=True).to(device)
+    plain = ConditionalDiscriminator(1, 32, condition=("y",))
     assert sum(p.numel() for p in D.parameters()) == sum(p.numel() for p in plain.parameters())
     assert sum(1 for m in D.modules() if hasattr(m, "parametrizations")) == 1 + D.num_blocks + 1
     x0, x0_hat = torch.randn(2, 3, 1, 32, 32, generator=rng).to(device).unbind(0)

@@ -104,14 +104,14 @@ def test_nan_guard_skips_and_counts(monkeypatch):
     import ud2m.training.module as module
 
     calls = {"n": 0}
-    real = module.l2_consistency
+    real = module.energy_score  # the default consistency loss
 
-    def nan_once(x0_hat, x0, weight=None):
+    def nan_once(x0_hat, x0_hat_2, x0, weight=None):
         calls["n"] += 1
-        loss = real(x0_hat, x0, weight)
+        loss = real(x0_hat, x0_hat_2, x0, weight)
         return loss * float("nan") if calls["n"] == 1 else loss
 
-    monkeypatch.setattr(module, "l2_consistency", nan_once)
+    monkeypatch.setattr(module, "energy_score", nan_once)
     model = make_model()
     before = trainable_state(model)
     t = trainer(1)
@@ -314,7 +314,7 @@ def test_latent_prior_trains_exports_and_samples(tmp_path):
         sampler = UnfoldedSampler(LatentConsistencyPrior.from_pretrained(folder), num_blocks=2)
         model = UnfoldedDistillation(
             sampler,
-            ConditionalDiscriminator(3, 16),
+            ConditionalDiscriminator(3, 16, state_channels=4),  # x_t is a 4-channel latent
             operator=GaussianBlur(1.0, 3),
             sigma_y=0.05,
             omega_lpips=0.0,

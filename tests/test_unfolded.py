@@ -125,7 +125,7 @@ def test_detached_encoder_freezes_the_split_prox_scalars(rng):
 def test_nearest_renoise_has_no_sigma_parameter_and_picks_the_nearest_time(rng):
     prior = gaussian_prior((1, 4, 4))
     op = KernelBlur(KERNEL)
-    model = UnfoldedSampler(prior, num_blocks=2, renoise="nearest").double()
+    model = UnfoldedSampler(prior, num_blocks=2, renoise="nearest", noise_rule="reference").double()
     assert model.log_sigma_z_scale is None and "sigma_z_scale" not in model.scalars()
     x0 = prior.sample(3, rng)
     t = torch.tensor([5.0, 300.0, 900.0], dtype=F64)
@@ -141,11 +141,20 @@ def test_nearest_renoise_has_no_sigma_parameter_and_picks_the_nearest_time(rng):
     assert ((s_of(t_z) - rho0).abs() <= (s_of((t_z - 1).clamp(min=1)) - rho0).abs()).all()
 
 
-def test_block_matches_a_dense_rederivation_of_the_spec(rng):
-    """§7.1 / §7.2 with dense matrices: Wiener warm start, combined prox, σ_z, continuous t_z, re-noise, predict."""
+@pytest.mark.parametrize(
+    ("rule", "sigma_e", "sigma_e_z"),
+    [
+        (dict(noise_rule="reference", rho_sigma_scale=2.0), lambda sn: 2 * sn, lambda sn: 2 * sn),
+        (dict(sigma_cap=0.7), lambda sn: 0.7, lambda sn: 0.7),  # the default rule: σ_e on the data scale
+        (dict(sigma_cap=0.7, renoise_cap=0.3), lambda sn: 0.7, lambda sn: 0.3),
+    ],
+)
+def test_block_matches_a_dense_rederivation_of_the_spec(rule, sigma_e, sigma_e_z, rng):
+    """§7.1 (and its revision) / §7.2 with dense matrices: Wiener warm start, combined prox, σ_z, continuous t_z,
+    re-noise, predict; σ_e = rho_sigma_scale·σ_n (reference rule) or sigma_cap (prior rule, separate re-noise cap)."""
     prior = gaussian_prior((1, 4, 4))
     op = KernelBlur(KERNEL)
-    model = UnfoldedSampler(prior, num_blocks=1, rho_sigma_scale=2.0).double()
+    model = UnfoldedSampler(prior, num_blocks=1, **rule).double()
     with torch.no_grad():
         model.log_lambda.fill_(0.3), model.log_rho_scale.fill_(-0.2), model.log_sigma_z_scale.fill_(0.4)
     x0 = prior.sample(2, rng)
@@ -164,13 +173,14 @@ def test_block_matches_a_dense_rederivation_of_the_spec(rng):
 
     tau0 = 1 / (1 / s**2 + 1 / 0.5**2)
     x = prox(tau0[:, None] * x_t.flatten(1) / (a * s**2)[:, None], tau0 / sn**2)  # warm start
-    rho0 = 2 * sn * s / torch.sqrt((2 * sn) ** 2 + s**2)
+    rho_of = lambda se: se * s / torch.sqrt(se**2 + s**2)  # noqa: E731
+    rho0, rho0_z = rho_of(sigma_e(sn)), rho_of(sigma_e_z(sn))
     rho = rho0 * math.exp(-0.2)
     tau = 1 / (1 / s**2 + 1 / rho**2)
     z = prox(
         tau[:, None] * (x_t.flatten(1) / (a * s**2)[:, None] + x / rho[:, None] ** 2), tau / (math.exp(0.3) * sn**2)
     )
-    sigma_z = (rho0 * math.exp(0.4)).clamp(prior.sigma(1.0), prior.sigma(999.0))
+    sigma_z = (rho0_z * math.exp(0.4)).clamp(prior.sigma(1.0), prior.sigma(999.0))
     torch.testing.assert_close(infos[0]["sigma_z"], sigma_z)
     torch.testing.assert_close(prior.sigma(infos[0]["t_z"]), sigma_z)  # continuous inverse
     xi = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(7), dtype=F64)

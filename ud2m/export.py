@@ -32,7 +32,7 @@ from torch import nn
 import ud2m
 from ud2m.priors.base import Prior
 from ud2m.priors.lora import LORA_WEIGHT_NAME, load_lora, lora_config, save_lora
-from ud2m.unfolded import RENOISE_MODES, UnfoldedSampler, out_layer_modules
+from ud2m.unfolded import NOISE_RULES, RENOISE_MODES, UnfoldedSampler, out_layer_modules
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,9 @@ def build_manifest(model: UnfoldedSampler, *, base_model: dict, operator: dict, 
         "block": {
             "num_blocks": model.num_blocks,
             "tied_scalars": model.tied_scalars,
+            "noise_rule": model.noise_rule,
+            "sigma_cap": model.sigma_cap,
+            "renoise_cap": model.renoise_cap,
             "rho_sigma_scale": model.rho_sigma_scale,
             "renoise": model.renoise,
             "warm_start": {"kind": "wiener" if model.initializer is None else "learned", "s0": model.s0},
@@ -302,6 +305,8 @@ def validate_manifest(manifest: Any, *, where: str) -> None:
         raise ValueError(f"{where}: key 'block.num_blocks' must be an integer >= 1, got {block['num_blocks']!r}")
     if block["renoise"] not in RENOISE_MODES:
         raise ValueError(f"{where}: key 'block.renoise' must be one of {RENOISE_MODES}, got {block['renoise']!r}")
+    if block.get("noise_rule", "reference") not in NOISE_RULES:
+        raise ValueError(f"{where}: key 'block.noise_rule' must be one of {NOISE_RULES}, got {block['noise_rule']!r}")
 
 
 def _require(manifest: dict, section: str, where: str) -> None:
@@ -366,6 +371,10 @@ def _model_kwargs(manifest: dict) -> dict:
     kwargs = dict(
         num_blocks=block["num_blocks"],
         tied_scalars=block["tied_scalars"],
+        # exports written before the §7.1 revision carry no noise_rule: they were trained with the reference rule
+        noise_rule=block.get("noise_rule", "reference"),
+        sigma_cap=block.get("sigma_cap", 1.0),
+        renoise_cap=block.get("renoise_cap"),
         rho_sigma_scale=block["rho_sigma_scale"],
         renoise=block["renoise"],
         s0=block["warm_start"]["s0"],

@@ -26,6 +26,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: Prefixes of photographs bundled with installed packages (no download): ``skimage:astronaut``, ``sklearn:china``,
+#: ``matplotlib:grace_hopper``.
+PHOTO_PREFIXES = ("skimage:", "sklearn:", "matplotlib:")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _GLOB_CHARS = frozenset("*?[")
 
@@ -63,8 +66,8 @@ def read_array(source: str | Path) -> np.ndarray:
         ValueError: for a file that is not a readable image.
     """
     source = str(source)
-    if source.startswith("skimage:"):
-        return _skimage_array(source)
+    if source.startswith(PHOTO_PREFIXES):
+        return _bundled_photo_array(source)
     if source.startswith("digits:"):
         return _digit_array(source)
     path = _existing_file(source)
@@ -143,13 +146,32 @@ def _digit_array(source: str) -> np.ndarray:
     return digits32()[int(key)]
 
 
-def _skimage_array(source: str) -> np.ndarray:
-    from skimage import data
+def _bundled_photo_array(source: str) -> np.ndarray:
+    """A photograph that ships inside an installed package: ``skimage:<name>`` (``skimage.data``),
+    ``sklearn:<name>`` (scikit-learn's sample images, e.g. ``china``) or ``matplotlib:<name>`` (its sample data,
+    e.g. ``grace_hopper``)."""
+    prefix, name = source.split(":", 1)
+    if prefix == "skimage":
+        from skimage import data
 
-    name = source.split(":", 1)[1]
-    if not hasattr(data, name):
-        raise FileNotFoundError(f"{source}: skimage.data has no image called {name!r}")
-    return np.asarray(getattr(data, name)())
+        if not hasattr(data, name):
+            raise FileNotFoundError(f"{source}: skimage.data has no image called {name!r}")
+        return np.asarray(getattr(data, name)())
+    if prefix == "sklearn":
+        from sklearn.datasets import load_sample_images
+
+        images = load_sample_images()
+        by_name = {Path(f).stem: im for f, im in zip(images.filenames, images.images, strict=True)}
+        if name not in by_name:
+            raise FileNotFoundError(f"{source}: scikit-learn's sample images are {sorted(by_name)}, not {name!r}")
+        return np.asarray(by_name[name])
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    matches = sorted(p for p in folder.glob(f"{name}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not matches:
+        raise FileNotFoundError(f"{source}: no image called {name!r} in matplotlib's sample data ({folder})")
+    return read_array(matches[0])
 
 
 def _existing_file(source: str | Path) -> Path:
@@ -191,7 +213,7 @@ def image_size(source: str | Path) -> tuple[int, int]:
         ValueError: for a file that is not a readable image.
     """
     source = str(source)
-    if source.startswith(("skimage:", "digits:")):
+    if source.startswith((*PHOTO_PREFIXES, "digits:")):
         arr = read_array(source)
         return int(arr.shape[0]), int(arr.shape[1])
     path = _existing_file(source)
@@ -219,7 +241,7 @@ def discover_images(spec: str | Path) -> list[str]:
         FileNotFoundError: for a missing path, or a folder / pattern without any image file.
     """
     spec = str(spec)
-    if spec.startswith("skimage:"):
+    if spec.startswith(PHOTO_PREFIXES):
         return [spec]
     if spec.startswith("digits:"):  # built-in digits: digits:val (held out), digits:train, digits:all, digits:<i>
         key = spec.split(":", 1)[1]
@@ -246,7 +268,7 @@ def source_stem(source: str | Path) -> str:
     source = str(source)
     if source.startswith("digits:"):
         return "digit_" + source.split(":", 1)[1]
-    return source.split(":", 1)[1] if source.startswith("skimage:") else Path(source).stem
+    return source.split(":", 1)[1] if source.startswith(PHOTO_PREFIXES) else Path(source).stem
 
 
 def load_image(source: str | Path, *, channels: int | None = None) -> torch.Tensor:

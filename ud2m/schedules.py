@@ -6,6 +6,9 @@ s_t live in the prior's schedule, never here.
 
 from __future__ import annotations
 
+import itertools
+import math
+
 #: LATINO's 8-step grid for SDXL/DMD2: t_k = 999 - 125 (k - 1) (§4.2) [ref].
 LATINO_SDXL = (999, 874, 749, 624, 499, 374, 249, 124)
 #: LCM's default 8-step grid, used by LATINO with LCM-LoRA SD1.5 (§4.2) [ref].
@@ -40,3 +43,34 @@ def uniform_grid(num_steps: int, t_max: int = 999, t_min: int = 0) -> tuple[int,
         raise ValueError(f"uniform_grid: num_steps must be >= 1, got {num_steps}")
     step = (t_max + 1 - t_min) // num_steps
     return tuple(t_max - k * step for k in range(num_steps))
+
+
+def quadratic_skip_grid(num_steps: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    r"""DiffPIR's ``skip_type="quad"`` grid (Zhu et al. 2023, reference code; deepinv's ``DiffPIR``), in native time.
+
+    The reference walks an index :math:`j_i = \lfloor T\sqrt{i/(N-1)}\rfloor`, i = 0..N-1, the last replaced by
+    :math:`T - 1`, through the noise levels in increasing-time-reversed order, i.e. native times
+
+    .. math:: t_i = T - 1 - j_i, \qquad t_0 = T - 1, \quad t_{N-1} = 0,
+
+    so the step density in :math:`t` grows linearly towards the clean end (:math:`i \propto (T - 1 - t)^2`). Integer
+    arithmetic (``isqrt``) instead of the reference's float square root; they agree whenever the float rounding does
+    not cross an integer. ``num_steps = 1`` gives ``(T - 1,)``.
+
+    >>> quadratic_skip_grid(5)
+    (999, 499, 292, 133, 0)
+
+    Raises:
+        ValueError: for ``num_steps < 1``, or so many steps that two indices coincide (about :math:`N > T/2`).
+    """
+    if num_steps < 1:
+        raise ValueError(f"quadratic_skip_grid: num_steps must be >= 1, got {num_steps}")
+    T = num_train_timesteps
+    if num_steps == 1:
+        return (T - 1,)
+    index = [math.isqrt(i * T * T // (num_steps - 1)) for i in range(num_steps)]  # ⌊T√(i/(N-1))⌋, exact
+    index[-1] = T - 1  # the reference's seq[-1] - 1: the last step is t = 0
+    grid = tuple(T - 1 - j for j in index)
+    if any(t1 >= t0 for t0, t1 in itertools.pairwise(grid)):
+        raise ValueError(f"quadratic_skip_grid: {num_steps} steps repeat timesteps of a {T}-step schedule")
+    return grid

@@ -30,6 +30,7 @@ from ud2m.utils import Generator, append_dims, batch_scalar, randn
 logger = logging.getLogger(__name__)
 
 RENOISE_MODES = ("continuous", "nearest")
+NOISE_RULES = ("prior", "reference")
 OUT_LAYER_NAMES = ("conv_norm_out", "conv_out")
 SCALAR_NAMES = ("log_lambda", "log_rho_scale", "log_sigma_z_scale")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_out")
@@ -45,8 +46,12 @@ def is_latent_prior(prior: Prior) -> bool:
 class UnfoldedSampler(nn.Module):
     r"""K unfolded LATINO blocks around a LoRA-adapted frozen prior (algorithms.md §7.1-7.3).
 
-    Block k, per sample, with :math:`a = a_t`, :math:`s = s_t`, :math:`\sigma_n = 2\sigma_y`,
-    :math:`\sigma_e = \texttt{rho\_sigma\_scale}\cdot\sigma_n`:
+    Block k, per sample, with :math:`a = a_t`, :math:`s = s_t`, :math:`\sigma_n = 2\sigma_y` and the
+    data-scale :math:`\sigma_e` of the noise rule (§7.1 revision): ``noise_rule="prior"`` (default)
+    :math:`\sigma_e = \texttt{sigma\_cap}` on the prior's data scale, so :math:`\rho_0 \approx \min(s_t,
+    \sigma_e)` and the re-noise time :math:`t_z` follows the outer time below the cap; ``"reference"``
+    :math:`\sigma_e = \texttt{rho\_sigma\_scale}\cdot\sigma_n` (the UD2M reference, blind to t: measured to make
+    more sampler steps worse, algorithms.md §7.1 revision):
 
     .. math::
         \rho_0 = \frac{\sigma_e s}{\sqrt{\sigma_e^2 + s^2}},\quad \rho = \rho_0 e^{\log\rho_\text{scale}},\quad
@@ -74,7 +79,13 @@ class UnfoldedSampler(nn.Module):
         prior: the frozen prior; LoRA is attached to ``prior.net`` in place.
         num_blocks: K.
         tied_scalars: one set of log-scalars shared by all blocks (``(1,)``) or one per block (``(K,)``).
-        rho_sigma_scale: :math:`\sigma_e/\sigma_n` (1; 13 is the reference's inpainting preset).
+        noise_rule: ``"prior"`` (:math:`\sigma_e` = ``sigma_cap``) or ``"reference"`` (:math:`\sigma_e` =
+            ``rho_sigma_scale`` · σ_n), §7.1 revision.
+        sigma_cap: :math:`\sigma_e` of the ``"prior"`` rule, on the prior's data scale ([-1, 1] images: 1.0).
+        renoise_cap: a separate cap for the re-noise level (:math:`\sigma_z` uses :math:`\rho_0` computed with
+            this :math:`\sigma_e`); None: the same as ρ's.
+        rho_sigma_scale: :math:`\sigma_e/\sigma_n` of the ``"reference"`` rule (1; 13 is the reference's
+            inpainting preset).
         renoise: ``"continuous"`` (learnable :math:`\sigma_z`, float :math:`t_z`) or ``"nearest"`` (reference
             parity: :math:`t_z = \arg\min_t |s_t - \rho_0|` over integers 1..999; no ``log_sigma_z_scale``).
         s0: prior std of the Wiener warm start.
@@ -95,6 +106,9 @@ class UnfoldedSampler(nn.Module):
         *,
         num_blocks: int = 3,
         tied_scalars: bool = True,
+        noise_rule: str = "prior",
+        sigma_cap: float = 1.0,
+        renoise_cap: float | None = None,
         rho_sigma_scale: float = 1.0,
         renoise: str = "continuous",
         s0: float = 0.5,
@@ -111,11 +125,24 @@ class UnfoldedSampler(nn.Module):
             raise ValueError(f"num_blocks: expected K >= 1, got {num_blocks}")
         if renoise not in RENOISE_MODES:
             raise ValueError(f"renoise: expected one of {RENOISE_MODES}, got {renoise!r}")
-        if not rho_sigma_scale > 0 or not s0 > 0:
-            raise ValueError(f"rho_sigma_scale and s0 must be positive, got {rho_sigma_scale} and {s0}")
+        if noise_rule not in NOISE_RULES:
+            raise ValueError(f"noise_rule: expected one of {NOISE_RULES}, got {noise_rule!r}")
+        if not rho_sigma_scale > 0 or not s0 > 0 or not sigma_cap > 0 or not (renoise_cap is None or renoise_cap > 0):
+            raise ValueError(
+                f"rho_sigma_scale, sigma_cap, renoise_cap and s0 must be positive, got {rho_sigma_scale}, "
+                f"{sigma_cap}, {renoise_cap} and {s0}"
+            )
+        if noise_rule == "prior" and rho_sigma_scale != 1.0:
+            raise ValueError(
+                f"rho_sigma_scale={rho_sigma_scale} only applies to noise_rule='reference'; with the default "
+                f"noise_rule='prior' set sigma_cap (the data-scale σ_e, default 1.0) instead"
+            )
         self.prior = prior
         self.num_blocks = num_blocks
         self.tied_scalars = tied_scalars
+        self.noise_rule = noise_rule
+        self.sigma_cap = float(sigma_cap)
+        self.renoise_cap = None if renoise_cap is None else float(renoise_cap)
         self.rho_sigma_scale = float(rho_sigma_scale)
         self.renoise = renoise
         self.s0 = float(s0)
@@ -281,7 +308,7 @@ class UnfoldedSampler(nn.Module):
 
     def _block(self, k, x_t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
         """Block k of §7.1; returns ``(x_pixel, x_prior_space, z, t_z, sigma_z)``."""
-        rho0 = rho_zero(s, self.rho_sigma_scale * sigma_n)  # 1. (B,)
+        rho0 = rho_zero(s, self.sigma_e(sigma_n))  # 1. (B,)
         rho_scale = self._scalar(self.log_rho_scale, k).exp()
         lam = self._scalar(self.log_lambda, k).exp()
         if self.latent:
@@ -289,7 +316,8 @@ class UnfoldedSampler(nn.Module):
         else:  # 2.-4. combined quadratic, one prox
             with _no_autocast(x):
                 z = ud2m_data_step(op, y, x_t, x, a=a, s=s, rho=rho0 * rho_scale, lam=lam, sigma_n=sigma_n)
-        sigma_z, t_z = self._renoise_level(k, rho0)  # 5.
+        rho0_z = rho0 if self.renoise_cap is None else rho_zero(s, torch.full_like(s, self.renoise_cap))
+        sigma_z, t_z = self._renoise_level(k, rho0_z)  # 5.
         z_in = self.prior.add_noise(z, t_z, xi)  # 6. a_{t_z} z + b_{t_z} ξ
         x_prior = self.prior.predict_x0(z_in, t_z, cond)  # 7. 1 NFE, LoRA-adapted prior
         x_pixel = self.prior.decode(x_prior) if self.latent else x_prior
@@ -297,13 +325,20 @@ class UnfoldedSampler(nn.Module):
 
     def _latent_data_step(self, x_t, a, s, y, op, sigma_n, x, *, rho0, rho_scale, lam) -> torch.Tensor:
         """Split prox of latent priors (§7.2 (i)-(iii)) [ours, heuristic]; returns the fused latent ζ."""
-        rho_p = self.rho_sigma_scale * sigma_n * rho_scale
+        rho_p = self.sigma_e(sigma_n) * rho_scale
         with _no_autocast(x):
             z_pix = op.prox_l2(x, y, rho_p**2 / (lam * sigma_n**2))  # (i) pixel prox around the decoded estimate
         zeta = self.prior.encode(z_pix.detach() if self.detach_encoder else z_pix)  # (ii) VAE mean
         w0, n = 1.0 / rho0**2, zeta.ndim
         # (iii) Gaussian fusion with x_t (x_t a/b² = x_t/(a s²)) in latent space
         return (append_dims(w0, n) * zeta + x_t / append_dims(a * s**2, n)) / append_dims(w0 + 1.0 / s**2, n)
+
+    def sigma_e(self, sigma_n: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sigma_e` of the noise rule, ``(B,)``: ``sigma_cap`` (``"prior"``) or ``rho_sigma_scale`` · σ_n
+        (``"reference"``)."""
+        if self.noise_rule == "prior":
+            return torch.full_like(sigma_n, self.sigma_cap)
+        return self.rho_sigma_scale * sigma_n
 
     def _renoise_level(self, k: int, rho0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(σ_z, t_z)``: continuous :math:`t(\mathrm{clamp}(\rho_0 e^{\log\sigma_{z,scale}}, s_1, s_{999}))`, or
@@ -362,6 +397,7 @@ def sample_ud2m(
     cond: Any = None,
     generator: Generator = None,
     callback: Callable[[dict], None] | None = None,
+    clip: bool = True,
 ) -> torch.Tensor:
     r"""N-step UD2M sampler (algorithms.md §8): K blocks per grid point, exact DDIM steps between them.
 
@@ -383,9 +419,11 @@ def sample_ud2m(
         cond: prior conditioning.
         generator: ``torch.Generator`` or list of B generators (initial state, re-noise, DDIM noise).
         callback: called per grid point with ``dict(n, t, x, x0_hat, blocks)`` (``blocks``: the K block dicts).
+        clip: clamp :math:`\hat x_0` to [-1, 1] before each DDIM step and at the end (§8; diffusers'
+            ``clip_sample``). False keeps the chain affine on the Gaussian prior (exact-law analysis).
 
     Returns:
-        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point, pixel space.
+        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point, pixel space (unclamped with ``clip=False``).
     """
     if eta < 0:
         raise ValueError(f"eta: expected a non-negative value, got {eta}")
@@ -403,15 +441,15 @@ def sample_ud2m(
             callback(dict(n=n, t=t, x=x, x0_hat=x0_hat, blocks=blocks))
         if n == len(grid) - 1:  # 4.
             break
-        z0_hat = _prior_space_estimate(prior, x0_hat, blocks)  # 5.
+        z0_hat = _prior_space_estimate(prior, x0_hat, blocks, clip)  # 5.
         x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
-    return x0_hat.clamp(-1, 1)  # 8. (latent priors: the model already decoded)
+    return x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
 
 
-def _prior_space_estimate(prior: Prior, x0_hat: torch.Tensor, blocks: list[dict]) -> torch.Tensor:
+def _prior_space_estimate(prior: Prior, x0_hat: torch.Tensor, blocks: list[dict], clip: bool) -> torch.Tensor:
     """The DDIM step's x̂0: clamped pixels (pixel priors) or the last block's latent prediction (latent priors)."""
     if not is_latent_prior(prior):
-        return x0_hat.clamp(-1, 1)
+        return x0_hat.clamp(-1, 1) if clip else x0_hat
     if not blocks or "x_prior" not in blocks[-1]:
         raise ValueError("sample_ud2m: with a latent prior the model must report 'x_prior' through its callback")
     return blocks[-1]["x_prior"]

@@ -27,7 +27,7 @@ import torch
 from ud2m.operators.base import LinearOperator, NonlinearOperator
 from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior
-from ud2m.schedules import uniform_grid
+from ud2m.schedules import quadratic_skip_grid, uniform_grid
 from ud2m.solvers.steps import data_consistency, ddim_step, renoise, wiener_init
 from ud2m.solvers.tv import data_step_pdhg
 from ud2m.utils import Generator, append_dims, batch_scalar, randn
@@ -35,6 +35,10 @@ from ud2m.utils import Generator, append_dims, batch_scalar, randn
 Operator = LinearOperator | NonlinearOperator
 Callback = Callable[[dict[str, Any]], None] | None
 STEP_RULES = ("norm", "squared")
+ZETA_SCALINGS = ("none", "steps")
+GRIDS = ("quad", "uniform")
+#: DPS's step sizes were tuned on its 1000-step DDPM chain (Chung et al. 2023: 1000 NFE throughout).
+DPS_REFERENCE_STEPS = 1000
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -43,9 +47,15 @@ def _sigma_n(sigma_y: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sigma_internal(batch_scalar(sigma_y, like.shape[0], device=like.device, dtype=like.dtype, name="sigma_y"))
 
 
-def _grid(timesteps: Sequence[float] | None, num_steps: int) -> tuple[float, ...]:
-    """``timesteps`` (strictly decreasing native times) or :func:`~ud2m.schedules.uniform_grid` of ``num_steps``."""
-    grid = tuple(uniform_grid(num_steps) if timesteps is None else timesteps)
+def _grid(timesteps: Sequence[float] | None, num_steps: int, kind: str = "uniform") -> tuple[float, ...]:
+    """``timesteps`` (strictly decreasing native times), else ``num_steps`` times of
+    :func:`~ud2m.schedules.uniform_grid` (``kind="uniform"``) or :func:`~ud2m.schedules.quadratic_skip_grid`
+    (``kind="quad"``)."""
+    if kind not in GRIDS:
+        raise ValueError(f"grid: expected one of {GRIDS}, got {kind!r}")
+    if timesteps is None:
+        timesteps = uniform_grid(num_steps) if kind == "uniform" else quadratic_skip_grid(num_steps)
+    grid = tuple(timesteps)
     if len(grid) == 0 or any(float(t1) >= float(t0) for t0, t1 in itertools.pairwise(grid)):
         raise ValueError(f"timesteps: expected a non-empty, strictly decreasing sequence, got {grid}")
     return grid
@@ -167,6 +177,18 @@ def dps_guidance(
     return DPSGuidance(grad, z0_hat.detach(), x0_hat.detach(), residual_norm.detach())
 
 
+def dps_zeta(zeta: float, num_steps: int, zeta_scaling: str) -> float:
+    r"""DPS's per-step :math:`\zeta` on an N-step grid: ``zeta`` itself (``"none"``) or
+    :math:`\zeta \cdot 1000/N` (``"steps"``; ``zeta`` is then the 1000-step value, see :func:`solve_dps`).
+
+    >>> dps_zeta(2.0, 100, "steps"), dps_zeta(2.0, 1000, "steps"), dps_zeta(2.0, 100, "none")
+    (20.0, 2.0, 2.0)
+    """
+    if zeta_scaling not in ZETA_SCALINGS:
+        raise ValueError(f"zeta_scaling: expected one of {ZETA_SCALINGS}, got {zeta_scaling!r}")
+    return zeta * DPS_REFERENCE_STEPS / num_steps if zeta_scaling == "steps" else zeta
+
+
 def solve_dps(
     prior: Prior,
     op: Operator,
@@ -178,6 +200,7 @@ def solve_dps(
     sigma_y: float | torch.Tensor | None = None,
     num_steps: int = 100,
     zeta: float = 1.0,
+    zeta_scaling: str = "none",
     step_rule: str = "norm",
     eta: float = 1.0,
     generator: Generator = None,
@@ -199,7 +222,13 @@ def solve_dps(
 
     The last update is applied to :math:`\hat z_0` and the result decoded. Each step's gradient is detached (the
     output does not carry a graph across steps); see :func:`dps_guidance` for autograd modes. :math:`\zeta` is
-    not scale-free: the reference's 1.0 was tuned for 256x256 RGB images.
+    not scale-free: the reference's 1.0 was tuned for 256x256 RGB images and 1000 steps.
+
+    ``zeta_scaling="steps"`` reads ``zeta`` as the step size of the 1000-step chain and uses
+    :math:`\zeta_\text{eff} = \zeta \cdot 1000/N` on an N-step grid: the guidance term is an explicit Euler
+    discretisation of a gradient flow in diffusion time, so the total guidance :math:`\sum_k \zeta_k\|\nabla\|`
+    (step size times number of steps) stays the same as N changes, and one tuned :math:`\zeta` serves every N.
+    ``"none"`` (default, the reference code's rule) applies ``zeta`` as given at every step.
 
     Args:
         prior: any prior (latent priors are differentiated through the decoder).
@@ -211,6 +240,8 @@ def solve_dps(
         sigma_y: unused by DPS's step rules (accepted so that every baseline takes the same arguments).
         num_steps: number of steps when ``timesteps`` is None (NFE = number of timesteps).
         zeta: step size :math:`\zeta`.
+        zeta_scaling: ``"none"`` (:math:`\zeta_k` from ``zeta`` as given) or ``"steps"`` (``zeta`` is per 1000
+            steps: multiplied by :math:`1000/N`, N = number of timesteps).
         step_rule: ``"norm"`` or ``"squared"``.
         eta: DDIM stochasticity (1 = DDPM ancestral sampling).
         generator: torch generator or list of B generators.
@@ -222,6 +253,7 @@ def solve_dps(
     if step_rule not in STEP_RULES:
         raise ValueError(f"step_rule: expected one of {STEP_RULES}, got {step_rule!r}")
     grid = _grid(timesteps, num_steps)
+    zeta = dps_zeta(zeta, len(grid), zeta_scaling)
     z = _start(prior, op, y, x_init, grid[0], generator)
     for k, t in enumerate(grid):
         g = dps_guidance(prior, op, y, z, t, cond)  # 4.-5. x̂0 and ∇‖y − A x̂0‖ (1 NFE)
@@ -267,6 +299,7 @@ def solve_diffpir(
     num_steps: int = 100,
     lambda_: float = 1.75,
     zeta: float = 0.3,
+    grid: str = "quad",
     generator: Generator = None,
     callback: Callback = None,
 ) -> torch.Tensor:
@@ -287,14 +320,16 @@ def solve_diffpir(
     the decoded estimate and its result is re-encoded (:math:`D`, :math:`E` are the identity for pixel priors);
     :math:`\gamma_t` then uses the latent :math:`s_t`, a heuristic of ours (the paper is pixel-space only).
     :math:`\sigma_n` is floored at 1e-3 (as the Wiener start) so that noiseless data keep a finite
-    :math:`\gamma_t` (the reference floors :math:`\sigma_y` at 1e-3).
+    :math:`\gamma_t` (the reference floors :math:`\sigma_y` at 1e-3). The default ``"quad"`` grid ends at
+    :math:`t = 0`, where :math:`s_0` is tiny (about 0.01 for the linear DDPM schedule), so the last data step barely
+    moves the denoised estimate; the reference skips it there.
 
     Args:
         prior: any prior.
         op: linear operator (closed-form or CG prox) or nonlinear operator (gradient-step prox).
         y: measurement ``(B, ...)``.
         x_init: optional image the chain starts from (re-noised to ``timesteps[0]``); default the noise start.
-        timesteps: strictly decreasing native times; default ``uniform_grid(num_steps)``.
+        timesteps: strictly decreasing native times; overrides ``grid`` and ``num_steps``.
         cond: prior conditioning.
         sigma_y: noise std on the [0, 1] scale, float or ``(B,)``.
         num_steps: number of steps when ``timesteps`` is None (NFE = number of timesteps).
@@ -302,6 +337,10 @@ def solve_diffpir(
             :func:`diffpir_gamma` for the factor 4 against the reference code). The default 1.75 is the
             reference's tuned setting lambda = 7 (zeta = 0.3) converted to our units.
         zeta: :math:`\zeta \in [0, 1]`, share of fresh noise in the re-noising.
+        grid: ``"quad"`` (default): the reference's ``skip_type="quad"`` grid
+            (:func:`~ud2m.schedules.quadratic_skip_grid`, 999 down to 0, denser near the clean end; at most 501
+            steps); ``"uniform"``: :func:`~ud2m.schedules.uniform_grid` (from 999 in steps of ``1000 // N``, the former
+            default).
         generator: torch generator or list of B generators.
         callback: called with ``dict(k, t, sigma, x, x0_hat, gamma)`` after every step (``x0_hat``: after the
             data step).
@@ -311,17 +350,17 @@ def solve_diffpir(
     """
     if not 0.0 <= zeta <= 1.0 or not lambda_ > 0:
         raise ValueError(f"DiffPIR: expected zeta in [0, 1] and lambda_ > 0, got zeta={zeta}, lambda_={lambda_}")
-    grid = _grid(timesteps, num_steps)
+    times = _grid(timesteps, num_steps, grid)
     sigma_n = _sigma_n(sigma_y, y).clamp_min(1e-3)  # (B,)
-    z = _start(prior, op, y, x_init, grid[0], generator)
-    for k, t in enumerate(grid):
+    z = _start(prior, op, y, x_init, times[0], generator)
+    for k, t in enumerate(times):
         a, b = _scales(prior, t, z)
         x0_t = prior.decode(prior.predict_x0(z, _time(t, z), cond))  # 3. denoiser (1 NFE)
         gamma = diffpir_gamma((b / a).to(y.dtype), sigma_n, lambda_)
         x0 = data_consistency(op, x0_t, y, gamma)  # 4. data proximal subproblem
-        last = k + 1 == len(grid)
+        last = k + 1 == len(times)
         if not last:
-            a_next, b_next = _scales(prior, grid[k + 1], z)
+            a_next, b_next = _scales(prior, times[k + 1], z)
             eta_k = math.sqrt(zeta) * b / torch.sqrt(1 - a**2 / a_next**2)  # ς = √ζ·b'
             xi = randn(z.shape, generator, device=z.device, dtype=z.dtype)
             z = ddim_step(z, prior.encode(x0), a=a, b=b, a_next=a_next, b_next=b_next, eta=eta_k, xi=xi)  # 5.-7.

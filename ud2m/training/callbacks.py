@@ -274,6 +274,7 @@ def export_module(
         "steps": int(steps),
         "seed": int(hp.seed),
         "l2_weighting": hp.l2_weighting,
+        "consistency_loss": hp.get("consistency_loss", "l2"),
         "loss_weights": {"l2": hp.omega_l2, "lpips": hp.omega_lpips, "adv": hp.omega_adv, "gp": hp.omega_gp},
         "lpips_backbone": hp.perceptual_net,
         "data": data,

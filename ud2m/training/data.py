@@ -37,7 +37,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ud2m.io import IMAGE_SUFFIXES, discover_images, load_image, split_train_val
+from ud2m.io import IMAGE_SUFFIXES, PHOTO_PREFIXES, discover_images, load_image, source_stem, split_train_val
 
 logger = logging.getLogger(__name__)
 
@@ -453,6 +453,8 @@ class ImageFolderImages(LightningDataModule):
         val_fraction: fraction of images held out for validation.
         seed: split, shuffle and crop seed.
         samples_per_epoch: training items per epoch (``None``: one per training image); items cycle over images.
+        val_sources: an explicit held-out list (sources as in ``root``); when given it replaces the random
+            ``val_fraction`` split, and every listed source must be among ``root``'s.
     """
 
     def __init__(
@@ -467,9 +469,11 @@ class ImageFolderImages(LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         samples_per_epoch: int | None = None,
+        val_sources: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.val_sources = None if val_sources is None else [str(v) for v in val_sources]
         self.root, self.batch_size, self.num_workers = root, batch_size, num_workers
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
         self.val_fraction, self.seed, self.samples_per_epoch = val_fraction, seed, samples_per_epoch
@@ -480,7 +484,7 @@ class ImageFolderImages(LightningDataModule):
         """The configured sources as strings (folder contents, or the given list)."""
         if isinstance(self.root, str) and self.root.startswith("digits:"):
             return discover_images(self.root)  # the built-in digits (digits:all, digits:train, ...)
-        if isinstance(self.root, str | Path) and not str(self.root).startswith("skimage:"):
+        if isinstance(self.root, str | Path) and not str(self.root).startswith(PHOTO_PREFIXES):
             return [str(p) for p in list_image_files(self.root)]
         return [str(self.root)] if isinstance(self.root, str | Path) else [str(s) for s in self.root]
 
@@ -503,13 +507,23 @@ class ImageFolderImages(LightningDataModule):
         loaded = [(s, x) for s in self.sources() if (x := self._load(s)) is not None]
         if not loaded:
             raise ValueError(f"no readable images in {self.root!r}")
-        keys = [s.removeprefix("skimage:") if s.startswith("skimage:") else Path(s).stem for s, _ in loaded]
-        train_idx, val_idx = split_train_val([s for s, _ in loaded], self.val_fraction, self.seed)
+        keys = [source_stem(s) for s, _ in loaded]
+        train_idx, val_idx = self._split([s for s, _ in loaded])
         seed = wds.utils.make_seed(self.seed, rank_and_world_size(getattr(self, "trainer", None))[0])
         for split, idx in (("train", train_idx), ("val", val_idx)):
             crop = CropFlip(self.image_size, train=split == "train", seed=seed, random_flip=self.random_flip)
             length = self.samples_per_epoch if split == "train" else None
             self.datasets[split] = ImageListDataset([loaded[i][1] for i in idx], [keys[i] for i in idx], crop, length)
+
+    def _split(self, sources: list[str]) -> tuple[list[int], list[int]]:
+        """Train/val indices: the explicit ``val_sources`` when given, else :func:`split_train_val`."""
+        if self.val_sources is None:
+            return split_train_val(sources, self.val_fraction, self.seed)
+        missing = sorted(set(self.val_sources) - set(sources))
+        if missing:
+            raise ValueError(f"val_sources {missing} are not among the readable sources of root ({sources})")
+        val = [i for i, s in enumerate(sources) if s in self.val_sources]
+        return [i for i in range(len(sources)) if i not in val], val
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled random crops (``drop_last=True``)."""

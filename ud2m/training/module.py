@@ -22,8 +22,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ud2m.discriminator import conditioning
 from ud2m.losses import (
     discriminator_loss,
+    energy_score,
     generator_adversarial,
     gradient_penalty,
     l2_consistency,
@@ -67,11 +69,16 @@ class UnfoldedDistillation(pl.LightningModule):
         operator: a fixed operator, a random operator generator (§2.7, one draw per step), or None when every
             batch is paired (carries ``y`` and ``params``, see :mod:`ud2m.training.data`).
         sigma_y: noise std on the [0, 1] scale: a float, or a ``(low, high)`` log-uniform range drawn per sample.
-        omega_l2: weight of the conditional-consistency L2.
+        consistency_loss: ``"energy"`` (default [ours]: the energy score of two samples drawn with independent
+            re-noise, a proper scoring rule whose optimum is the conditional law, :func:`ud2m.losses.energy_score`;
+            one extra K-block forward per step) or ``"l2"`` (the paper's conditional-consistency L2, whose optimum is
+            the conditional mean; measured to collapse the sampler to the mean, §7.5).
+        omega_l2: weight of the consistency loss (L2 or energy score).
         omega_lpips: weight of the LPIPS loss (0 disables it).
         omega_adv: weight of the generator's adversarial loss (0, or no discriminator, disables the GAN).
         omega_gp: weight of the zero-centred gradient penalty in the discriminator loss.
-        l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code) or ``"min_snr"`` (§7.5).
+        l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code) or ``"min_snr"`` (§7.5); weights either
+            consistency loss per sample.
         perceptual_net: LPIPS backbone (``"vgg"`` for the UD2M loss).
         perceptual_weights: local path of the torchvision backbone weights (no download ever).
         allow_random_lpips: use a random-backbone LPIPS when no weights exist (plumbing only; logged as
@@ -98,6 +105,7 @@ class UnfoldedDistillation(pl.LightningModule):
         *,
         operator: Operator | OperatorGenerator | None = None,
         sigma_y: float | tuple[float, float] = 0.01,
+        consistency_loss: Literal["energy", "l2"] = "energy",
         omega_l2: float = 1.0,
         omega_lpips: float = 0.1,
         omega_adv: float = 0.1,
@@ -127,9 +135,12 @@ class UnfoldedDistillation(pl.LightningModule):
         _check_sigma_y(sigma_y)
         if d_steps_per_g < 1:
             raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
+        if consistency_loss not in ("energy", "l2"):
+            raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency_loss!r}")
         self.automatic_optimization = False
         self.sampler = sampler
         self.discriminator = discriminator if omega_adv > 0 else None
+        _check_state_channels(self.discriminator, sampler)
         self.operator = operator
         self.perceptual = (
             make_lpips(perceptual_net, perceptual_weights, allow_random_backbone=allow_random_lpips)
@@ -170,7 +181,10 @@ class UnfoldedDistillation(pl.LightningModule):
         op, sigma_y, y = self._measurement(batch, g)  # 3.
         t, x_t = self._diffuse(x0, g)  # 1.-2.
         x0_hat = self.sampler(x_t, t, y, op, sigma_y, cond=self._condition(), generator=g)  # 4. K blocks, graph kept
-        c = op.lift(y).detach()  # discriminator conditioning, identical for real and fake (§7.4)
+        x0_hat_2 = None
+        if self.hparams.consistency_loss == "energy":  # a second sample of p(x0 | x_t, y): independent re-noise
+            x0_hat_2 = self.sampler(x_t, t, y, op, sigma_y, cond=self._condition(), generator=g)
+        c = self._d_condition(op, y, x_t, t, x0)  # identical for real and fake (§7.4)
         opts = self.optimizers()
         opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
         logs: dict[str, Any] = {}
@@ -181,7 +195,7 @@ class UnfoldedDistillation(pl.LightningModule):
             for _ in range(self.hparams.d_steps_per_g):
                 ok_d &= self._discriminator_update(opt_d, x0, x0_hat.detach(), c, g, logs)
         self.toggle_optimizer(opt_g)  # 6. G update, D frozen
-        loss_g = self._generator_loss(x0, x0_hat, c, t, adversarial, logs)
+        loss_g = self._generator_loss(x0, (x0_hat, x0_hat_2), c, t, adversarial, logs)
         ok_g = self._guarded_step(opt_g, loss_g, "g", logs, clip_norm=self.hparams.clip_norm, counted=True)
         self.untoggle_optimizer(opt_g)
         self.skipped_steps += int(not (ok_d and ok_g))
@@ -232,6 +246,13 @@ class UnfoldedDistillation(pl.LightningModule):
         sigma_y = torch.tensor([float(p["sigma_y"]) for p in batch["params"]], device=self.device)
         return self._paired_ops[spec], sigma_y, batch["y"].float()
 
+    def _d_condition(self, op, y, x_t, t, x0) -> torch.Tensor | None:
+        """The discriminator's conditioning (``lift(y)``, and ``x_t`` and ``t`` by default), §7.4 revision."""
+        if self.discriminator is None:
+            return None
+        condition = getattr(self.discriminator, "condition", ("y",))
+        return conditioning(condition, lift_y=op.lift(y), x_t=x_t, t=t, size=tuple(x0.shape[-2:]))
+
     def _discriminator(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``D(x, c)`` in fp32 with autocast disabled (§1.4)."""
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -248,15 +269,25 @@ class UnfoldedDistillation(pl.LightningModule):
         self.untoggle_optimizer(opt_d)
         return ok
 
-    def _generator_loss(self, x0, x0_hat, c, t, adversarial: bool, logs: dict) -> torch.Tensor:
-        r""":math:`\omega_{l2} L_{l2} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` (§7.5), batch means."""
+    def _generator_loss(self, x0, samples, c, t, adversarial: bool, logs: dict) -> torch.Tensor:
+        r""":math:`\omega_{l2} L_{l2|es} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` (§7.5), batch means.
+
+        ``samples`` is ``(x0_hat, x0_hat_2)``; the second is None with the L2 loss. ``train/l2`` is always the L2
+        of the first sample (comparable across losses); ``train/energy`` is logged with the energy score.
+        """
         hp = self.hparams
+        x0_hat, x0_hat_2 = samples
         weight = None
         if hp.l2_weighting != "none":
             alpha_bar = 1 - self.sampler.prior.schedule.nu(t)  # VP-equivalent ᾱ_t for every family
             weight = l2_weight(alpha_bar, hp.l2_weighting)
         logs["l2"] = l2_consistency(x0_hat, x0, weight).mean()
-        loss = hp.omega_l2 * logs["l2"]
+        if x0_hat_2 is None:
+            loss = hp.omega_l2 * logs["l2"]
+        else:
+            logs["energy"] = energy_score(x0_hat, x0_hat_2, x0, weight).mean()
+            logs["l2"] = logs["l2"].detach()
+            loss = hp.omega_l2 * logs["energy"]
         if self.perceptual is not None:
             logs["lpips"] = lpips_loss(self.perceptual, x0_hat, x0).mean()
             logs["lpips_random_backbone"] = float(self.perceptual.random_backbone)
@@ -390,6 +421,20 @@ def _injected_objects(**objects: Any) -> list[str]:
     if _given_hyperparameters.get() is not None:
         return []
     return [name for name, obj in objects.items() if obj is not None]
+
+
+def _check_state_channels(discriminator: nn.Module | None, sampler: UnfoldedSampler) -> None:
+    """A discriminator conditioned on x_t must be built for the prior's state channels (latents of latent priors)."""
+    if discriminator is None or "x_t" not in getattr(discriminator, "condition", ()):
+        return
+    C, (H, W) = discriminator.in_channels, discriminator.image_size
+    state = sampler.prior.latent_shape((1, C, H, W))[1]
+    expected = discriminator.cond_channels - C - ("t" in discriminator.condition)
+    if state != expected:
+        raise ValueError(
+            f"discriminator: conditioned on x_t, which has {state} channels for this prior, but it was built for "
+            f"{expected}; set the discriminator's state_channels: {state}"
+        )
 
 
 def _check_sigma_y(sigma_y: float | tuple[float, float]) -> None:
