@@ -26,22 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source ch
 
 
 def main(args: list[str] | None = None) -> None:
-    """``export`` runs :func:`ud2m.training.cli.export`, ``prior ...`` the base-prior CLI; anything else goes to
-    the UD2M LightningCLI."""
+    """``export`` / ``prior export`` run :func:`ud2m.training.cli.export_command`, ``prior ...`` the base-prior CLI;
+    anything else goes to the UD2M LightningCLI."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"] or argv[:2] == ["prior", "export"]:
+        from ud2m.training.cli import export_command
+
+        export_command(argv)
+        return
     if argv[:1] == ["prior"]:
         from ud2m.training.prior_module import main as prior_main
 
         if args is None:  # from the shell: LightningCLI reads sys.argv itself, without the "prior" word
             sys.argv = [sys.argv[0], *argv[1:]]
         prior_main(None if args is None else argv[1:])
-        return
-    if argv[:1] == ["export"]:
-        from jsonargparse import auto_cli
-
-        from ud2m.training.cli import export
-
-        auto_cli(export, args=argv[1:])
         return
     from ud2m.training.cli import UD2MCLI
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,79 @@ def test_resume_skips_finished_images_and_keeps_their_rows(photos, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "changed, match",
+    [
+        (dict(seed=1), "seed: 0 there, 1 now"),
+        (dict(sigma_y=0.05), "sigma_y: 0.01 there, 0.05 now"),
+        (dict(operator="ud2m/deblur_uniform"), "operator: 'ud2m/deblur_gaussian' there, 'ud2m/deblur_uniform' now"),
+        (dict(solver_options={"s0": 0.25}), "solver_options: {} there, {'s0': 0.25} now"),
+        (dict(method="tv"), "method: 'wiener' there, 'tv' now"),
+    ],
+)
+def test_resume_refuses_a_changed_setting_naming_it(changed, match, tmp_path):
+    """Issue [api]: resuming into a folder written with other settings would keep the old images and rows under the
+    new run record; the run is refused before anything is written, naming the setting with both values."""
+    kwargs = dict(input="skimage:camera", operator="ud2m/deblur_gaussian", method="wiener", sigma_y=0.01)
+    run(tmp_path, **kwargs)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        run(tmp_path, **{**kwargs, **changed})
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_export, tmp_path):
+    """UD2M's unset N and eta are the manifest's (N = 2, eta = 1): stating them resumes, changing them is refused;
+    the TV weight only matters to TV."""
+    kwargs = dict(input="skimage:camera", checkpoint=str(ud2m_export))
+    run(tmp_path / "ud2m", **kwargs)
+    before = snapshot(tmp_path / "ud2m")
+    run(tmp_path / "ud2m", **kwargs, num_steps=2, eta=1.0, tv_lambda=5.0)  # the same run: everything skipped
+    assert {k: v for k, v in snapshot(tmp_path / "ud2m").items() if k.endswith(".png")} == {
+        k: v for k, v in before.items() if k.endswith(".png")
+    }
+    for changed, match in [
+        (dict(num_steps=3), "num_steps: 2 there, 3 now"),
+        (dict(eta=0.5), "eta: 1.0 there, 0.5 now"),
+        (dict(num_samples=2), "num_samples: 1 there, 2 now"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            run(tmp_path / "ud2m", **kwargs, **changed)
+    tv = dict(input="skimage:camera", operator="ud2m/deblur_gaussian", method="tv", solver_options={"iters": 5})
+    run(tmp_path / "tv", **tv)
+    with pytest.raises(ValueError, match=re.escape("tv_lambda: 20.0 there, 5.0 now")):
+        run(tmp_path / "tv", **tv, tv_lambda=5.0)
+
+
+def _float_tiff(path: Path, shape: tuple[int, int], bad: float) -> Path:
+    arr = np.full(shape, 0.5, np.float32)
+    arr[1, 2] = bad
+    Image.fromarray(arr).save(path)  # a 32-bit float ("F") TIFF
+    return path
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("simulate", [False, True])
+def test_non_finite_pixels_are_refused_naming_the_file(bad, simulate, tmp_path):
+    """Issue [api]: a NaN in a float TIFF gave exit 0, an all-black image and data_consistency = NaN. An observation
+    (simulate=False) or a clean image (simulate=True) with non-finite values is refused before anything is written."""
+    size = 32 if simulate else 8  # an observation of sr_x4 is 4x smaller than the image
+    tif = _float_tiff(tmp_path / "obs.tif", (size, size), bad)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(f"{tif}: 1 of {size * size} pixel values are not finite")):
+        run(out, input=str(tif), operator="ud2m/sr_x4", simulate=simulate)
+    assert not out.exists()
+
+
+def test_non_finite_reference_is_refused(tmp_path):
+    observation = tmp_path / "camera_y.png"
+    save_image(torch.zeros(1, 8, 8), observation)
+    reference = _float_tiff(tmp_path / "camera.tif", (32, 32), np.nan)
+    with pytest.raises(ValueError, match=re.escape(f"{reference}: 1 of 1024 pixel values are not finite")):
+        run(tmp_path / "out", input=str(observation), operator="ud2m/sr_x4", simulate=False, reference=str(reference))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "kwargs, error, match",
     [
         (dict(input="missing.png"), FileNotFoundError, "not found"),
@@ -298,6 +372,31 @@ def test_ud2m_checkpoint_restores_with_n_times_k_evaluations(ud2m_export, tmp_pa
     assert (tmp_path / "out" / "camera_std.png").is_file()
     again = run(tmp_path / "n3", input="skimage:camera", checkpoint=str(ud2m_export), num_steps=3, eta=0.5)
     assert again["images"][0]["nfe"] == 3 * 2
+
+
+def test_ud2m_checkpoint_refuses_zero_noise_before_writing(ud2m_export, tmp_path):
+    """Issue [api]: sigma_y = 0 failed inside the sampler, after the output folder had been created."""
+    with pytest.raises(ValueError, match="needs a positive noise level"):
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(ud2m_export), sigma_y=0.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ud2m_manifest_without_operator_or_base_model_says_so(ud2m_export, tmp_path):
+    """An incomplete manifest (as the old positional `train.py export` wrote) is not "trained on random operators"."""
+    import shutil
+
+    broken = Path(shutil.copytree(ud2m_export, tmp_path / "broken"))
+    manifest = json.loads((broken / "ud2m.json").read_text())
+    manifest["operator"]["init_args"] = None
+    (broken / "ud2m.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not record the training operator's arguments") as err:
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(broken))
+    assert "random operators" not in str(err.value)
+    manifest["base_model"]["id_or_path"] = None
+    (broken / "ud2m.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"names no base model \(base_model.id_or_path = null\)"):
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(broken), operator="ud2m/deblur_uniform")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ud2m_checkpoint_refuses_another_base_model(ud2m_export, tmp_path):

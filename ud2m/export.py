@@ -172,6 +172,28 @@ def export_checkpoint(
     return out
 
 
+def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool, how_to_overwrite: str) -> None:
+    """Refuse to write into a folder that already holds a complete export (its ``ud2m.json``) unless ``overwrite``.
+
+    Callers run this before any expensive work (``ExportOnTrainEnd`` before training, ``train.py export`` before
+    loading the checkpoint), so a finished model is never replaced without an explicit request.
+
+    Args:
+        out_dir: the destination folder.
+        overwrite: allow replacing the export.
+        how_to_overwrite: the option that allows it, named in the error (e.g. ``"--overwrite true"``).
+
+    Raises:
+        FileExistsError: naming the folder, when it holds an export and ``overwrite`` is False.
+    """
+    manifest = Path(out_dir) / MANIFEST_NAME
+    if manifest.is_file() and not overwrite:
+        raise FileExistsError(
+            f"{Path(out_dir)} already holds a UD2M export ({MANIFEST_NAME}); writing there would replace it. "
+            f"Choose another folder or set {how_to_overwrite}."
+        )
+
+
 def build_manifest(model: UnfoldedSampler, *, base_model: dict, operator: dict, sampler: dict, training: dict) -> dict:
     """The manifest dictionary of §9 (without ``adapter``/``metrics``), base-model fields completed from the prior."""
     return {
@@ -447,6 +469,7 @@ def _need(path: Path) -> Path:
 __all__ = [
     "MANIFEST_NAME",
     "base_model_hash",
+    "check_export_target",
     "export_checkpoint",
     "load_checkpoint",
     "read_manifest",

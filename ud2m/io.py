@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 #: ``matplotlib:grace_hopper``.
 PHOTO_PREFIXES = ("skimage:", "sklearn:", "matplotlib:")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+INTEGER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # formats without floating-point pixels
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -41,6 +42,9 @@ def _to_float01(arr: np.ndarray, source: str) -> np.ndarray:
     if arr.dtype == bool:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.floating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:  # NaN would pass the range test below and propagate to an all-black result
+            raise ValueError(f"{source}: {bad} of {arr.size} pixel values are not finite (NaN or Inf)")
         if arr.min() < 0 or arr.max() > 1:
             raise ValueError(f"{source}: float image values must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]")
         return arr.astype(np.float32)
@@ -224,6 +228,21 @@ def image_size(source: str | Path) -> tuple[int, int]:
             return img.height, img.width
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image file ({err})") from err
+
+
+def check_image_values(source: str | Path) -> None:
+    """Check the pixel values of an image without keeping them: finite, and on [0, 1] for floating-point pixels.
+
+    Only formats that can store floating-point pixels (TIFF and any suffix other than PNG / JPEG / BMP / WebP) are
+    decoded; 8/16-bit integer formats and the bundled images hold valid values by construction.
+
+    Raises:
+        ValueError: naming the file, for NaN / Inf or out-of-range float values (as :func:`load_image` would).
+    """
+    source = str(source)
+    if source.startswith((*PHOTO_PREFIXES, "digits:")) or Path(source).suffix.lower() in INTEGER_SUFFIXES:
+        return
+    _to_float01(read_array(source), source)
 
 
 def discover_images(spec: str | Path) -> list[str]:

@@ -5,7 +5,8 @@ Every check that can fail (inputs, operator preset, model folder, image sizes ag
 runs in :func:`prepare`, BEFORE anything is written; :func:`run` then only restores and writes. Outputs per image:
 ``<stem>_restored.png`` (posterior mean), ``<stem>_std.png`` (pixelwise std, 16-bit gray, S > 1), ``<stem>_y.png``
 (the measurement on [0, 1], readable back with ``simulate=False``), plus ``metrics.json`` / ``metrics.csv`` for the
-whole folder. Images whose outputs exist are skipped (resume); nothing is ever deleted.
+whole folder. Images whose outputs exist are skipped (resume, only into a folder written with the same settings:
+:mod:`ud2m.cli.resume`); nothing is ever deleted.
 
 Seeds follow §1.5: sample s of image i draws from its own generator seeded by ``hash(seed, 0, i, s)`` (the simulated
 noise of image i from ``hash(seed, 1, i, 0)``), so results do not depend on batch composition or on resuming.
@@ -26,7 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ud2m.io import discover_images, image_size, load_image, read_results, save_image, source_stem, write_results
+from ud2m.cli.resume import check_resume_compatible, run_record
+from ud2m.io import (
+    check_image_values,
+    discover_images,
+    image_size,
+    load_image,
+    read_results,
+    save_image,
+    source_stem,
+    write_results,
+)
 from ud2m.metrics import LPIPSMetric, Welford, data_consistency, psnr, ssim
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
@@ -37,7 +48,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m")
 NEEDS_AUTOGRAD = ("latino_pro", "dps")  # §5.2: the solver enables grad locally; no inference_mode
 DETERMINISTIC = ("tikhonov", "tv", "wiener", "lift")
-RUN_KEYS = ("method", "operator", "sigma_y", "seed", "num_samples", "model", "checkpoint", "simulate", "prompt")
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,8 @@ def prepare(options: Options) -> Job:
     if method not in DETERMINISTIC:
         _load_models(job)
     job.items = plan_items(job, sources)
-    job.run = _run_record(job)
-    _check_resume_compatible(job)
+    job.run = run_record(job)
+    check_resume_compatible(job)
     job.lpips, job.lpips_note = _make_lpips(options, device)
     return job
 
@@ -214,6 +224,11 @@ def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, floa
     sigma_y = float(sigma_y if options.sigma_y is None else options.sigma_y)
     if sigma_y < 0:
         raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+    if manifest is not None and (sigma_y if sigma_data is None else float(sigma_data)) <= 0:
+        raise ValueError(
+            f"sigma_y = {sigma_y}: the UD2M sampler of {options.checkpoint} needs a positive noise level (its data "
+            "step divides by it); for noiseless data give the effective noise of the operator (sigma_eff, §2.6)"
+        )
     return op.float().eval(), sigma_y, name, size, None if sigma_data is None else float(sigma_data)
 
 
@@ -229,10 +244,16 @@ def _manifest_operator(manifest: dict, options: Options) -> tuple[Any, float | N
     """The training operator of an export; a model trained on random operators or a noise range needs both."""
     spec = manifest["operator"]
     sigma = spec.get("sigma_y")
-    if spec.get("generator") is not None or not spec.get("class_path") or not spec.get("init_args"):
+    if spec.get("generator") is not None:
         raise ValueError(
-            f"{options.checkpoint}: this model was trained on random operators ({spec.get('class_path')}); "
+            f"{options.checkpoint}: this model was trained on random operators ({spec['generator']}); "
             "pass the operator to restore with --operator (a preset name or YAML file)"
+        )
+    if not spec.get("class_path") or spec.get("init_args") is None:
+        raise ValueError(
+            f"{options.checkpoint}: the manifest does not record the training operator's arguments "
+            f"(operator.class_path = {spec.get('class_path')!r}, operator.init_args = null); pass the operator with "
+            "--operator (a preset name or YAML file), or re-export the checkpoint with `train.py export`"
         )
     if not isinstance(sigma, (int, float)) and options.sigma_y is None:
         raise ValueError(f"{options.checkpoint}: trained with a noise range sigma_y={sigma}; pass --sigma_y")
@@ -304,6 +325,11 @@ def _load_models(job: Job) -> None:
     """Load the prior (and, for UD2M, the exported model) and encode the prompt once."""
     options, method = job.options, job.method
     source = options.model or (job.manifest or {}).get("base_model", {}).get("id_or_path")
+    if source is None and method == "ud2m":
+        raise ValueError(
+            f"{options.checkpoint}: the manifest names no base model (base_model.id_or_path = null); pass it with "
+            "--model (the base model's folder or hub id), or re-export the checkpoint with `train.py export`"
+        )
     if source is None:
         raise ValueError(f"method {method!r} needs --model (a local diffusers folder or a hub id)")
     family = model_family(str(source))
@@ -412,7 +438,11 @@ def _x_shape(job: Job, source: str) -> tuple[int, int, int]:
 
 
 def _check_item(job: Job, item: Item) -> None:
-    """Run the operator on a zero image of the item's shape (and the prior's shape check), naming the file."""
+    """Check the item's pixel values (finite, e.g. no NaN in a float TIFF) and run the operator on a zero image of
+    its shape (and the prior's shape check), naming the file."""
+    for source in (item.source, item.reference):
+        if source is not None:
+            check_image_values(source)
     x_shape = (1, *item.x_shape)
     ref_hw = image_size(item.reference) if item.reference is not None else item.x_shape[1:]
     if ref_hw[0] < item.x_shape[1] or ref_hw[1] < item.x_shape[2]:
@@ -426,27 +456,7 @@ def _check_item(job: Job, item: Item) -> None:
         raise ValueError(f"{item.source}: cannot restore an image of shape {item.x_shape}: {err}") from err
 
 
-# ---------------------------------------------------------------------------------------------- run record, resume
-def _run_record(job: Job) -> dict[str, Any]:
-    o, latent = job.options, getattr(job.prior, "vae", None) is not None
-    record = dict(method=job.method, operator=job.operator_name, sigma_y=job.sigma_y, seed=o.seed, input=o.input)
-    record.update(num_samples=o.num_samples, model=job.run.get("model"), simulate=o.simulate, device=str(job.device))
-    record.update(checkpoint=None if o.checkpoint is None else str(o.checkpoint), prompt=o.prompt if latent else None)
-    record.update(num_steps=o.num_steps, eta=o.eta, dtype=str(getattr(job.prior, "dtype", torch.float32)))
-    return record
-
-
-def _check_resume_compatible(job: Job) -> None:
-    """Refuse to mix outputs of a different run into an existing folder (compared on :data:`RUN_KEYS`)."""
-    earlier = read_results(job.options.output_dir).get("run", {})
-    diff = {k: (earlier.get(k), job.run[k]) for k in RUN_KEYS if k in earlier and earlier.get(k) != job.run[k]}
-    if diff:
-        raise ValueError(
-            f"{job.options.output_dir} holds results of a different run ({diff}, as (earlier, now)); "
-            "choose another --output_dir"
-        )
-
-
+# ---------------------------------------------------------------------------------------------- outputs
 def output_paths(job: Job, item: Item) -> dict[str, Path]:
     """The files written for ``item`` (the std map only with several samples)."""
     out = job.options.output_dir

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +223,39 @@ class ImageLogger(pl.Callback):
 class ExportOnTrainEnd(pl.Callback):
     """Write the sampling folder of algorithms.md §9 when ``fit`` ends (rank zero), EMA weights when available.
 
+    A folder that already holds an export (its ``ud2m.json``) is refused when ``fit`` is set up, before any training
+    step, unless ``overwrite`` is set: a finished model is never replaced silently (e.g. by a second run of the same
+    config, or a resumed run).
+
     Args:
         out_dir: destination folder (``ud2m.json``, ``adapter/``, ``scalars.safetensors``, ...).
         use_ema: export the EMA weights when an :class:`EMA` callback is present.
         num_steps: default N of the exported sampler (§8).
         eta: default DDIM eta of the exported sampler.
+        overwrite: replace an export that already exists in ``out_dir``.
     """
 
-    def __init__(self, out_dir: str, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0) -> None:
+    def __init__(
+        self, out_dir: str, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0, overwrite: bool = False
+    ) -> None:
         self.out_dir, self.use_ema, self.num_steps, self.eta = out_dir, use_ema, num_steps, eta
+        self.overwrite = overwrite
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse an existing export before training starts (rank zero looks; every rank raises together)."""
+        from ud2m.export import check_export_target
+
+        if stage != "fit":
+            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                check_export_target(self.out_dir, overwrite=self.overwrite, how_to_overwrite="overwrite: true")
+            except FileExistsError as err:
+                error = f"ExportOnTrainEnd: {err}"
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise FileExistsError(error)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export (rank zero writes; every rank waits for it)."""
@@ -251,7 +275,12 @@ def _describe_data(trainer: pl.Trainer) -> str:
     if dm is None:
         return "unknown"
     source = getattr(dm, "train_shards", None) or getattr(dm, "root", None)
-    return f"{type(dm).__name__}({source})" if source is not None else type(dm).__name__
+    return describe_data(type(dm).__name__, source)
+
+
+def describe_data(class_name: str, source: Any) -> str:
+    """The ``training.data`` entry of the manifest: ``"WebDatasetImages(<shards>)"``, or the class name alone."""
+    return f"{class_name}({source})" if source is not None else class_name
 
 
 def export_module(
@@ -263,29 +292,35 @@ def export_module(
     eta: float = 1.0,
     steps: int = 0,
     data: str = "unknown",
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export ``pl_module.sampler`` with ``ud2m.export.export_checkpoint``, building the manifest sections of §9
     from the module (base-model reference from the LightningCLI config when present, operator, sampler, training).
+
+    ``config`` is the module's parsed LightningCLI configuration (``class_path``/``init_args`` of ``sampler`` and
+    ``operator``); it defaults to ``pl_module.hparams``, which hold it during ``fit``. A module rebuilt by
+    ``load_from_checkpoint`` does not (its hyperparameters are the built objects, left out of ``hparams``), so
+    ``train.py export`` passes the checkpoint's ``hyper_parameters``.
     """
     from ud2m.export import export_checkpoint
 
-    hp = pl_module.hparams
+    hp = pl_module.hparams if config is None else config
     training = {
         "steps": int(steps),
-        "seed": int(hp.seed),
-        "l2_weighting": hp.l2_weighting,
+        "seed": int(hp["seed"]),
+        "l2_weighting": hp["l2_weighting"],
         "consistency_loss": hp.get("consistency_loss", "l2"),
-        "loss_weights": {"l2": hp.omega_l2, "lpips": hp.omega_lpips, "adv": hp.omega_adv, "gp": hp.omega_gp},
-        "lpips_backbone": hp.perceptual_net,
+        "loss_weights": {name: hp[f"omega_{name}"] for name in ("l2", "lpips", "adv", "gp")},
+        "lpips_backbone": hp["perceptual_net"],
         "data": data,
-        "prompt": hp.prompt,
+        "prompt": hp.get("prompt"),
     }
     return Path(
         export_checkpoint(
             pl_module.sampler,
             out_dir,
-            base_model=base_model_reference(pl_module),
-            operator=operator_reference(pl_module),
+            base_model=base_model_reference(pl_module, hp),
+            operator=operator_reference(pl_module, hp),
             sampler={"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)},
             training=training,
             ema=ema,
@@ -300,11 +335,13 @@ def _config(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) and "class_path" in value else {}
 
 
-def base_model_reference(pl_module: pl.LightningModule) -> dict[str, Any]:
+def base_model_reference(pl_module: pl.LightningModule, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``family`` (``"pixel"``/``"latent"``, as ``sample.py`` names them) and ``id_or_path``/``subfolder`` of the
-    frozen prior from the LightningCLI config (absolute when local; None without a config). ``ud2m.export`` fills
-    the prediction type, dtype, scheduler and the SHA-256 of a local folder."""
-    prior_cfg = _config(_config(pl_module.hparams.get("sampler")).get("init_args", {}).get("prior"))
+    frozen prior from the LightningCLI config (``config``, default ``pl_module.hparams``; absolute when local, None
+    without a config). ``ud2m.export`` fills the prediction type, dtype, scheduler and the SHA-256 of a local
+    folder."""
+    config = pl_module.hparams if config is None else config
+    prior_cfg = _config(_config(config.get("sampler")).get("init_args", {}).get("prior"))
     args = prior_cfg.get("init_args", {}) or {}
     source = args.get("path_or_hub_id")
     if source is not None and Path(str(source)).expanduser().exists():
@@ -315,13 +352,14 @@ def base_model_reference(pl_module: pl.LightningModule) -> dict[str, Any]:
     return reference
 
 
-def operator_reference(pl_module: pl.LightningModule) -> dict[str, Any]:
-    """The training operator (or generator) as ``class_path``/``init_args`` plus ``sigma_y`` (§9)."""
-    hp = pl_module.hparams
+def operator_reference(pl_module: pl.LightningModule, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The training operator (or generator) as ``class_path``/``init_args`` plus ``sigma_y`` (§9), from the
+    LightningCLI config (``config``, default ``pl_module.hparams``)."""
+    hp = pl_module.hparams if config is None else config
     spec = _config(hp.get("operator"))
     if not spec and pl_module.operator is not None:
         cls = type(pl_module.operator)
         spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": None}
-    sigma_y = hp.sigma_y if isinstance(hp.sigma_y, int | float) else list(hp.sigma_y)
+    sigma_y = hp["sigma_y"] if isinstance(hp["sigma_y"], int | float) else list(hp["sigma_y"])
     is_generator = not isinstance(pl_module.operator, torch.nn.Module) and pl_module.operator is not None
     return {**spec, "sigma_y": sigma_y, "generator": spec.get("class_path") if is_generator else None}

@@ -1,0 +1,112 @@
+"""The run record of ``sample.py`` (``metrics.json`` → ``run``) and the check that lets a re-run resume only a run
+with the same settings (issue [api]).
+
+Resuming skips every image whose outputs exist and rewrites ``metrics.json`` with the new run record, so a re-run
+into the same folder with any setting that changes the restored images (method, operator, σ_y, seed, S, model,
+checkpoint, mode, prompt, dtype, N, η, solver options, TV weight, crop, model options) would label the old rows with
+the new settings. :func:`check_resume_compatible` refuses such a run before anything is written, naming each setting
+with its earlier and new value. Defaults are compared by value: ``--num_steps`` unset and ``--num_steps 100`` agree
+for DPS, whose default is 100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ud2m.io import read_results
+
+if TYPE_CHECKING:
+    from ud2m.cli.restore import Job
+
+#: resolved settings compared on the run record (``metrics.json`` → ``run``)
+RUN_KEYS = (
+    "method",
+    "operator",
+    "sigma_y",
+    "seed",
+    "num_samples",
+    "model",
+    "checkpoint",
+    "simulate",
+    "prompt",
+    "dtype",
+)
+#: settings compared on the recorded options (``metrics.json`` → ``run.options``), with their defaults resolved
+OPTION_KEYS = ("num_steps", "eta", "solver_options", "model_options", "tv_lambda", "crop")
+#: methods that load no model and take no step count
+MODEL_FREE = ("tikhonov", "tv", "wiener", "lift")
+
+
+def run_record(job: Job) -> dict[str, Any]:
+    """The ``run`` entry of ``metrics.json`` (the options are added when it is written)."""
+    o, latent = job.options, getattr(job.prior, "vae", None) is not None
+    record = dict(method=job.method, operator=job.operator_name, sigma_y=job.sigma_y, seed=o.seed, input=o.input)
+    record.update(num_samples=o.num_samples, model=job.run.get("model"), simulate=o.simulate, device=str(job.device))
+    record.update(checkpoint=None if o.checkpoint is None else str(o.checkpoint), prompt=o.prompt if latent else None)
+    record.update(num_steps=o.num_steps, eta=o.eta, dtype=str(getattr(job.prior, "dtype", torch.float32)))
+    return record
+
+
+def check_resume_compatible(job: Job) -> None:
+    """Refuse to mix outputs of a different run into an existing folder (:data:`RUN_KEYS`, :data:`OPTION_KEYS`).
+
+    Raises:
+        ValueError: naming every setting that differs, with its earlier and new value.
+    """
+    earlier = read_results(job.options.output_dir).get("run", {})
+    if not earlier:
+        return
+    diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and earlier[k] != _json(job.run[k])}
+    old_options, new_options = earlier.get("options") or {}, _json(dataclasses.asdict(job.options))
+    for key in OPTION_KEYS:
+        if key in old_options and _applies(job, key):
+            old, new = _effective(job, key, old_options[key]), _effective(job, key, new_options[key])
+            if old != new:
+                diff[key] = (old, new)
+    if diff:
+        changes = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in diff.items())
+        raise ValueError(
+            f"{job.options.output_dir} holds results of a different run ({changes}): resuming would label its images "
+            "with this run's settings. Choose another --output_dir, or rerun with the earlier settings."
+        )
+
+
+def _json(value: Any) -> Any:
+    """``value`` as ``metrics.json`` stores it (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _applies(job: Job, key: str) -> bool:
+    """Settings that only some methods or modes read are compared only there."""
+    if key == "tv_lambda":
+        return job.method == "tv"
+    if key == "crop":
+        return job.options.simulate
+    if key == "eta":
+        return job.method in ("dps", "ud2m")
+    if key in ("num_steps", "model_options"):
+        return job.method not in MODEL_FREE
+    return True
+
+
+def _effective(job: Job, key: str, value: Any) -> Any:
+    """The value a run used: an unset ``num_steps``/``eta`` is the manifest's (UD2M) or the solver's default; unset
+    option dicts are empty."""
+    if key in ("solver_options", "model_options"):
+        return value or {}
+    if key not in ("num_steps", "eta") or value is not None:
+        return value
+    if job.method == "ud2m":
+        return job.manifest["sampler"][key]
+    if job.method in ("dps", "diffpir"):
+        from ud2m.solvers import baselines
+
+        solver = baselines.solve_dps if job.method == "dps" else baselines.solve_diffpir
+        parameter = inspect.signature(solver).parameters.get(key)
+        return None if parameter is None else parameter.default
+    return value
