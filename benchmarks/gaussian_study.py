@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "prior rule cap 1 (4x data scale), energy, no D": (dict(sigma_cap=1.0), ES, None, True),
     "prior rule, re-noise cap 0.7, energy, no D": (dict(sigma_cap=CAP, renoise_cap=0.7), ES, None, True),
     "prior rule, re-noise cap 0.15, energy, no D": (dict(sigma_cap=CAP, renoise_cap=0.15), ES, None, True),
+    "prior rule, energy, no D, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), ES, None, True),
+    "prior rule, energy, D(y, x_t, t), scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), ES, XTT, True),
+    "prior rule, L2, no D, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), L2, None, True),
+    "untrained, prior rule, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), {}, None, False),
 }
 
 

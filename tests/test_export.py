@@ -135,6 +135,18 @@ def test_old_manifest_without_noise_rule_loads_with_the_reference_rule(tmp_path,
     assert torch.equal(run(loaded, op, y), run(model, op, y))
 
 
+def test_time_knot_scalars_round_trip(tmp_path, rng):
+    base = save_tiny_pixel_pipeline(tmp_path / "base")
+    model = UnfoldedSampler(PixelDiffusionPrior.from_pretrained(base), num_blocks=2, tied_scalars=False, time_knots=3)
+    perturb(model, rng)
+    out = export(model, tmp_path / "export", base)
+    assert read_manifest(out)["block"]["time_knots"] == 3
+    loaded = load_checkpoint(out, PixelDiffusionPrior.from_pretrained(base))
+    assert loaded.log_sigma_z_scale.shape == (2, 3) and torch.equal(loaded.log_rho_scale, model.log_rho_scale)
+    op, y = pixel_problem(rng)
+    assert torch.equal(run(loaded, op, y), run(model, op, y))
+
+
 def test_hash_mismatch_is_refused_unless_allowed(pixel_export, tmp_path, rng):
     base, model, out = pixel_export
     copy = shutil.copytree(base, tmp_path / "base")

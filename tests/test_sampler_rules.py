@@ -147,3 +147,29 @@ def test_energy_score_is_minimised_by_the_law_not_by_its_mean():
     assert abs(law.item() - math.sqrt(2) / 2) < 0.01 and abs(mean.item() - 1.0) < 0.01
     with pytest.raises(ValueError, match="shapes differ"):
         energy_score(x0, x0[:, :3], x0)
+
+
+def test_time_knots_start_as_constants_interpolate_and_train(rng):
+    """time_knots > 1: zero tables equal the constant scalars (same output); a table is interpolated linearly in t
+    between knots (exact at the knots); every knot that brackets a time in the batch gets a gradient."""
+    torch.manual_seed(0)
+    prior = tiny_pixel_prior()
+    plain = UnfoldedSampler(prior, num_blocks=2)
+    timed = UnfoldedSampler(prior, num_blocks=2, tied_scalars=False, time_knots=5)  # reuses the same adapter
+    assert timed.log_lambda.shape == (2, 5) and plain.log_lambda.shape == (1,)
+    op = SuperResolution(2, "box")
+    x0 = torch.rand(2, 3, 16, 16, generator=rng) * 2 - 1
+    y = measure(op, x0, 0.05, rng)
+    t = torch.tensor([250.0, 600.0])
+    x_t = prior.add_noise(x0, t, torch.randn(x0.shape, generator=rng))
+    run = lambda m: m(x_t, t, y, op, 0.05, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(run(timed), run(plain), rtol=0, atol=0)
+        timed.log_rho_scale.copy_(torch.arange(10.0).view(2, 5))
+    values = timed._scalar(timed.log_rho_scale, 1, torch.tensor([0.0, 250.0, 375.0, 1000.0]))
+    torch.testing.assert_close(values, torch.tensor([5.0, 6.0, 6.5, 9.0]))  # knots at 0, 250, ..., 1000
+    with torch.no_grad():
+        timed.log_rho_scale.zero_()
+    run(timed).square().mean().backward()
+    g = timed.log_sigma_z_scale.grad  # t = 250 sits on knot 1; t = 600 between knots 2 and 3
+    assert (g[:, [1, 2, 3]] != 0).all() and (g[:, [0, 4]] == 0).all()

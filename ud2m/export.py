@@ -205,6 +205,7 @@ def build_manifest(model: UnfoldedSampler, *, base_model: dict, operator: dict, 
         "block": {
             "num_blocks": model.num_blocks,
             "tied_scalars": model.tied_scalars,
+            "time_knots": model.time_knots,
             "noise_rule": model.noise_rule,
             "sigma_cap": model.sigma_cap,
             "renoise_cap": model.renoise_cap,
@@ -393,6 +394,7 @@ def _model_kwargs(manifest: dict) -> dict:
     kwargs = dict(
         num_blocks=block["num_blocks"],
         tied_scalars=block["tied_scalars"],
+        time_knots=block.get("time_knots", 1),
         # exports written before the §7.1 revision carry no noise_rule: they were trained with the reference rule
         noise_rule=block.get("noise_rule", "reference"),
         sigma_cap=block.get("sigma_cap", 1.0),

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 RENOISE_MODES = ("continuous", "nearest")
 NOISE_RULES = ("prior", "reference")
+T_KNOTS_SPAN = 1000.0  # time knots are spread over [0, 1000] native steps
 OUT_LAYER_NAMES = ("conv_norm_out", "conv_out")
 SCALAR_NAMES = ("log_lambda", "log_rho_scale", "log_sigma_z_scale")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_out")
@@ -79,6 +80,10 @@ class UnfoldedSampler(nn.Module):
         prior: the frozen prior; LoRA is attached to ``prior.net`` in place.
         num_blocks: K.
         tied_scalars: one set of log-scalars shared by all blocks (``(1,)``) or one per block (``(K,)``).
+        time_knots: 1 (default): the log-scalars are constants; M > 1: each is a piecewise-linear function of the
+            outer time t on M equally spaced knots over [0, 1000] (shapes ``(1, M)`` / ``(K, M)``, zero at init), so
+            the data weight λ, the anchor scale and the re-noise scale may differ between the early (large-t) and the
+            late (small-t) steps of the chain: the block "sees" t_n through them [ours, §7.1 revision].
         noise_rule: ``"prior"`` (:math:`\sigma_e` = ``sigma_cap``) or ``"reference"`` (:math:`\sigma_e` =
             ``rho_sigma_scale`` · σ_n), §7.1 revision.
         sigma_cap: :math:`\sigma_e` of the ``"prior"`` rule, on the prior's data scale ([-1, 1] images: 1.0).
@@ -106,6 +111,7 @@ class UnfoldedSampler(nn.Module):
         *,
         num_blocks: int = 3,
         tied_scalars: bool = True,
+        time_knots: int = 1,
         noise_rule: str = "prior",
         sigma_cap: float = 1.0,
         renoise_cap: float | None = None,
@@ -125,6 +131,8 @@ class UnfoldedSampler(nn.Module):
             raise ValueError(f"num_blocks: expected K >= 1, got {num_blocks}")
         if renoise not in RENOISE_MODES:
             raise ValueError(f"renoise: expected one of {RENOISE_MODES}, got {renoise!r}")
+        if int(time_knots) != time_knots or time_knots < 1:
+            raise ValueError(f"time_knots: expected an integer >= 1, got {time_knots}")
         if noise_rule not in NOISE_RULES:
             raise ValueError(f"noise_rule: expected one of {NOISE_RULES}, got {noise_rule!r}")
         if not rho_sigma_scale > 0 or not s0 > 0 or not sigma_cap > 0 or not (renoise_cap is None or renoise_cap > 0):
@@ -140,6 +148,7 @@ class UnfoldedSampler(nn.Module):
         self.prior = prior
         self.num_blocks = num_blocks
         self.tied_scalars = tied_scalars
+        self.time_knots = int(time_knots)
         self.noise_rule = noise_rule
         self.sigma_cap = float(sigma_cap)
         self.renoise_cap = None if renoise_cap is None else float(renoise_cap)
@@ -156,8 +165,10 @@ class UnfoldedSampler(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def _init_scalars(self) -> None:
-        """Log-parametrised scalars at 0 (λ = ρ_scale = σ_z_scale = 1), §7.3."""
-        shape = (1,) if self.tied_scalars else (self.num_blocks,)
+        """Log-parametrised scalars at 0 (λ = ρ_scale = σ_z_scale = 1), §7.3; one row per block (untied) and one
+        column per time knot (``time_knots > 1``)."""
+        rows = 1 if self.tied_scalars else self.num_blocks
+        shape = (rows,) if self.time_knots == 1 else (rows, self.time_knots)
         self.log_lambda = nn.Parameter(torch.zeros(shape))
         self.log_rho_scale = nn.Parameter(torch.zeros(shape))
         if self.renoise == "continuous":
@@ -221,10 +232,16 @@ class UnfoldedSampler(nn.Module):
             out["sigma_z_scale"] = self.log_sigma_z_scale.detach().exp()
         return out
 
-    @staticmethod
-    def _scalar(p: torch.Tensor, k: int) -> torch.Tensor:
-        """Block k's value of a tied ``(1,)`` or untied ``(K,)`` parameter, as a 0-d tensor."""
-        return p[k] if p.numel() > 1 else p[0]
+    def _scalar(self, p: torch.Tensor, k: int, t: torch.Tensor) -> torch.Tensor:
+        """Block k's value of a log-scalar at outer times ``t`` ``(B,)``: a 0-d tensor for constant scalars (tied
+        ``(1,)`` or untied ``(K,)``), else ``(B,)`` by linear interpolation between the time knots."""
+        row = p[k] if p.shape[0] > 1 else p[0]
+        if self.time_knots == 1:
+            return row
+        u = (t.to(row.dtype) / T_KNOTS_SPAN).clamp(0, 1) * (self.time_knots - 1)  # (B,) knot coordinate
+        i = u.floor().long().clamp(max=self.time_knots - 2)
+        w = u - i
+        return (1 - w) * row[i] + w * row[i + 1]
 
     # ------------------------------------------------------------------ the model
     def forward(
@@ -260,7 +277,7 @@ class UnfoldedSampler(nn.Module):
         x = self._warm_start(x_t, t, a, s, y, op, sigma_n)  # x^(0), pixel space
         for k in range(self.num_blocks):
             xi = randn(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)  # 6. ξ, outside the checkpoint
-            x, x_prior, z, t_z, sigma_z = self._run_block(k, x_t, a, s, y, op, sigma_n, x, xi, cond)
+            x, x_prior, z, t_z, sigma_z = self._run_block(k, x_t, t, a, s, y, op, sigma_n, x, xi, cond)
             if callback is not None:
                 callback(dict(k=k, x=x, x_prior=x_prior, z=z, t_z=t_z, sigma_z=sigma_z))
         return x
@@ -301,23 +318,23 @@ class UnfoldedSampler(nn.Module):
         with _no_autocast(u):
             return op.prox_l2(u.float(), y, tau2 / sigma_n.clamp_min(1e-3) ** 2)  # σ_n floor of ud2m_warm_start
 
-    def _run_block(self, k, x_t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
+    def _run_block(self, k, x_t, t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._block, k, x_t, a, s, y, op, sigma_n, x, xi, cond, use_reentrant=False)
-        return self._block(k, x_t, a, s, y, op, sigma_n, x, xi, cond)
+            return checkpoint(self._block, k, x_t, t, a, s, y, op, sigma_n, x, xi, cond, use_reentrant=False)
+        return self._block(k, x_t, t, a, s, y, op, sigma_n, x, xi, cond)
 
-    def _block(self, k, x_t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
+    def _block(self, k, x_t, t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
         """Block k of §7.1; returns ``(x_pixel, x_prior_space, z, t_z, sigma_z)``."""
         rho0 = rho_zero(s, self.sigma_e(sigma_n))  # 1. (B,)
-        rho_scale = self._scalar(self.log_rho_scale, k).exp()
-        lam = self._scalar(self.log_lambda, k).exp()
+        rho_scale = self._scalar(self.log_rho_scale, k, t).exp()
+        lam = self._scalar(self.log_lambda, k, t).exp()
         if self.latent:
             z = self._latent_data_step(x_t, a, s, y, op, sigma_n, x, rho0=rho0, rho_scale=rho_scale, lam=lam)
         else:  # 2.-4. combined quadratic, one prox
             with _no_autocast(x):
                 z = ud2m_data_step(op, y, x_t, x, a=a, s=s, rho=rho0 * rho_scale, lam=lam, sigma_n=sigma_n)
         rho0_z = rho0 if self.renoise_cap is None else rho_zero(s, torch.full_like(s, self.renoise_cap))
-        sigma_z, t_z = self._renoise_level(k, rho0_z)  # 5.
+        sigma_z, t_z = self._renoise_level(k, rho0_z, t)  # 5.
         z_in = self.prior.add_noise(z, t_z, xi)  # 6. a_{t_z} z + b_{t_z} ξ
         x_prior = self.prior.predict_x0(z_in, t_z, cond)  # 7. 1 NFE, LoRA-adapted prior
         x_pixel = self.prior.decode(x_prior) if self.latent else x_prior
@@ -340,7 +357,7 @@ class UnfoldedSampler(nn.Module):
             return torch.full_like(sigma_n, self.sigma_cap)
         return self.rho_sigma_scale * sigma_n
 
-    def _renoise_level(self, k: int, rho0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _renoise_level(self, k: int, rho0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(σ_z, t_z)``: continuous :math:`t(\mathrm{clamp}(\rho_0 e^{\log\sigma_{z,scale}}, s_1, s_{999}))`, or
         the reference's nearest integer time."""
         t_lo, t_hi = self._time_range()
@@ -350,7 +367,7 @@ class UnfoldedSampler(nn.Module):
             t_z = grid[(s_grid[None, :] - rho0.detach()[:, None]).abs().argmin(dim=1)]  # (B,)
             return self.prior.sigma(t_z).to(rho0.device), t_z
         lo, hi = (self.prior.sigma(torch.tensor(v, dtype=rho0.dtype)).to(rho0.device) for v in (t_lo, t_hi))
-        sigma_z = torch.clamp(rho0 * self._scalar(self.log_sigma_z_scale, k).exp(), lo, hi)
+        sigma_z = torch.clamp(rho0 * self._scalar(self.log_sigma_z_scale, k, t).exp(), lo, hi)
         return sigma_z, self.prior.t_of_sigma(sigma_z).to(rho0.device)
 
     def _time_range(self) -> tuple[int, int]:

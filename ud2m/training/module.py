@@ -335,10 +335,12 @@ class UnfoldedDistillation(pl.LightningModule):
     def _log_train(self, logs: dict[str, Any], batch_size: int) -> None:
         """``train/*`` losses, gradient norms, learned scalars, skipped steps and skipped (corrupt) samples."""
         for name, value in self.sampler.scalars().items():
-            value = torch.as_tensor(value).detach().float().reshape(-1)
+            value = torch.as_tensor(value).detach().float()
             logs[name] = value.mean()
-            if value.numel() > 1:
+            if value.ndim == 1 and value.numel() > 1:  # untied constants: one per block
                 logs.update({f"{name}/block_{k}": v for k, v in enumerate(value)})
+            elif value.ndim == 2:  # time tables (time_knots > 1): one value per (block row, knot)
+                logs.update({f"{name}/row_{k}_knot_{j}": v for (k, j), v in _indexed(value)})
         logs["skipped_steps"] = float(self.skipped_steps)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(datamodule, "skipped_samples"):  # corrupt shard members skipped by the data module
@@ -421,6 +423,11 @@ def _injected_objects(**objects: Any) -> list[str]:
     if _given_hyperparameters.get() is not None:
         return []
     return [name for name, obj in objects.items() if obj is not None]
+
+
+def _indexed(table: torch.Tensor):
+    """``((row, column), value)`` pairs of a 2-d tensor."""
+    return [((k, j), table[k, j]) for k in range(table.shape[0]) for j in range(table.shape[1])]
 
 
 def _check_state_channels(discriminator: nn.Module | None, sampler: UnfoldedSampler) -> None:
