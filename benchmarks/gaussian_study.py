@@ -40,29 +40,53 @@ SHAPE, SIGMA_Y, K = (1, 16, 16), 0.05, 3
 NS = (1, 2, 3, 4, 8)
 F64 = torch.float64
 
-#: The prior rule's cap on this prior's data scale: 1.5 x its pixel std (≈ 0.23), as sigma_cap = 1 is for images on
-#: [-1, 1] (pixel std 0.65 for the digits, 0.6 for the photographs).
-CAP = 0.35
+#: The shipped default cap (sigma_cap = 1, images on [-1, 1]) is about 4x this prior's pixel std (0.23); CAP_DATA =
+#: 1.5x the pixel std is the same ratio as sigma_cap = 1 to the digits' (0.65) and photographs' (0.6) pixel std.
+CAP_DATA = 0.35
 XTT = ("y", "x_t", "t")
 L2, ES = dict(consistency_loss="l2"), dict(consistency_loss="energy")
-REF = dict(noise_rule="reference")
+ES_W = dict(consistency_loss="energy", l2_weighting="max_snr1")
+REF, C1, C035 = dict(noise_rule="reference"), dict(sigma_cap=1.0), dict(sigma_cap=CAP_DATA)
 #: name -> (UnfoldedSampler kwargs, UnfoldedDistillation kwargs, discriminator condition or None, train?)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "untrained, reference rule": (REF, {}, None, False),
-    "untrained, prior rule": (dict(sigma_cap=CAP), {}, None, False),
+    "untrained, prior rule (cap 1)": (C1, {}, None, False),
+    "untrained, prior rule (cap 0.35)": (C035, {}, None, False),
     "old defaults: reference rule, L2, D(y)": (REF, L2, ("y",), True),
-    "prior rule, L2, no D": (dict(sigma_cap=CAP), L2, None, True),
-    "prior rule, L2, D(y)": (dict(sigma_cap=CAP), L2, ("y",), True),
-    "prior rule, L2, D(y, x_t, t)": (dict(sigma_cap=CAP), L2, XTT, True),
-    "prior rule, energy, no D": (dict(sigma_cap=CAP), ES, None, True),
-    "prior rule, energy, D(y, x_t, t)": (dict(sigma_cap=CAP), ES, XTT, True),
-    "prior rule cap 1 (4x data scale), energy, no D": (dict(sigma_cap=1.0), ES, None, True),
-    "prior rule, re-noise cap 0.7, energy, no D": (dict(sigma_cap=CAP, renoise_cap=0.7), ES, None, True),
-    "prior rule, re-noise cap 0.15, energy, no D": (dict(sigma_cap=CAP, renoise_cap=0.15), ES, None, True),
-    "prior rule, energy, no D, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), ES, None, True),
-    "prior rule, energy, D(y, x_t, t), scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), ES, XTT, True),
-    "prior rule, L2, no D, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), L2, None, True),
-    "untrained, prior rule, scalars vary with t": (dict(sigma_cap=CAP, time_knots=5), {}, None, False),
+    "cap 1, L2, no D": (C1, L2, None, True),
+    "cap 1, energy, no D": (C1, ES, None, True),
+    "cap 1, energy, D(y, x_t, t) (shipped defaults)": (C1, ES, XTT, True),
+    "cap 0.35, L2, no D": (C035, L2, None, True),
+    "cap 0.35, L2, D(y)": (C035, L2, ("y",), True),
+    "cap 0.35, L2, D(y, x_t, t)": (C035, L2, XTT, True),
+    "cap 0.35, energy, no D": (C035, ES, None, True),
+    "cap 0.35, energy, D(y, x_t, t)": (C035, ES, XTT, True),
+    "cap 0.35, re-noise cap 0.7, energy, no D": (dict(C035, renoise_cap=0.7), ES, None, True),
+    "cap 0.35, re-noise cap 0.15, energy, no D": (dict(C035, renoise_cap=0.15), ES, None, True),
+    "cap 0.35, energy, no D, scalars vary with t (5 knots)": (dict(C035, time_knots=5), ES, None, True),
+    "cap 0.35, energy, D(y, x_t, t), scalars vary with t (5 knots)": (dict(C035, time_knots=5), ES, XTT, True),
+    "cap 0.35, energy weighted max(SNR, 1), no D": (C035, ES_W, None, True),
+    "cap 0.35, energy weighted max(SNR, 1), D(y, x_t, t)": (C035, ES_W, XTT, True),
+}
+#: names of the first runs of this study (kept so their JSON rows map onto the names above)
+RENAMED = {
+    "untrained, prior rule": "untrained, prior rule (cap 0.35)",
+    "prior rule, L2, no D": "cap 0.35, L2, no D",
+    "prior rule, L2, D(y)": "cap 0.35, L2, D(y)",
+    "prior rule, L2, D(y, x_t, t)": "cap 0.35, L2, D(y, x_t, t)",
+    "prior rule, energy, no D": "cap 0.35, energy, no D",
+    "prior rule, energy, D(y, x_t, t)": "cap 0.35, energy, D(y, x_t, t)",
+    "prior rule cap 1 (4x data scale), energy, no D": "cap 1, energy, no D",
+    "prior rule, re-noise cap 0.7, energy, no D": "cap 0.35, re-noise cap 0.7, energy, no D",
+    "prior rule, re-noise cap 0.15, energy, no D": "cap 0.35, re-noise cap 0.15, energy, no D",
+    "prior rule, energy, no D, scalars vary with t": "cap 0.35, energy, no D, scalars vary with t (5 knots)",
+    "prior rule, energy, D(y, x_t, t), scalars vary with t": (
+        "cap 0.35, energy, D(y, x_t, t), scalars vary with t (5 knots)"
+    ),
+    "prior rule, energy weighted max(SNR, 1), no D": "cap 0.35, energy weighted max(SNR, 1), no D",
+    "prior rule, energy weighted max(SNR, 1), D(y, x_t, t)": "cap 0.35, energy weighted max(SNR, 1), D(y, x_t, t)",
+    "prior rule cap 1 (4x data scale), energy, D(y, x_t, t)": "cap 1, energy, D(y, x_t, t) (shipped defaults)",
+    "prior rule cap 1 (4x data scale), L2, no D": "cap 1, L2, no D",
 }
 
 
@@ -221,13 +245,18 @@ def main() -> None:
     parser.add_argument("--observations", type=int, default=8)
     parser.add_argument("--zero_shot_samples", type=int, default=2048, help="0 skips LATINO and DPS")
     parser.add_argument("--out", type=Path, default=RESULTS / "gaussian_study.json")
+    parser.add_argument("--report", action="store_true", help="only write the table into the README from --out")
     args = parser.parse_args()
+    if args.report:
+        print(write_readme(report(args.out)))
+        return
     op = make_operator()
     prior0 = make_prior()
     ys = measure(op, prior0.sample(args.observations, torch.Generator().manual_seed(123)), SIGMA_Y,
                  torch.Generator().manual_seed(124)).double()  # fmt: skip
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results = {k: v for k, v in previous.get("variants", {}).items() if k in VARIANTS}  # resumable by variant
+    renamed = {RENAMED.get(k, k): v for k, v in previous.get("variants", {}).items()}
+    results = {k: v for k, v in renamed.items() if k in VARIANTS}  # resumable by variant
     for name in args.variants:
         sampler_kw, module_kw, condition, trained = VARIANTS[name]
         prior = make_prior()
@@ -241,22 +270,39 @@ def main() -> None:
     if args.zero_shot_samples:
         zero_shot = zero_shot_rows(make_prior(), op, ys[:2], args.zero_shot_samples, seed=1)
         print(zero_shot, flush=True)
+    zs_samples = args.zero_shot_samples or previous.get("meta", {}).get("zero_shot_samples", 2048)  # the default
     meta = {"load_average": os.getloadavg(), "threads": torch.get_num_threads(), "steps": args.steps}
+    meta["zero_shot_samples"] = zs_samples
     args.out.write_text(json.dumps({"meta": meta, "variants": results, "zero_shot": zero_shot}, indent=2))
     print(report(args.out))
+
+
+README_BEGIN = "<!-- gaussian:begin (generated by benchmarks/gaussian_study.py --report) -->"
+README_END = "<!-- gaussian:end -->"
+
+
+def write_readme(table: str, readme: Path = ROOT / "README.md") -> str:
+    """Put ``table`` between the gaussian markers of the README (when both are present)."""
+    body = readme.read_text()
+    if README_BEGIN in body and README_END in body:
+        head, rest = body.split(README_BEGIN, 1)
+        readme.write_text(head + README_BEGIN + "\n" + table + "\n" + README_END + rest.split(README_END, 1)[1])
+    return table
 
 
 def report(path: Path) -> str:
     data = json.loads(path.read_text())
     head = "| variant | " + " | ".join(f"W2, N = {n}" for n in NS) + " | spread ratio, N = 1 / 8 |"
     lines = [head, "|---|" + "---|" * (len(NS) + 1)]
-    for name, row in data["variants"].items():
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    for name, row in sorted(data["variants"].items(), key=lambda kv: order.get(kv[0], len(order))):
         by_n = row["by_n"]
         w2 = " | ".join(f"{by_n[str(n)]['w2']:.3f}" if str(n) in by_n else "–" for n in NS)
         spread = f"{by_n['1']['spread_ratio']:.2f} / {by_n['8']['spread_ratio']:.2f}"
         lines.append(f"| {name} | {w2} | {spread} |")
-    for name, w2 in data.get("zero_shot", {}).items():
-        lines.append(f"| {name} | " + " | ".join([f"{w2:.3f}"] + ["–"] * (len(NS) - 1)) + " | – |")
+    for name, w2 in data.get("zero_shot", {}).items():  # one figure per method: its NFE is fixed
+        lines.append(f"| {name} (empirical, {data['meta'].get('zero_shot_samples', '')} samples) | {w2:.3f} |"
+                     + " – |" * len(NS))  # fmt: skip
     return "\n".join(lines)
 
 

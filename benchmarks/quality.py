@@ -68,6 +68,7 @@ TUNE_GRIDS = {
     "small": {"dps_zeta": (0.3, 1.0), "diffpir_lambda": (0.125, 1.75), "diffpir_zeta": (0.3, 1.0)},
 }
 GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
+DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 
 
 def load_entry(name: str, attr: str):
@@ -122,10 +123,13 @@ def ensure_export(config: dict, work: Path) -> Path:
     return export
 
 
-def quickstart_config(num_blocks: int = 3) -> dict:
+def quickstart_config(num_blocks: int = 3, max_steps: int | None = None) -> dict:
+    """configs/quickstart.yaml with K blocks (and ``max_steps`` distillation steps instead of the quick start's)."""
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["sampler"]["init_args"]["prior"]["init_args"]["path_or_hub_id"] = str(PRIORS / "digits")
     cfg["model"]["sampler"]["init_args"]["num_blocks"] = num_blocks
+    if max_steps is not None:
+        cfg["trainer"]["max_steps"] = max_steps
     return cfg
 
 
@@ -227,12 +231,21 @@ def classical_rows(sample, work: Path, *, test_input: str, tune_input: str, oper
 
 
 def diffusion_rows(
-    sample, work: Path, *, test_input: str, tune_input: str, operator: str, prior: Path, dps1000: bool, budget: str
+    sample,
+    work: Path,
+    *,
+    test_input: str,
+    tune_input: str,
+    operator: str,
+    prior: Path,
+    dps1000: bool,
+    budget: str,
+    dps: bool = True,
 ) -> dict:
-    """DiffPIR and DPS at 100 steps with their solver options tuned on the tuning images; DPS at 1000 steps reuses
-    DPS-100's zeta (per 1000 steps, so its effective step is the tuned one divided by 10)."""
+    """DiffPIR and DPS (unless ``dps`` is False) at 100 steps with their solver options tuned on the tuning images;
+    DPS at 1000 steps reuses DPS-100's zeta (per 1000 steps, so its effective step is the tuned one divided by 10)."""
     rows = {}
-    for method, title in (("diffpir", "DiffPIR"), ("dps", "DPS")):
+    for method, title in (("diffpir", "DiffPIR"), ("dps", "DPS"))[: 2 if dps else 1]:
         candidates = {options_slug(o): o for o in diffusion_candidates(method, budget)}
         runs = {k: {"solver_options": o} for k, o in candidates.items()}
         best, scores = tune(sample, work, tune_input, operator, method, runs, model=str(prior), num_steps=100)
@@ -253,19 +266,32 @@ def run_problem(
     tune_input: str,
     operator: str,
     prior: Path,
-    export: Path,
+    ud2m_rows: list[tuple[str, Path, dict]],
     dps1000: bool,
     budget: str = "full",
+    dps: bool = True,
 ) -> dict:
-    """All methods on one problem; returns ``{row name: summary (+ tuned weight and tuning scores)}``."""
+    """All methods on one problem; returns ``{row name: summary (+ tuned weight and tuning scores)}``.
+
+    ``ud2m_rows``: ``(row name, export folder, sample() keywords such as num_steps)`` for each UD2M row."""
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
     rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
     rows.update(classical_rows(sample, work, operator=operator, **inputs))
     rows["LATINO, 8 steps"] = run_method(sample, "latino", work / "latino", method="latino", model=str(prior), **kw)
-    rows.update(diffusion_rows(sample, work, operator=operator, prior=prior, dps1000=dps1000, budget=budget, **inputs))
-    ud2m = run_method(sample, "ud2m", work / "ud2m", input=test_input, operator=None, checkpoint=str(export))
-    rows["UD2M, N x K = 3 x 3"] = {**ud2m, "train_seconds": _train_seconds(export)}
+    options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
+    rows.update(diffusion_rows(sample, work, **options, **inputs))
+    for name, export, extra in ud2m_rows:
+        slug = "ud2m_" + export.parent.name + "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
+        ud2m = run_method(sample, slug, work / slug, input=test_input, operator=None, checkpoint=str(export), **extra)
+        rows[name] = {**ud2m, "train_seconds": _train_seconds(export), "export": str(export)}
     return rows
+
+
+def _steps(export: Path) -> str:
+    """Distillation steps of an export (its manifest), with a thousands separator."""
+    from ud2m.export import read_manifest
+
+    return f"{read_manifest(export)['training']['steps']:,}"
 
 
 def _train_seconds(export: Path) -> float | None:
@@ -279,7 +305,13 @@ def suite_digits(args) -> dict:
     sample = load_entry("sample", "sample")
     work = args.work_dir / "digits"
     tune_input = str(write_digits(work / "tune_inputs", digits_names("train")[:16]))
-    export = ensure_export(quickstart_config(3), work / "ud2m_K3")
+    quick = ensure_export(quickstart_config(3), work / "ud2m_K3")
+    long = ensure_export(quickstart_config(3, max_steps=DIGITS_LONG_STEPS), work / "ud2m_K3_long")
+    ud2m_rows = [
+        (f"UD2M quick start ({_steps(quick)} steps), N x K = 3 x 3", quick, {}),
+        (f"UD2M ({_steps(long)} steps), N x K = 3 x 3", long, {}),
+        (f"UD2M ({_steps(long)} steps), N x K = 4 x 3", long, {"num_steps": 4}),
+    ]
     return {
         "sr_x4": run_problem(
             sample,
@@ -288,7 +320,7 @@ def suite_digits(args) -> dict:
             tune_input=tune_input,
             operator="ud2m/mnist_sr_x4",
             prior=PRIORS / "digits",
-            export=export,
+            ud2m_rows=ud2m_rows,
             dps1000=not args.skip_dps1000,
             budget=args.tune_budget,
         )
@@ -303,7 +335,9 @@ def suite_photos(args) -> dict:
     out = {}
     for problem in args.problems:
         print(f"photos/{problem}", flush=True)
-        export = ensure_export(photos_config(problem), work / problem / "ud2m")
+        ud2m_rows = []
+        if not args.skip_ud2m:
+            ud2m_rows = [("UD2M, N x K = 3 x 3", ensure_export(photos_config(problem), work / problem / "ud2m"), {})]
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -311,9 +345,10 @@ def suite_photos(args) -> dict:
             tune_input=tune_input,
             operator=f"photos/{problem}",
             prior=PRIORS / "photos",
-            export=export,
-            dps1000=not args.skip_dps1000,
+            ud2m_rows=ud2m_rows,
+            dps1000=not args.skip_dps1000 and not args.skip_dps,
             budget=args.tune_budget,
+            dps=not args.skip_dps,
         )
     return out
 
@@ -613,8 +648,9 @@ def report(args=None) -> str:
         if not f.is_file():
             continue
         suites[suite] = json.loads(f.read_text())
+        note = suites[suite].get("meta", {}).get("note")  # e.g. results of an earlier prior or earlier defaults
         for problem, rows in suites[suite]["problems"].items():
-            parts += [f"**{title}: {problem}**", "", *problem_table(rows), ""]
+            parts += [f"**{title}: {problem}**", "", *([f"*{note}*", ""] if note else []), *problem_table(rows), ""]
     if any("solver_options" in r for d in suites.values() for rows in d["problems"].values() for r in rows.values()):
         parts += [
             "DPS's ζ is per 1000 steps (effective step ζ·1000/N; DPS-1000 reuses DPS-100's ζ), DiffPIR runs on the "
@@ -648,6 +684,8 @@ def main() -> None:
     parser.add_argument("suite", choices=["digits", "photos", "grid", "report"])
     parser.add_argument("--work_dir", type=Path, default=WORK)
     parser.add_argument("--skip_dps1000", action="store_true")
+    parser.add_argument("--skip_dps", action="store_true", help="photos: no DPS rows (CPU time)")
+    parser.add_argument("--skip_ud2m", action="store_true", help="photos: no UD2M rows (no distillation)")
     parser.add_argument(
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"
     )
@@ -669,6 +707,9 @@ def main() -> None:
     }
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
+    skipped = [name for name, flag in (("UD2M", args.skip_ud2m), ("DPS", args.skip_dps)) if flag]
+    if args.suite == "photos" and skipped:
+        meta["note"] = f"{' and '.join(skipped)} not run in this pass (--skip_{'/--skip_'.join(skipped).lower()})."
     previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
     if args.suite == "photos":  # a run over some problems keeps the others
         result = {**previous.get("problems", {}), **result}
