@@ -163,10 +163,13 @@ def train(model: UnfoldedSampler, prior, module_kw: dict, condition, steps: int,
 
 
 # ---------------------------------------------------------------------------------------------- exact law
-def propagated_law(model, op, y, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact output law ``(mean (d,), cov (d, d))`` of the affine N-step sampler for one ``y`` (1, ...): row 0 of
-    the batch gets all-zero noise and row j the j-th basis vector of the concatenated noise draws."""
-    d = math.prod(SHAPE)
+def propagated_law(model, op, y, num_steps: int, *, sigma_y: float = SIGMA_Y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact output law ``(mean (d,), cov (d, d))`` of the affine N-step sampler (``clip=False``) for one ``y``
+    (1, ...) on a Gaussian prior: row 0 of the batch gets all-zero noise and row j the j-th basis vector of the
+    concatenated noise draws, so out = m + J w and the law is N(m, J Jᵀ). (``tests/test_unfolded.py`` checks it
+    against samples of the model.)"""
+    x_shape = tuple(model.prior.mu.shape)
+    d = math.prod(x_shape)
     draws = 1 + num_steps * model.num_blocks + (num_steps - 1)  # x_{t_1}, one ξ per block, one per DDIM step
     W = torch.cat([torch.zeros(1, draws * d, dtype=F64), torch.eye(draws * d, dtype=F64)])
     count = [0]
@@ -181,7 +184,7 @@ def propagated_law(model, op, y, num_steps: int) -> tuple[torch.Tensor, torch.Te
         with torch.no_grad():
             B = W.shape[0]
             ys = y.expand(B, *y.shape[1:])
-            out = sample_ud2m(model, op, ys, SIGMA_Y, x_shape=(B, *SHAPE), num_steps=num_steps, clip=False)
+            out = sample_ud2m(model, op, ys, sigma_y, x_shape=(B, *x_shape), num_steps=num_steps, clip=False)
     finally:
         unfolded.randn = real
     if count[0] != draws:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import ud2m.unfolded as unfolded
 from ud2m.operators import KernelBlur, measure, sigma_internal
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix, sym_sqrtm
 from ud2m.priors.tiny import tiny_pixel_prior
@@ -280,28 +279,21 @@ def test_oracle_sampler_is_exact_for_every_n(num_steps, eta, rng):
             assert_law(out.flatten(1), mean.flatten(), cov)
 
 
-def propagated_law(model, op, y, sigma_y, num_steps, monkeypatch):
-    """Exact output law of the (affine) sampler for one measurement ``y`` (1, ...): row 0 of the batch gets all-zero
-    noise and row j the j-th basis vector of the concatenated noise, so out = m + J w, law N(m, J Jᵀ)."""
-    x_shape = (1, *prior_shape(model))
-    d = math.prod(x_shape)
-    draws = 1 + num_steps * model.num_blocks + (num_steps - 1)  # x_{t_1}, one ξ per block, one per DDIM step
-    W = torch.cat([torch.zeros(1, draws * d, dtype=F64), torch.eye(draws * d, dtype=F64)])
-    count = [0]
+def propagated_law(model, op, y, sigma_y, num_steps, monkeypatch=None):
+    """Exact output law of the (affine) sampler for one measurement ``y``: the Gaussian study's propagation
+    (benchmarks/gaussian_study.py), one basis noise vector per batch row, so out = m + J w, law N(m, J Jᵀ)."""
+    return _gaussian_study().propagated_law(model, op, y, num_steps, sigma_y=sigma_y)
 
-    def basis_noise(shape, generator=None, *, device=None, dtype=torch.float32):
-        i, count[0] = count[0], count[0] + 1
-        return W[:, i * d : (i + 1) * d].reshape(shape).to(dtype)
 
-    monkeypatch.setattr(unfolded, "randn", basis_noise)
-    with torch.no_grad():
-        B = W.shape[0]
-        out = sample_ud2m(model, op, y.expand(B, *y.shape[1:]), sigma_y, x_shape=(B, *x_shape[1:]), num_steps=num_steps)
-    monkeypatch.undo()
-    assert count[0] == draws and out.abs().max() < 1  # every draw seen; the clamps never acted (exact affinity)
-    out = out.flatten(1)
-    J = out[1:] - out[0]  # (D, d)
-    return out[0], J.T @ J
+def _gaussian_study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gaussian_study.py"
+    spec = importlib.util.spec_from_file_location("gaussian_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def prior_shape(model):
