@@ -601,8 +601,9 @@ def plot_samples(rows: dict, path: Path, title: str, num_images: int = 2) -> Pat
                     ax.imshow(img[..., 0] if gray else img, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
                 else:
                     ax.set_frame_on(False)  # a blank cell; the row label stays visible
-                if r == 0:
-                    ax.set_title(f"{key} ({i + 1})" if key == "y" else key, fontsize="small")
+                if r == 0:  # sample.py's "restored" image is the posterior mean only with S > 1 (then a std exists)
+                    label = {"mean": "mean" if "std" in keys else "restored"}.get(key, key)
+                    ax.set_title(f"{label} ({i + 1})" if key == "y" else label, fontsize="small")
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize="small")
     fig.suptitle(title, fontsize="medium")
     fig.savefig(path, dpi=120)

@@ -107,21 +107,25 @@ _L2_WEIGHTS = {
     "none": lambda alpha_bar, gamma: torch.ones_like(alpha_bar),
     "snr": lambda alpha_bar, gamma: _snr(alpha_bar),
     "min_snr": lambda alpha_bar, gamma: _snr(alpha_bar).clamp_max(gamma),
+    "max_snr1": lambda alpha_bar, gamma: _snr(alpha_bar).clamp_min(1.0),
 }
 
 
 def l2_weight(alpha_bar: torch.Tensor, kind: str = "none", gamma: float = 5.0) -> torch.Tensor:
     r"""Per-sample L2 weight :math:`w(t)` of the conditional-consistency loss (§7.5).
 
-    ``none``: 1; ``snr``: :math:`\bar\alpha_t/(1-\bar\alpha_t)`; ``min_snr``: :math:`\min(\mathrm{SNR}_t, \gamma)`.
-    ``snr`` is what the reference code minimises (its MSE is in ε space); ``none`` is the paper's formula.
+    ``none``: 1; ``snr``: :math:`\bar\alpha_t/(1-\bar\alpha_t)`; ``min_snr``: :math:`\min(\mathrm{SNR}_t, \gamma)`;
+    ``max_snr1``: :math:`\max(\mathrm{SNR}_t, 1)` [ours]: 1 wherever x_t is noisier than the data (s_t ≥ 1) and
+    :math:`1/s_t^2` below, so the late, small-t blocks, whose errors are small in absolute terms but decide the
+    chain's output, are not drowned by the large-t samples. ``snr`` is what the reference code minimises (its MSE is
+    in ε space); ``none`` is the paper's formula. The module applies :math:`\sqrt{w}` to the energy score (an RMS).
 
     >>> l2_weight(torch.tensor([0.5, 0.75]), "snr")
     tensor([1., 3.])
 
     Args:
         alpha_bar: :math:`\bar\alpha_t` per sample (the VP-equivalent :math:`1 - \nu_t` for other families), ``(B,)``.
-        kind: ``"none"``, ``"snr"`` or ``"min_snr"``.
+        kind: ``"none"``, ``"snr"``, ``"min_snr"`` or ``"max_snr1"``.
         gamma: the cap of ``min_snr``.
 
     Returns:

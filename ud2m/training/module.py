@@ -110,7 +110,7 @@ class UnfoldedDistillation(pl.LightningModule):
         omega_lpips: float = 0.1,
         omega_adv: float = 0.1,
         omega_gp: float = 10.0,
-        l2_weighting: Literal["none", "snr", "min_snr"] = "none",
+        l2_weighting: Literal["none", "snr", "min_snr", "max_snr1"] = "none",
         perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
         perceptual_weights: str | None = None,
         allow_random_lpips: bool = False,
@@ -285,7 +285,8 @@ class UnfoldedDistillation(pl.LightningModule):
         if x0_hat_2 is None:
             loss = hp.omega_l2 * logs["l2"]
         else:
-            logs["energy"] = energy_score(x0_hat, x0_hat_2, x0, weight).mean()
+            root = None if weight is None else weight.sqrt()  # the energy score is an RMS: √w on it is w on squares
+            logs["energy"] = energy_score(x0_hat, x0_hat_2, x0, root).mean()
             logs["l2"] = logs["l2"].detach()
             loss = hp.omega_l2 * logs["energy"]
         if self.perceptual is not None:
