@@ -173,3 +173,10 @@ def test_time_knots_start_as_constants_interpolate_and_train(rng):
     run(timed).square().mean().backward()
     g = timed.log_sigma_z_scale.grad  # t = 250 sits on knot 1; t = 600 between knots 2 and 3
     assert (g[:, [1, 2, 3]] != 0).all() and (g[:, [0, 4]] == 0).all()
+
+
+def test_max_snr1_weighting_is_one_above_unit_noise_and_snr_below():
+    from ud2m.losses import l2_weight
+
+    w = l2_weight(torch.tensor([0.2, 0.5, 0.8]), "max_snr1")  # SNR = ᾱ/(1 − ᾱ) = 0.25, 1, 4
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 4.0]))
