@@ -133,12 +133,15 @@ def quickstart_config(num_blocks: int = 3, max_steps: int | None = None) -> dict
     return cfg
 
 
-def photos_config(problem: str) -> dict:
-    """configs/experiments/photos_sr4.yaml with the operator and noise level of ``photos/<problem>``."""
+def photos_config(problem: str, max_steps: int | None = None) -> dict:
+    """configs/experiments/photos_sr4.yaml with the operator and noise level of ``photos/<problem>`` (and
+    ``max_steps`` distillation steps instead of the config's)."""
     cfg = yaml.safe_load((ROOT / "configs" / "experiments" / "photos_sr4.yaml").read_text())
     preset = yaml.safe_load((ROOT / "configs" / "operators" / "photos" / f"{problem}.yaml").read_text())
     cfg["model"]["operator"], cfg["model"]["sigma_y"] = preset["operator"], preset["sigma_y"]
     cfg["model"]["sampler"]["init_args"]["prior"]["init_args"]["path_or_hub_id"] = str(PRIORS / "photos")
+    if max_steps is not None:
+        cfg["trainer"]["max_steps"] = max_steps
     # the default noise rule (σ_e = sigma_cap on the data scale, §7.1 revision) serves every problem: the reference
     # rule needed rho_sigma_scale 13 wherever pixels are unobserved (inpainting, SR) and 1 for deblurring
     return cfg
@@ -337,7 +340,8 @@ def suite_photos(args) -> dict:
         print(f"photos/{problem}", flush=True)
         ud2m_rows = []
         if not args.skip_ud2m:
-            ud2m_rows = [("UD2M, N x K = 3 x 3", ensure_export(photos_config(problem), work / problem / "ud2m"), {})]
+            export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
+            ud2m_rows = [(f"UD2M ({_steps(export)} steps), N x K = 3 x 3", export, {})]
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -687,6 +691,7 @@ def main() -> None:
     parser.add_argument("--skip_dps1000", action="store_true")
     parser.add_argument("--skip_dps", action="store_true", help="photos: no DPS rows (CPU time)")
     parser.add_argument("--skip_ud2m", action="store_true", help="photos: no UD2M rows (no distillation)")
+    parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
     parser.add_argument(
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"
     )
