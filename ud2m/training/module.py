@@ -77,8 +77,8 @@ class UnfoldedDistillation(pl.LightningModule):
         omega_lpips: weight of the LPIPS loss (0 disables it).
         omega_adv: weight of the generator's adversarial loss (0, or no discriminator, disables the GAN).
         omega_gp: weight of the zero-centred gradient penalty in the discriminator loss.
-        l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code) or ``"min_snr"`` (§7.5); weights either
-            consistency loss per sample.
+        l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code), ``"min_snr"`` or ``"max_snr1"`` (§7.5);
+            weights either consistency loss per sample.
         perceptual_net: LPIPS backbone (``"vgg"`` for the UD2M loss).
         perceptual_weights: local path of the torchvision backbone weights (no download ever).
         allow_random_lpips: use a random-backbone LPIPS when no weights exist (plumbing only; logged as
