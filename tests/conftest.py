@@ -1,6 +1,9 @@
-"""Shared fixtures: offline hubs, a seeded ``rng`` generator and a ``device`` fixture (CPU, plus CUDA if present)."""
+"""Shared fixtures: offline hubs, a seeded ``rng`` generator, a ``device`` fixture (CPU, plus CUDA if present) and
+``cli_inputs`` (digit shards and a tiny prior folder for the train.py tests)."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,3 +30,17 @@ def device(request):
 def rng():
     """A fresh CPU generator with a fixed seed: tests never touch the global RNG."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """Digit shards (data/make_shards.py, 4 training shards) and a tiny 1-channel prior folder, once per module."""
+    from ud2m.priors.tiny import save_tiny_pixel_pipeline, tiny_pixel_prior
+
+    root = tmp_path_factory.mktemp("cli")
+    spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).parents[1] / "data" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    make_shards.main(["--from_digits", "--out", str(root / "shards"), "--limit", "40", "--maxcount", "8", "--quiet"])
+    save_tiny_pixel_pipeline(root / "prior", tiny_pixel_prior(in_channels=1))
+    return root

@@ -19,7 +19,6 @@ import yaml
 from safetensors.torch import load_file
 
 from ud2m.io import digits_names
-from ud2m.priors.tiny import save_tiny_pixel_pipeline, tiny_pixel_prior
 from ud2m.training.callbacks import ExportOnTrainEnd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +53,9 @@ def tiny_config(root: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step UD2M run: its last.ckpt and the ExportOnTrainEnd folder."""
-    root = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "data" / "make_shards.py")
-    make_shards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_shards)
-    make_shards.main(["--from_digits", "--out", str(root / "shards"), "--limit", "40", "--maxcount", "8", "--quiet"])
-    save_tiny_pixel_pipeline(root / "prior", tiny_pixel_prior(in_channels=1))
+def trained(cli_inputs):
+    """A 2-step UD2M run on the shared digit shards and tiny prior: its last.ckpt and the ExportOnTrainEnd folder."""
+    root = cli_inputs
     train_main(["fit", "--config", str(tiny_config(root, "first"))])
     return {"root": root, "ckpt": next((root / "first").rglob("last.ckpt")), "export": root / "end_of_training"}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ud2m.discriminator import ConditionalDiscriminator
 from ud2m.operators import SuperResolution
-from ud2m.priors.tiny import save_tiny_pixel_pipeline, tiny_pixel_prior
+from ud2m.priors.tiny import tiny_pixel_prior
 from ud2m.training.callbacks import EMA, ImageLogger
 from ud2m.training.data import SyntheticImages
 from ud2m.training.module import UnfoldedDistillation
@@ -201,16 +200,6 @@ def test_ema_is_the_half_life_average():
 
 
 # ------------------------------------------------------------------------------------------------ train.py
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory):
-    """Digit shards (data/make_shards.py, 4 training shards) and a tiny 1-channel prior folder."""
-    root = tmp_path_factory.mktemp("cli")
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "data" / "make_shards.py")
-    make_shards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_shards)
-    make_shards.main(["--from_digits", "--out", str(root / "shards"), "--limit", "40", "--maxcount", "8", "--quiet"])
-    save_tiny_pixel_pipeline(root / "prior", tiny_pixel_prior(in_channels=1))
-    return root
 
 
 def run_train(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
