@@ -131,8 +131,8 @@ class ConditionalDiscriminator(nn.Module):
                              f"got {tuple(condition)}")  # fmt: skip
         self.in_channels, self.image_size, self.num_blocks = in_channels, (H, W), L
         self.condition = tuple(condition)
-        state = in_channels if state_channels is None else state_channels
-        widths = {"y": in_channels, "x_t": state, "t": 1}
+        self.state_channels = in_channels if state_channels is None else state_channels
+        widths = {"y": in_channels, "x_t": self.state_channels, "t": 1}
         self.cond_channels = sum(widths[c] for c in self.condition)
         sn = _spectral_norm if spectral_norm else (lambda m: m)
         ch = block_channels(L, base_channels)

@@ -437,11 +437,10 @@ def _check_state_channels(discriminator: nn.Module | None, sampler: UnfoldedSamp
         return
     C, (H, W) = discriminator.in_channels, discriminator.image_size
     state = sampler.prior.latent_shape((1, C, H, W))[1]
-    expected = discriminator.cond_channels - C - ("t" in discriminator.condition)
-    if state != expected:
+    if state != discriminator.state_channels:
         raise ValueError(
             f"discriminator: conditioned on x_t, which has {state} channels for this prior, but it was built for "
-            f"{expected}; set the discriminator's state_channels: {state}"
+            f"{discriminator.state_channels}; set the discriminator's state_channels: {state}"
         )
 
 
