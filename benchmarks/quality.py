@@ -18,9 +18,11 @@ std / truth of the first two test images for every method, read back from the im
 Methods (sample.py's own ``sample()``, so every figure is what a user gets): the measurement lifted to image space
 (op.lift: Aᵀy, bilinear upsampling for SR), Tikhonov and TV with their weight tuned on training images (never the test
 images), DiffPIR (100 steps, reference quad grid, (λ, ζ) tuned likewise), DPS (100 steps with ζ tuned likewise, per
-1000 steps; 1000 steps with the same ζ), LATINO (8) and UD2M (N x K = 3 x 3). UD2M samplers are distilled by
-this script when their export is missing (the quick-start config for digits; configs/experiments/photos_sr4.yaml with
-each problem's operator for photos). LPIPS is not reported: no backbone weights offline.
+1000 steps; 1000 steps with the same ζ), LATINO (8; also on the shipped consistency models ``digits-cm`` and
+``photos-cm`` when they exist) and UD2M (N x K = 3 x 3; on digits also distilled on the ``digits-cm`` base). UD2M
+samplers are distilled by this script when their export is missing (the quick-start config for digits;
+configs/experiments/photos_sr4.yaml with each problem's operator for photos). LPIPS is not reported: no backbone
+weights offline.
 
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
@@ -123,10 +125,11 @@ def ensure_export(config: dict, work: Path) -> Path:
     return export
 
 
-def quickstart_config(num_blocks: int = 3, max_steps: int | None = None) -> dict:
-    """configs/quickstart.yaml with K blocks (and ``max_steps`` distillation steps instead of the quick start's)."""
+def quickstart_config(num_blocks: int = 3, max_steps: int | None = None, prior: str = "digits") -> dict:
+    """configs/quickstart.yaml with K blocks (and ``max_steps`` distillation steps instead of the quick start's) on
+    the shipped prior ``prior`` (``digits``, or its consistency model ``digits-cm``)."""
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    cfg["model"]["sampler"]["init_args"]["prior"]["init_args"]["path_or_hub_id"] = str(PRIORS / "digits")
+    cfg["model"]["sampler"]["init_args"]["prior"]["init_args"]["path_or_hub_id"] = str(PRIORS / prior)
     cfg["model"]["sampler"]["init_args"]["num_blocks"] = num_blocks
     if max_steps is not None:
         cfg["trainer"]["max_steps"] = max_steps
@@ -273,14 +276,19 @@ def run_problem(
     dps1000: bool,
     budget: str = "full",
     dps: bool = True,
+    cm_prior: Path | None = None,
 ) -> dict:
     """All methods on one problem; returns ``{row name: summary (+ tuned weight and tuning scores)}``.
 
-    ``ud2m_rows``: ``(row name, export folder, sample() keywords such as num_steps)`` for each UD2M row."""
+    ``ud2m_rows``: ``(row name, export folder, sample() keywords such as num_steps)`` for each UD2M row;
+    ``cm_prior``: the consistency model distilled from ``prior`` (a second LATINO row when it exists)."""
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
     rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
     rows.update(classical_rows(sample, work, operator=operator, **inputs))
     rows["LATINO, 8 steps"] = run_method(sample, "latino", work / "latino", method="latino", model=str(prior), **kw)
+    if cm_prior is not None and cm_prior.is_dir():
+        name = f"LATINO, 8 steps, on {cm_prior.name} (consistency model)"
+        rows[name] = run_method(sample, "latino_cm", work / "latino_cm", method="latino", model=str(cm_prior), **kw)
     options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
     rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:
@@ -315,6 +323,9 @@ def suite_digits(args) -> dict:
         (f"UD2M ({_steps(long)} steps), N x K = 3 x 3", long, {}),
         (f"UD2M ({_steps(long)} steps), N x K = 4 x 3", long, {"num_steps": 4}),
     ]
+    if (PRIORS / "digits-cm").is_dir():  # the same distillation on the consistency-model base (issue [consistency])
+        on_cm = ensure_export(quickstart_config(3, prior="digits-cm"), work / "ud2m_K3_cm")
+        ud2m_rows.append((f"UD2M quick start on digits-cm ({_steps(on_cm)} steps), N x K = 3 x 3", on_cm, {}))
     return {
         "sr_x4": run_problem(
             sample,
@@ -326,6 +337,7 @@ def suite_digits(args) -> dict:
             ud2m_rows=ud2m_rows,
             dps1000=not args.skip_dps1000,
             budget=args.tune_budget,
+            cm_prior=PRIORS / "digits-cm",
         )
     }
 
@@ -353,6 +365,7 @@ def suite_photos(args) -> dict:
             dps1000=not args.skip_dps1000 and not args.skip_dps,
             budget=args.tune_budget,
             dps=not args.skip_dps,
+            cm_prior=PRIORS / "photos-cm",
         )
     return out
 

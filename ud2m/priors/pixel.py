@@ -5,6 +5,11 @@ with learned variance) plus its scheduler config give z_t = √ᾱ_t x0 + √(1�
 estimate x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t. encode/decode are the identity. Loading works from a local diffusers folder
 (pipeline layout ``unet/`` + ``scheduler/``, or a bare UNet folder with a scheduler config) offline, and from a hub id
 online.
+
+A pixel **consistency model** (algorithms.md §3.3, ``train.py prior distil``) is the same folder with an
+``LCMScheduler`` config: the scheduler class says so, and the prior then applies the LCM boundary scalings
+(``boundary="lcm"``, κ = the config's ``timestep_scaling``, σ_d = 0.5 as in diffusers' ``LCMScheduler``), so one
+call returns f(z_t, t) = c_skip(t) z_t + c_out(t) x̂0, a sample rather than the Tweedie mean.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class PixelDiffusionPrior(Prior):
         unet: the diffusers UNet (frozen here); ``out_channels`` may be ``2·in_channels`` (learned variance).
         scheduler_config: a diffusers scheduler config (mapping or scheduler object): betas and ``prediction_type``.
         prediction_type: overrides the config's ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``).
+        boundary: ``"lcm"`` (consistency model) or ``"none"`` (Tweedie estimate); None: ``"lcm"`` exactly when the
+            scheduler config is an ``LCMScheduler``'s (:func:`boundary_of_config`).
+        timestep_scaling: κ of the boundary scalings; None: the config's ``timestep_scaling`` (10 when absent).
     """
 
     def __init__(
@@ -46,6 +54,8 @@ class PixelDiffusionPrior(Prior):
         scheduler_config: Mapping[str, Any] | Any,
         *,
         prediction_type: str | None = None,
+        boundary: str | None = None,
+        timestep_scaling: float | None = None,
     ) -> None:
         config = dict(getattr(scheduler_config, "config", scheduler_config))
         prediction_type = prediction_type or config.get("prediction_type", "epsilon")
@@ -55,7 +65,12 @@ class PixelDiffusionPrior(Prior):
         if out_ch not in (in_ch, 2 * in_ch):
             raise ValueError(f"unet: out_channels must be in_channels ({in_ch}) or twice it, got {out_ch}")
         super().__init__(
-            unet, schedule=VPSchedule.from_config(config), prediction_type=prediction_type, latent_channels=in_ch
+            unet,
+            schedule=VPSchedule.from_config(config),
+            prediction_type=prediction_type,
+            boundary=boundary or boundary_of_config(config),
+            timestep_scaling=float(timestep_scaling or config.get("timestep_scaling", 10.0)),
+            latent_channels=in_ch,
         )
         self.scheduler_config = config
 
@@ -100,6 +115,7 @@ class PixelDiffusionPrior(Prior):
         subfolder: str | None = None,
         scheduler_config: str | Path | Mapping[str, Any] | None = None,
         prediction_type: str | None = None,
+        boundary: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> PixelDiffusionPrior:
@@ -114,6 +130,7 @@ class PixelDiffusionPrior(Prior):
             subfolder: UNet subfolder; default ``unet`` when it exists, else the root.
             scheduler_config: explicit scheduler config (file path or mapping); default: found in the folder.
             prediction_type: overrides the scheduler config's value.
+            boundary: overrides the boundary the scheduler config implies (``"lcm"`` for an ``LCMScheduler``).
             dtype: network dtype (fp32 on CPU, bf16 on GPU by default policy, algorithms.md §1.4).
             device: where to put the network.
 
@@ -130,7 +147,12 @@ class PixelDiffusionPrior(Prior):
         _read_json(unet_dir / "config.json")
         config = _scheduler_config(root, unet_dir, scheduler_config)
         unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype)
-        return cls(unet, config, prediction_type=prediction_type).to(device)
+        return cls(unet, config, prediction_type=prediction_type, boundary=boundary).to(device)
+
+
+def boundary_of_config(config: Mapping[str, Any]) -> str:
+    """``"lcm"`` for a diffusers ``LCMScheduler`` config (a distilled consistency model), ``"none"`` otherwise."""
+    return "lcm" if config.get("_class_name") == "LCMScheduler" else "none"
 
 
 def _local_root(path_or_hub_id: str | Path) -> tuple[Path, str | None]:

@@ -147,3 +147,37 @@ def ddim_step(
     varsigma = eta * (b_next / b) * torch.sqrt((1 - a**2 / a_next**2).clamp_min(0))
     scale_eps = torch.sqrt((b_next**2 - varsigma**2).clamp_min(0))
     return append_dims(a_next, n) * x0_hat + append_dims(scale_eps, n) * eps_hat + append_dims(varsigma, n) * xi
+
+
+# ---------------------------------------------------------------------------------------------- CM sampling (§3.3)
+def consistency_sampling(
+    prior: Prior,
+    shape: tuple[int, ...],
+    timesteps: list[int] | tuple[int, ...],
+    *,
+    cond: Any = None,
+    generator: Generator = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    r"""Multistep consistency sampling (Song et al. 2023, Algorithm 1; diffusers' ``LCMScheduler``):
+    :math:`z \sim N(0, I)` at :math:`t_0`; for each :math:`t_k`: :math:`\hat x = f(z, t_k)` (1 NFE), then
+    :math:`z = a_{t_{k+1}}\hat x + b_{t_{k+1}}\xi`; the last :math:`\hat x` is the sample. One step is a one-call
+    sample; with a Tweedie prior (``boundary="none"``) the same loop gives the blurry one-call mean at one step.
+
+    Args:
+        prior: the consistency model (any prior of the contract; encode/decode are not applied: latents in, out).
+        shape: ``(B, c, ...)`` of the latent.
+        timesteps: decreasing native times, e.g. ``[999, 759, 499, 259]`` (diffusers' LCM grid of 4 steps).
+        cond: conditioning of the prior.
+        generator: a generator or a list of B generators (§1.5); the initial noise is drawn first, then one
+            re-noise per step, in diffusers' order.
+        device: device of the samples.
+    """
+    z = randn(shape, generator, device=device)
+    B = z.shape[0]
+    for k, t in enumerate(timesteps):
+        x_hat = prior.predict_x0(z, torch.full((B,), float(t), device=z.device), cond)
+        if k == len(timesteps) - 1:
+            return x_hat
+        z = renoise(prior, x_hat, torch.full((B,), float(timesteps[k + 1]), device=z.device), generator)
+    raise ValueError("consistency_sampling: timesteps is empty")

@@ -196,11 +196,13 @@ class ImageLogger(pl.Callback):
             self.write(trainer, f"val/{name}", grid)
 
     def grids(self, outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``(3 or 1, H', W')`` grids on [0, 1]: one per image kind, plus ``iterates`` (blocks of the last step)."""
+        """``(3 or 1, H', W')`` grids on [0, 1]: one per image kind (``x``, ``y``, ``x_hat*``), plus ``iterates``
+        (blocks of the last step)."""
         from torchvision.utils import make_grid
 
         n = self.max_images
-        out = {k: make_grid(_to_unit(outputs[k][:n]), nrow=n) for k in ("x", "y", "x_hat") if k in outputs}
+        kinds = [k for k in outputs if k in ("x", "y") or k.startswith("x_hat")]  # x_hat, x_hat_1step, ...
+        out = {k: make_grid(_to_unit(outputs[k][:n]), nrow=n) for k in kinds if torch.is_tensor(outputs[k])}
         steps = outputs.get("iterates") or []
         blocks = [b["x"][0] for b in (steps[-1].get("blocks", []) if steps else [])]
         blocks = [x for x in blocks if x.shape == outputs["x"].shape[1:]]  # pixel-space iterates only

@@ -57,7 +57,35 @@ def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50,
     return out
 
 
-def write_card(prior: str, run: str, name: str, command: str, data: str = "", max_steps: int | None = None) -> Path:
+def cm_sample_grid(prior: str | Path, teacher: str | Path, out: Path, *, num: int = 16, seed: int = 0) -> Path:
+    """Rows of ``num`` samples from the same initial noise: the teacher's 50-step DDIM, the teacher's one call (the
+    Tweedie mean), the consistency model's 1 and 4 calls (diffusers' pipelines with the folders' own schedulers)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline
+    from torchvision.utils import make_grid, save_image
+
+    rows = []
+    for folder, steps in ((teacher, 50), (teacher, 1), (prior, 1), (prior, 4)):
+        pipe = DiffusionPipeline.from_pretrained(str(folder))
+        if folder == teacher:  # the teacher's card samples are DDIM (eta 0, clipped x0)
+            pipe = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"eta": 0.0} if folder == teacher else {}
+        images = pipe(batch_size=num, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                      output_type="np", **kwargs).images  # fmt: skip
+        rows.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2))
+    save_image(make_grid(torch.cat(rows), nrow=num, padding=1), out)
+    return out
+
+
+def write_card(
+    prior: str,
+    run: str,
+    name: str,
+    command: str,
+    data: str = "",
+    max_steps: int | None = None,
+    teacher: str | None = None,
+) -> Path:
     """Write ``card.json`` (hash, parameters, versions, wall time, loss curves) and ``samples.png`` into ``prior``.
 
     Args:
@@ -67,6 +95,8 @@ def write_card(prior: str, run: str, name: str, command: str, data: str = "", ma
         command: the command that trained it.
         data: one line on the training data and the held-out split.
         max_steps: recorded as given (``None``: the last logged step + 1).
+        teacher: for a distilled consistency model (``prior distil``), the teacher's folder: its hash goes into
+            the card and ``samples.png`` compares the two (:func:`cm_sample_grid`).
     """
     import diffusers
     import lightning
@@ -97,7 +127,19 @@ def write_card(prior: str, run: str, name: str, command: str, data: str = "", ma
         "val_loss": scalar_curve(scalars, "val/loss"),
         "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline)",
     }
-    sample_grid(folder, folder / "samples.png")
+    if teacher is not None:
+        teacher_path = Path(teacher)
+        card["model"] = card["model"].replace("EMA weights", "consistency model (LCMScheduler), EMA weights")
+        card["teacher"] = teacher_path.name
+        card["teacher_sha256"] = base_model_hash(teacher_path)
+        card["samples"] = (
+            "samples.png, rows from the same 16 noises (seed 0): teacher DDIM 50 steps; teacher one call (Tweedie "
+            "mean); this consistency model 1 call; 4 calls (diffusers pipelines)"
+        )
+        card["val_trajectory_loss"] = scalar_curve(scalars, "val/trajectory_loss")
+        cm_sample_grid(folder, teacher_path, folder / "samples.png")
+    else:
+        sample_grid(folder, folder / "samples.png")
     path = folder / "card.json"
     path.write_text(json.dumps(card, indent=2) + "\n")
     return path

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 #: β end points of diffusers' schedules (Ho et al. linear; the Stable Diffusion "scaled_linear").
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 
 
@@ -329,14 +330,20 @@ class SavePriorOnTrainEnd(pl.Callback):
 
 
 def export_prior(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Export a ``.ckpt`` written by :class:`PriorCLI` to a diffusers folder (EMA weights when saved and wanted).
+    """Export a ``.ckpt`` written by :class:`PriorCLI` (or by ``prior distil``) to a diffusers folder (EMA weights
+    when saved and wanted).
 
     Args:
-        ckpt: a Lightning checkpoint of :class:`DiffusionPriorTraining` (LightningCLI stores the UNet config).
+        ckpt: a Lightning checkpoint of :class:`DiffusionPriorTraining` (LightningCLI stores the UNet config) or of
+            :class:`~ud2m.training.consistency_module.ConsistencyDistillation`.
         out: destination folder.
         use_ema: use the EMA shadow weights of the checkpoint when present.
     """
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    if "teacher" in checkpoint.get("hyper_parameters", {}):  # a consistency distillation (`prior distil`)
+        from ud2m.training.consistency_module import export_distilled
+
+        return export_distilled(str(ckpt), str(out), use_ema=use_ema)
     model = DiffusionPriorTraining.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     return model.save_pretrained(out, ema=ema_from_checkpoint(checkpoint) if use_ema else None)
 
@@ -363,11 +370,18 @@ class PriorCLI(ModuleCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """``export --ckpt C --out O`` runs :func:`export_prior`, ``card ...`` :func:`~ud2m.training.prior_card.write_card`;
-    anything else goes to :class:`PriorCLI`."""
+    """``export --ckpt C --out O`` runs :func:`export_prior`, ``card ...`` :func:`~ud2m.training.prior_card.write_card`,
+    ``distil [fit|validate|...] ...`` the consistency distillation
+    (:class:`~ud2m.training.consistency_module.DistilCLI`); anything else goes to :class:`PriorCLI`."""
     import sys
 
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["distil"]:  # consistency distillation (algorithms.md §3.3); `fit` is the default subcommand
+        from ud2m.training.consistency_module import DistilCLI
+
+        rest = argv[1:]
+        DistilCLI(args=rest if rest[:1] and rest[0] in SUBCOMMANDS else ["fit", *rest])
+        return
     if argv[:1] == ["export"]:
         from jsonargparse import auto_cli
 
