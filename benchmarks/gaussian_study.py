@@ -221,7 +221,7 @@ def zero_shot_rows(prior, op, ys, samples: int, seed: int) -> dict:
     same estimator on exact posterior samples."""
     from ud2m.schedules import LCM_8
     from ud2m.solvers.baselines import solve_dps
-    from ud2m.solvers.latino import latino
+    from ud2m.solvers.latino_algorithms import latino
     from ud2m.solvers.weights import LATINO_WEIGHTS
 
     base = GaussianPrior(prior.mu.to(F64), prior.s.to(F64))

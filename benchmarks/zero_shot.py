@@ -50,7 +50,7 @@ from ud2m.priors.base import TextCondition
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.schedules import LCM_8
 from ud2m.solvers.baselines import solve_diffpir, solve_dps, solve_tikhonov
-from ud2m.solvers.latino import latino
+from ud2m.solvers.latino_algorithms import latino
 from ud2m.solvers.weights import LATINO_WEIGHTS
 
 SIGMA_Y = 0.01

@@ -31,7 +31,7 @@ from ud2m.operators import (
 )
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix
 from ud2m.schedules import DMD2_4, LATINO_SDXL, LCM_8
-from ud2m.solvers.latino import (
+from ud2m.solvers.latino_algorithms import (
     box_average,
     fill_holes,
     latino,

@@ -235,3 +235,20 @@ def test_docs_worked_example_subclass(rng):
     sigma = torch.tensor([0.5, 3.0])
     torch.testing.assert_close(as_denoiser(prior)(x, sigma), x / (1 + sigma[:, None, None, None] ** 2))
     assert prior.nfe == 1 and not prior.training
+
+
+def test_public_api_names_import_from_their_packages():
+    """Everything the docs name imports from its package (issue [api] "Public API")."""
+    import ud2m
+    import ud2m.priors
+    import ud2m.solvers
+
+    for package in (ud2m, ud2m.priors, ud2m.solvers):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+    from ud2m import UnfoldedSampler, sample_ud2m  # noqa: F401
+    from ud2m.priors import LatentConsistencyPrior, VideoFlowPrior  # noqa: F401
+    from ud2m.solvers import consistency_sampling, latino, latino_pro  # noqa: F401
+
+    with pytest.raises(AttributeError, match="no attribute"):
+        _ = ud2m.solvers.not_a_solver

@@ -352,7 +352,7 @@ def _load_models(job: Job) -> None:
 def _condition(prior, prompt: str, device: torch.device):
     """The prompt's condition, or a condition saved by a LATINO-PRO run when ``prompt`` is a ``.safetensors`` file."""
     if prompt.endswith(".safetensors"):
-        from ud2m.solvers.latino import load_condition
+        from ud2m.solvers.latino_algorithms import load_condition
 
         return load_condition(prompt, device)
     return prior.encode_prompt(prompt)
@@ -589,7 +589,7 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
 def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[torch.Generator]):
     """Run the job's method on ``y`` ``(B·S, ...)`` (``num_steps``, ``eta`` and ``solver_options`` passed on when
     given; every other default is the solver's); returns ``(samples (B·S, C, H, W), extras)``."""
-    from ud2m.solvers import baselines, latino, steps, weights
+    from ud2m.solvers import baselines, latino_algorithms, steps, weights
 
     o, op = job.options, job.op
     sigma_data = job.sigma_y if job.sigma_data is None else job.sigma_data
@@ -603,13 +603,16 @@ def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[
     if job.method == "tv":
         return baselines.solve_total_variation(op, y, **{"lam": o.tv_lambda, **kw}), {}
     kw.update(cond=job.cond, generator=generators)
-    if job.method == "latino":
+    if job.method == "latino":  # solver_options: timesteps (a list) and gamma (a constant step) are JSON-friendly
+        timesteps = tuple(kw.pop("timesteps", None) or _latino_timesteps(job))
+        gamma = kw.pop("gamma", None)
         rule = weights.LATINO_WEIGHTS.get(job.operator_name, weights.LATINO_WEIGHTS["default"])
-        return latino.latino(job.prior, op, y, timesteps=_latino_timesteps(job), **{"weights": rule, **kw}), {}
+        rule = weights.ConstantGamma(float(gamma)) if gamma is not None else rule
+        return latino_algorithms.latino(job.prior, op, y, timesteps=timesteps, **{"weights": rule, **kw}), {}
     if job.method == "latino_pro":
         inner, final = weights.LATINO_PRO_WEIGHTS.get(job.operator_name, weights.LATINO_PRO_WEIGHTS["default"])
         kw = {"weights_inner": inner, "weights_final": final, "final_timesteps": _latino_timesteps(job), **kw}
-        x, cond = latino.latino_pro(job.prior, op, y, **kw)
+        x, cond = latino_algorithms.latino_pro(job.prior, op, y, **kw)
         return x, {"cond": cond}  # one calibrated condition per chain: S independent LATINO-PRO runs per image
     steps_eta = {k: v for k, v in (("num_steps", o.num_steps), ("eta", o.eta)) if v is not None}
     if job.method == "ud2m":
@@ -666,7 +669,7 @@ def _same_file(path: Path, source: str) -> bool:
 
 def _save_condition(job: Job, cond, i: int, item: Item) -> None:
     """``<stem>_cond.safetensors``: the calibrated condition of sample 0 (reusable as ``--prompt FILE``)."""
-    from ud2m.solvers.latino import save_condition
+    from ud2m.solvers.latino_algorithms import save_condition
 
     k = i * job.options.num_samples
     row = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}

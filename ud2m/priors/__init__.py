@@ -5,8 +5,7 @@ The contract, schedules and the Gaussian prior need only torch and import eagerl
 (pixel prior, LoRA helpers) load on first access so that ``import ud2m.priors`` stays cheap.
 """
 
-import importlib
-
+from ud2m._lazy import lazy_getattr
 from ud2m.priors.base import (
     BoundaryScalings,
     ClassCondition,
@@ -23,7 +22,9 @@ from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix, sa
 from ud2m.priors.vp import VPSchedule, make_betas
 
 _LAZY = {
+    "LatentConsistencyPrior": "ud2m.priors.latent",
     "PixelDiffusionPrior": "ud2m.priors.pixel",
+    "VideoFlowPrior": "ud2m.priors.video",
     "attach_lora": "ud2m.priors.lora",
     "load_lora": "ud2m.priors.lora",
     "lora_state_dict": "ud2m.priors.lora",
@@ -32,10 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ud2m.priors' has no attribute {name!r}")
+__getattr__ = lazy_getattr("ud2m.priors", _LAZY)
 
 
 __all__ = [
@@ -43,12 +41,14 @@ __all__ = [
     "ClassCondition",
     "FlowMatchingSchedule",
     "GaussianPrior",
+    "LatentConsistencyPrior",
     "NoiseSchedule",
     "PixelDiffusionPrior",
     "Prior",
     "PriorDenoiser",
     "TextCondition",
     "VPSchedule",
+    "VideoFlowPrior",
     "as_denoiser",
     "attach_lora",
     "cm_boundary_scalings",

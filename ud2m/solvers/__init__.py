@@ -1,2 +1,24 @@
 """Solvers: the single-step kernels shared by the zero-shot algorithms and the unfolded sampler (``steps``), and
-one pure function per paper algorithm."""
+one pure function per paper algorithm: ``latino`` / ``latino_posterior`` / ``latino_pro`` (LATINO, LATINO-PRO),
+``solve_dps``, ``solve_diffpir``, ``solve_tikhonov``, ``solve_total_variation`` (baselines) and
+``consistency_sampling`` (multistep sampling of a consistency model). Names load on first access.
+"""
+
+from ud2m._lazy import lazy_getattr
+
+_LAZY = {
+    "latino": "ud2m.solvers.latino_algorithms",
+    "latino_posterior": "ud2m.solvers.latino_algorithms",
+    "latino_pro": "ud2m.solvers.latino_algorithms",
+    "solve_dps": "ud2m.solvers.baselines",
+    "solve_diffpir": "ud2m.solvers.baselines",
+    "solve_tikhonov": "ud2m.solvers.baselines",
+    "solve_total_variation": "ud2m.solvers.baselines",
+    "consistency_sampling": "ud2m.solvers.steps",
+}
+
+
+__getattr__ = lazy_getattr("ud2m.solvers", _LAZY)
+
+
+__all__ = sorted(_LAZY)
