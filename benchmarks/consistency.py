@@ -3,8 +3,8 @@ DDPM teachers.
 
 - ``uncond``: unconditional sample quality in the shipped digits feature space (``ud2m.embedding``, §10.3): the
   Fréchet distance (FID-type, squared W2 of the Gaussian fits) of ``--num`` samples to the 1,707 training digits for
-  the teacher's 50-step and 1-step DDIM and the CM's 1-, 2- and 4-step sampling (diffusers' LCM grid), with the
-  held-out 90 digits as the floor (a finite-sample reference: real digits against real digits).
+  the teacher's 50-step DDIM and its one call at t = 999 (the Tweedie mean), and the CM's 1-, 2- and 4-step sampling
+  (diffusers' LCM grid), with the held-out 90 digits as the floor (a finite-sample reference: real against real).
 - ``report``: the table into ``benchmarks/results/consistency.md`` and the README between the ``consistency``
   markers. LATINO and UD2M on the CM priors are rows of ``benchmarks/quality.py`` (same images, seeds, operators).
 
@@ -33,8 +33,8 @@ README_END = "<!-- consistency:end -->"
 @torch.inference_mode()
 def draw(prior_folder: Path, kind: str, steps: int, num: int, seed: int, batch: int = 250) -> torch.Tensor:
     """``num`` unconditional samples on [-1, 1]: ``kind`` ``"ddim"`` (η = 0, clipped x̂0 as diffusers' DDIM
-    pipeline) or ``"cm"`` (multistep consistency sampling on diffusers' LCM grid); sample ``i`` from seed
-    ``(seed, i)``, so the sets do not depend on the batch size."""
+    pipeline), ``"tweedie"`` (one call at t = T − 1) or ``"cm"`` (multistep consistency sampling on diffusers' LCM
+    grid); sample ``i`` from seed ``(seed, i)``, so the sets do not depend on the batch size."""
     from ud2m.priors.pixel import PixelDiffusionPrior
     from ud2m.solvers.steps import consistency_sampling
     from ud2m.training.consistency_module import lcm_timesteps
@@ -47,7 +47,10 @@ def draw(prior_folder: Path, kind: str, steps: int, num: int, seed: int, batch: 
     for start in range(0, num, batch):
         idx = range(start, min(start + batch, num))
         gens = [torch.Generator().manual_seed(mix_seed(seed, "uncond", i)) for i in idx]
-        if kind == "ddim":
+        if kind == "tweedie":  # one call at t = T - 1: the teacher's Tweedie mean E[x0 | x_T], clipped
+            last = [prior.schedule.num_train_timesteps - 1]
+            x = consistency_sampling(prior, (len(idx), *shape), last, generator=gens)
+        elif kind == "ddim":
             x = sample_ddim(
                 lambda z, t: prior.predict_x0(z, t).clamp(-1, 1), prior.schedule, (len(idx), *shape),
                 num_steps=steps, generator=gens,
@@ -68,7 +71,7 @@ def suite_uncond(args) -> dict:
     with torch.inference_mode():
         e_train, e_val = vae.embed(digits_crops("train")), vae.embed(digits_crops("val"))
     rows = {"held-out digits (90, real)": {"fid": frechet_distance(e_val, e_train), "nfe": 0, "num": len(e_val)}}
-    cases = [(args.teacher, "ddim", 50, "teacher DDIM, 50 steps"), (args.teacher, "ddim", 1, "teacher, 1 step")]
+    cases = [(args.teacher, "ddim", 50, "teacher DDIM, 50 steps"), (args.teacher, "tweedie", 1, "teacher, 1 call")]
     cases += [(args.cm, "cm", n, f"CM, {n} step{'s' if n > 1 else ''}") for n in args.cm_steps]
     for folder, kind, steps, name in cases:
         start = time.perf_counter()

@@ -70,6 +70,10 @@ TUNE_GRIDS = {
     "small": {"dps_zeta": (0.3, 1.0), "diffpir_lambda": (0.125, 1.75), "diffpir_zeta": (0.3, 1.0)},
 }
 GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
+# LATINO's tuning grid (8 steps): the largest time of a uniform grid, and the data step (None: the preset's rule). On
+# the shipped priors' linear beta schedule a_t < 0.05 above t = 760, so the preset LCM grid (made for SD's
+# scaled-linear schedule, a_999 = 0.068) spends its first steps on draws that ignore the current estimate.
+LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 
 
@@ -216,6 +220,38 @@ def diffusion_candidates(method: str, budget: str) -> list[dict]:
     return [{"lambda_": lam, "zeta": z, "grid": "quad"} for lam in g["diffpir_lambda"] for z in g["diffpir_zeta"]]
 
 
+def latino_candidates() -> dict[str, dict]:
+    """LATINO settings tried on the tuning images: 8-step uniform grids from ``t_max`` (``LATINO_T_MAX``) with the
+    operator's preset weight rule or a constant data step γ (``LATINO_GAMMA``); the preset (LCM's grid) is the
+    untuned row."""
+    from ud2m.schedules import uniform_grid
+
+    out = {}
+    for t_max in LATINO_T_MAX:
+        for gamma in LATINO_GAMMA:
+            options = {"timesteps": list(uniform_grid(8, t_max=t_max))}
+            if gamma is not None:
+                options["gamma"] = gamma
+            out[f"tmax{t_max}_gamma{gamma or 'preset'}"] = {"solver_options": options}
+    return out
+
+
+def latino_tuned_row(
+    sample, work: Path, *, model: Path, suffix: str, test_input: str, tune_input: str, operator: str
+) -> dict:
+    """LATINO on ``model`` with its time grid and data step tuned on the tuning images (as DPS and DiffPIR are)."""
+    candidates = latino_candidates()
+    best, scores = tune(sample, work, tune_input, operator, "latino" + suffix, candidates, model=str(model))
+    options = candidates[best]["solver_options"]
+    out = work / f"latino{suffix}_{best}"
+    summary = run_method(sample, "latino" + suffix, out, input=test_input, operator=operator, method="latino",
+                         model=str(model), solver_options=options)  # fmt: skip
+    gamma = f"γ = {options['gamma']:g}" if "gamma" in options else "preset weights"
+    where = f", on {model.name} (consistency model)" if suffix else ""
+    name = f"LATINO, 8 steps{where}, tuned (t ≤ {options['timesteps'][0]}, {gamma})"
+    return {name: {**summary, "solver_options": options, "tuning": scores}}
+
+
 def classical_rows(sample, work: Path, *, test_input: str, tune_input: str, operator: str) -> dict:
     """Tikhonov and TV, each with its weight tuned on the tuning images."""
     s0, scores = tune(
@@ -286,9 +322,13 @@ def run_problem(
     rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
     rows.update(classical_rows(sample, work, operator=operator, **inputs))
     rows["LATINO, 8 steps"] = run_method(sample, "latino", work / "latino", method="latino", model=str(prior), **kw)
-    if cm_prior is not None and cm_prior.is_dir():
-        name = f"LATINO, 8 steps, on {cm_prior.name} (consistency model)"
-        rows[name] = run_method(sample, "latino_cm", work / "latino_cm", method="latino", model=str(cm_prior), **kw)
+    latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
+    for model, suffix in latino_priors:
+        if suffix:
+            name = f"LATINO, 8 steps, on {model.name} (consistency model)"
+            rows[name] = run_method(sample, "latino" + suffix, work / f"latino{suffix}", method="latino",
+                                    model=str(model), **kw)  # fmt: skip
+        rows.update(latino_tuned_row(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
     options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
     rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:

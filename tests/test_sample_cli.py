@@ -229,6 +229,15 @@ def test_pixel_baselines_on_a_tiny_pixel_model(method, pixel_model, tmp_path):
     assert (tmp_path / "camera_restored.png").is_file() and result["run"]["model"] == str(pixel_model)
 
 
+def test_latino_solver_options_set_its_grid_and_a_constant_data_step(pixel_model, tmp_path):
+    """``{"timesteps": [...], "gamma": g}``: len(timesteps) NFE, and γ → ∞ makes the output data-consistent."""
+    common = dict(input="skimage:camera", operator="ud2m/deblur_uniform", method="latino", model=str(pixel_model))
+    hard = run(tmp_path / "hard", **common, solver_options={"timesteps": [500, 250, 60], "gamma": 1e6})
+    soft = run(tmp_path / "soft", **common, solver_options={"timesteps": [500, 250, 60], "gamma": 1e-3})
+    assert hard["images"][0]["nfe"] == soft["images"][0]["nfe"] == 3
+    assert hard["images"][0]["data_consistency"] < 0.1 * soft["images"][0]["data_consistency"]
+
+
 # ---------------------------------------------------------------------------------------------- resume and errors
 def test_resume_skips_finished_images_and_keeps_their_rows(photos, tmp_path):
     inputs = tmp_path / "inputs"

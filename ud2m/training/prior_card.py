@@ -66,8 +66,10 @@ def cm_sample_grid(prior: str | Path, teacher: str | Path, out: Path, *, num: in
     rows = []
     for folder, steps in ((teacher, 50), (teacher, 1), (prior, 1), (prior, 4)):
         pipe = DiffusionPipeline.from_pretrained(str(folder))
-        if folder == teacher:  # the teacher's card samples are DDIM (eta 0, clipped x0)
-            pipe = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+        if folder == teacher:  # DDIM (eta 0, clipped x0); one step on the "trailing" grid is one call at t = T - 1
+            spacing = "trailing" if steps == 1 else pipe.scheduler.config.get("timestep_spacing", "leading")
+            scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+            pipe = DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"eta": 0.0} if folder == teacher else {}
         images = pipe(batch_size=num, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),

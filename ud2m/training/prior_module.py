@@ -380,6 +380,8 @@ def main(args: list[str] | None = None) -> None:
         from ud2m.training.consistency_module import DistilCLI
 
         rest = argv[1:]
+        if args is None:  # the words are passed explicitly below: LightningCLI must not also read sys.argv
+            sys.argv = sys.argv[:1]
         DistilCLI(args=rest if rest[:1] and rest[0] in SUBCOMMANDS else ["fit", *rest])
         return
     if argv[:1] == ["export"]:
