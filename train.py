@@ -24,27 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source checkout without installing
 
+from ud2m.cli.train import main
 
-def main(args: list[str] | None = None) -> None:
-    """``export`` / ``prior export`` run :func:`ud2m.training.cli.export_command`, ``prior ...`` the base-prior CLI;
-    anything else goes to the UD2M LightningCLI."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"] or argv[:2] == ["prior", "export"]:
-        from ud2m.training.cli import export_command
-
-        export_command(argv)
-        return
-    if argv[:1] == ["prior"]:
-        from ud2m.training.prior_module import main as prior_main
-
-        if args is None:  # from the shell: LightningCLI reads sys.argv itself, without the "prior" word
-            sys.argv = [sys.argv[0], *argv[1:]]
-        prior_main(None if args is None else argv[1:])
-        return
-    from ud2m.training.cli import UD2MCLI
-
-    UD2MCLI(args=argv)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

@@ -72,6 +72,7 @@ def suite_uncond(args) -> dict:
         e_train, e_val = vae.embed(digits_crops("train")), vae.embed(digits_crops("val"))
     rows = {"held-out digits (90, real)": {"fid": frechet_distance(e_val, e_train), "nfe": 0, "num": len(e_val)}}
     cases = [(args.teacher, "ddim", 50, "teacher DDIM, 50 steps"), (args.teacher, "tweedie", 1, "teacher, 1 call")]
+    cases = [] if args.skip_teacher else cases
     cases += [(args.cm, "cm", n, f"CM, {n} step{'s' if n > 1 else ''}") for n in args.cm_steps]
     for folder, kind, steps, name in cases:
         start = time.perf_counter()
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--cm_steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--num", type=int, default=1000, help="samples per row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip_teacher", action="store_true", help="only the CM rows (e.g. to compare checkpoints)")
     parser.add_argument("--out", type=Path, default=RESULTS / "consistency_uncond.json")
     args = parser.parse_args()
     if args.suite == "report":

@@ -391,7 +391,8 @@ def suite_photos(args) -> dict:
     for problem in args.problems:
         print(f"photos/{problem}", flush=True)
         ud2m_rows = []
-        if not args.skip_ud2m:
+        existing = (work / problem / "ud2m" / "export" / "ud2m.json").is_file()
+        if not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
             export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
             ud2m_rows = [(f"UD2M ({_steps(export)} steps), N x K = 3 x 3", export, {})]
         out[problem] = run_problem(
@@ -743,7 +744,9 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=WORK)
     parser.add_argument("--skip_dps1000", action="store_true")
     parser.add_argument("--skip_dps", action="store_true", help="photos: no DPS rows (CPU time)")
-    parser.add_argument("--skip_ud2m", action="store_true", help="photos: no UD2M rows (no distillation)")
+    parser.add_argument(
+        "--skip_ud2m", action="store_true", help="photos: no UD2M distillation (rows only where an export exists)"
+    )
     parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
     parser.add_argument(
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"
@@ -766,9 +769,11 @@ def main() -> None:
     }
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
-    skipped = [name for name, flag in (("UD2M", args.skip_ud2m), ("DPS", args.skip_dps)) if flag]
-    if args.suite == "photos" and skipped:
-        meta["note"] = f"{' and '.join(skipped)} not run in this pass (--skip_{'/--skip_'.join(skipped).lower()})."
+    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps):
+        notes = ["DPS not run (--skip_dps)"] if args.skip_dps else []
+        if args.skip_ud2m:
+            notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
+        meta["note"] = "; ".join(notes) + "."
     previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
     if args.suite == "photos":  # a run over some problems keeps the others
         result = {**previous.get("problems", {}), **result}

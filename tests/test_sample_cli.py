@@ -426,11 +426,13 @@ def test_ud2m_checkpoint_refuses_another_base_model(ud2m_export, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the script
-def test_command_line_entry_point(tmp_path):
+@pytest.mark.parametrize("entry", ["sample.py", "-m ud2m sample"])
+def test_command_line_entry_point(tmp_path, entry):
+    """``python sample.py`` and ``python -m ud2m sample`` (what the ``ud2m-sample`` script runs) give one summary."""
     out = tmp_path / "cli"
     cmd = [
         sys.executable,
-        str(ROOT / "sample.py"),
+        *([str(ROOT / "sample.py")] if entry == "sample.py" else entry.split()),
         "--input",
         "skimage:camera",
         "--operator",
@@ -450,6 +452,11 @@ def test_command_line_entry_point(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["num_images"] == 1 and summary["nfe"]["mean"] == 0
     assert (out / "camera_restored.png").is_file()
+
+
+def test_python_m_ud2m_without_a_command_prints_its_usage():
+    proc = subprocess.run([sys.executable, "-m", "ud2m"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and "python -m ud2m {train,sample}" in proc.stdout
 
 
 def test_docs_list_every_option():

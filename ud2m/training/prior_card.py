@@ -43,7 +43,11 @@ def wall_seconds(scalars: dict[str, list]) -> float:
 
 
 def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50, seed: int = 0) -> Path:
-    """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG."""
+    """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG.
+
+    The DDIM direction uses the noise recomputed from the clipped x̂0 (diffusers' ``use_clipped_model_output=True``,
+    what ``ud2m``'s own DDIM does): with the raw ε̂ next to a clipped x̂0, the first steps on a linear β schedule
+    (where the raw x̂0 is far outside [−1, 1]) pull every sample of the photos prior to the same grey patch."""
     from diffusers import DDIMPipeline, DDIMScheduler
     from torchvision.utils import make_grid, save_image
 
@@ -51,7 +55,7 @@ def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50,
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
-                  output_type="np").images  # fmt: skip
+                  use_clipped_model_output=True, output_type="np").images  # fmt: skip
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
     save_image(make_grid(x, nrow=int(num**0.5), padding=1), out)
     return out
@@ -71,7 +75,7 @@ def cm_sample_grid(prior: str | Path, teacher: str | Path, out: Path, *, num: in
             scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
             pipe = DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        kwargs = {"eta": 0.0} if folder == teacher else {}
+        kwargs = {"eta": 0.0, "use_clipped_model_output": True} if folder == teacher else {}
         images = pipe(batch_size=num, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                       output_type="np", **kwargs).images  # fmt: skip
         rows.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2))
@@ -127,7 +131,8 @@ def write_card(
         "train_wall_seconds": wall_seconds(scalars),
         "train_loss": train,
         "val_loss": scalar_curve(scalars, "val/loss"),
-        "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline)",
+        "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline, "
+        "use_clipped_model_output=True)",
     }
     if teacher is not None:
         teacher_path = Path(teacher)

@@ -1,0 +1,28 @@
+"""``python -m ud2m train ...`` / ``python -m ud2m sample ...``: the two entry points without the scripts."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``train`` and ``sample`` (the rest of the words go to that command)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = ("train", "sample")
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m ud2m {{{','.join(commands)}}} [options]   (e.g. python -m ud2m sample --help)")
+        raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from ud2m.cli.train import main as train_main
+
+        sys.argv = [f"{sys.argv[0]} train", *rest]  # LightningCLI reads sys.argv itself
+        train_main()
+        return
+    from ud2m.cli.sample import main as sample_main
+
+    sample_main(rest)
+
+
+if __name__ == "__main__":
+    main()
