@@ -5,7 +5,9 @@ DDPM teachers.
   Fréchet distance (FID-type, squared W2 of the Gaussian fits) of ``--num`` samples to the 1,707 training digits for
   the teacher's 50-step DDIM and its one call at t = 999 (the Tweedie mean), and the CM's 1-, 2- and 4-step sampling
   (diffusers' LCM grid), with the held-out 90 digits as the floor (a finite-sample reference: real against real).
-- ``report``: the table into ``benchmarks/results/consistency.md`` and the README between the ``consistency``
+- ``posterior``: LATINO-8 as a posterior sampler on each prior (S samples per held-out digit, ×4 SR), with the
+  settings ``benchmarks/quality.py digits`` tuned for it: PSNR of the mean and of one sample, CFID, FID, coverage.
+- ``report``: the tables into ``benchmarks/results/consistency.md`` and the README between the ``consistency``
   markers. LATINO and UD2M on the CM priors are rows of ``benchmarks/quality.py`` (same images, seeds, operators).
 
     python benchmarks/consistency.py uncond --cm ud2m/assets/priors/digits-cm
@@ -85,6 +87,60 @@ def suite_uncond(args) -> dict:
     return rows
 
 
+@torch.inference_mode()
+def suite_posterior(args) -> dict:
+    """LATINO-8 as a posterior sampler on the DDPM and on its CM: S samples per held-out digit (×4 SR, σ_y = 0.05)
+    with the settings the quality benchmark tuned for each prior (read from ``quality_digits.json``), scored like
+    the UD2M grid (PSNR of the mean and of one sample, CFID, FID, coverage in the digits VAE space)."""
+    import importlib.util
+
+    from ud2m.embedding import digits_crops, load_digits_embedding
+    from ud2m.operators.noise import measure
+    from ud2m.operators.presets import load_preset
+    from ud2m.priors.pixel import PixelDiffusionPrior
+    from ud2m.solvers import latino_posterior
+    from ud2m.solvers.weights import ConstantGamma
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    tuned = json.loads((RESULTS / "quality_digits.json").read_text())["problems"]["sr_x4"]
+    vae, x = load_digits_embedding(), digits_crops("val")
+    preset = load_preset("ud2m/mnist_sr_x4")
+    op, sigma_y = preset.operator, preset.sigma_y
+    y = measure(op, x, sigma_y, generator=torch.Generator().manual_seed(0))  # the UD2M grid's observations
+    e_x, e_y = vae.embed(x), vae.embed(op.lift(y))
+    rows = {}
+    for name, folder in (("digits", args.teacher), ("digits-cm", args.cm)):
+        key = next(k for k, r in tuned.items() if k.startswith("LATINO") and "tuned" in k and
+                   (("consistency" in k) == (name == "digits-cm")))  # fmt: skip
+        options = tuned[key]["solver_options"]
+        prior = PixelDiffusionPrior.from_pretrained(folder)
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(x))]
+        start = time.perf_counter()
+        _, _, xs, nfe = latino_posterior(
+            prior, op, y, num_samples=args.samples, generator=gens, keep_samples=True, sigma_y=sigma_y,
+            timesteps=tuple(options["timesteps"]), weights=ConstantGamma(options["gamma"]),
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        rows[f"LATINO-8 on {name}, tuned {key.split('tuned ')[-1]}"] = {
+            "nfe": nfe // args.samples,
+            **quality.posterior_metrics(xs, x, vae, e_x, e_y, seconds),
+        }
+        r = next(reversed(rows.values()))
+        print(f"{name}: PSNR(mean) {r['psnr_mean']['mean']:.2f} one {r['psnr_sample']['mean']:.2f} "
+              f"CFID {r['cfid']:.3f} cal.err {r['coverage_calibration_error']:.3f}", flush=True)  # fmt: skip
+    grid = (
+        json.loads((RESULTS / "quality_grid.json").read_text())["cells"]
+        if (RESULTS / "quality_grid.json").is_file()
+        else {}
+    )
+    for k, n in (("2", "4"), ("4", "2"), ("8", "1")):  # UD2M cells of about the same NFE, for reference
+        if k in grid and n in grid[k]:
+            rows[f"UD2M K = {k}, N = {n} (quality grid)"] = grid[k][n]
+    return rows
+
+
 def report() -> str:
     """Markdown table from ``consistency_uncond.json`` (README section and ``consistency.md``)."""
     f = RESULTS / "consistency_uncond.json"
@@ -105,6 +161,24 @@ def report() -> str:
         lines.append(f"| {name} | {r['nfe']} | {r['fid']:.3f} | {ratio} |")
     meta = data["meta"]
     lines += ["", f"*{meta['command']}; {meta['threads']} thread(s), load average {meta['load_average'][0]:.1f}.*"]
+    f = RESULTS / "consistency_posterior.json"
+    if f.is_file():
+        post = json.loads(f.read_text())
+        lines += [
+            "",
+            f"**Digits ×4 SR, σ_y = 0.05: LATINO as a posterior sampler ({post['samples']} samples per held-out digit, "
+            "the UD2M grid's observations and metrics)**",
+            "",
+            "| sampler | NFE | PSNR of the mean | PSNR of one sample | CFID | FID | coverage calibration error |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in post["rows"].items():
+            lines.append(
+                f"| {name} | {r['nfe']} | {r['psnr_mean']['mean']:.2f} | {r['psnr_sample']['mean']:.2f} | "
+                f"{r['cfid']:.3f} | {r['fid']:.3f} | {r['coverage_calibration_error']:.3f} |"
+            )
+        meta = post["meta"]
+        lines += ["", f"*{meta['command']}; {meta['threads']} thread(s), load average {meta['load_average'][0]:.1f}.*"]
     text = "\n".join(lines)
     (RESULTS / "consistency.md").write_text(text + "\n")
     body = README.read_text() if README.is_file() else ""
@@ -117,7 +191,8 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["uncond", "report"])
+    parser.add_argument("suite", choices=["uncond", "posterior", "report"])
+    parser.add_argument("--samples", type=int, default=8, help="posterior: samples per observation")
     parser.add_argument("--teacher", type=Path, default=PRIORS / "digits")
     parser.add_argument("--cm", type=Path, default=PRIORS / "digits-cm")
     parser.add_argument("--cm_steps", type=int, nargs="+", default=[1, 2, 4])
@@ -129,12 +204,17 @@ def main() -> None:
     if args.suite == "report":
         report()
         return
+    meta = {"threads": torch.get_num_threads()}
+    if args.suite == "posterior":
+        rows = suite_posterior(args)
+        meta.update(command=f"python benchmarks/consistency.py posterior --samples {args.samples}",
+                    load_average=os.getloadavg())  # fmt: skip
+        out = RESULTS / "consistency_posterior.json"
+        out.write_text(json.dumps({"samples": args.samples, "rows": rows, "meta": meta}, indent=2) + "\n")
+        return
     rows = suite_uncond(args)
-    meta = {
-        "command": "python benchmarks/consistency.py uncond --cm " + os.path.relpath(args.cm, ROOT),
-        "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-    }
+    meta.update(command="python benchmarks/consistency.py uncond --cm " + os.path.relpath(args.cm, ROOT),
+                load_average=os.getloadavg())  # fmt: skip
     args.out.write_text(json.dumps({"num": args.num, "rows": rows, "meta": meta}, indent=2) + "\n")
 
 

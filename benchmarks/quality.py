@@ -167,12 +167,13 @@ def run_method(sample, name: str, out: Path, *, input: str, operator: str | None
     return {**result["summary"], "output_dir": str(out)}  # the images of the sample figures
 
 
-def tune(sample, work: Path, tune_input: str, operator: str, method: str, candidates: dict, **common):
+def tune(sample, work: Path, tune_input: str, operator: str, method: str, candidates: dict, label=None, **common):
     """The candidate of ``method`` with the best mean PSNR on the tuning images (never the test images).
 
     Args:
         candidates: ``{key: sample() keywords}``; ``key`` names the run's folder ``tune_<method>_<key>`` and its
             score.
+        label: names the folders (``tune_<label>_<key>``) instead of ``method`` (e.g. ``latino_cm``).
         common: keywords of every run (model, num_steps).
 
     Returns:
@@ -180,10 +181,11 @@ def tune(sample, work: Path, tune_input: str, operator: str, method: str, candid
     """
     scores = {}
     for key, kw in candidates.items():
-        out = work / f"tune_{method}_{key}"
+        out = work / f"tune_{label or method}_{key}"
         run_method(
-            sample, f"tune {method} {key}", out, input=tune_input, operator=operator, method=method, **common, **kw
-        )
+            sample, f"tune {label or method} {key}", out, input=tune_input, operator=operator, method=method,
+            **common, **kw,
+        )  # fmt: skip
         scores[key] = tuning_score(out)
     finite = {k: v for k, v in scores.items() if v is not None}
     if not finite:
@@ -241,7 +243,9 @@ def latino_tuned_row(
 ) -> dict:
     """LATINO on ``model`` with its time grid and data step tuned on the tuning images (as DPS and DiffPIR are)."""
     candidates = latino_candidates()
-    best, scores = tune(sample, work, tune_input, operator, "latino" + suffix, candidates, model=str(model))
+    best, scores = tune(
+        sample, work, tune_input, operator, "latino", candidates, label="latino" + suffix, model=str(model)
+    )
     options = candidates[best]["solver_options"]
     out = work / f"latino{suffix}_{best}"
     summary = run_method(sample, "latino" + suffix, out, input=test_input, operator=operator, method="latino",
@@ -437,18 +441,24 @@ def posterior_samples(
 
 def grid_cell(model, op, x, y, sigma_y, vae, e_x, e_y, *, num_steps: int, samples: int, chunk: int) -> dict:
     """Distortion, CFID, FID and coverage of one (K, N) cell."""
-    from ud2m.metrics import cfid, coverage, frechet_distance, psnr, ssim
-
     start = time.perf_counter()
     xs = posterior_samples(model, op, y, sigma_y, x.shape, num_steps=num_steps, samples=samples, seed=1, chunk=chunk)
     seconds = time.perf_counter() - start
+    return {"nfe": num_steps * model.num_blocks, **posterior_metrics(xs, x, vae, e_x, e_y, seconds)}
+
+
+def posterior_metrics(xs, x, vae, e_x, e_y, seconds: float) -> dict:
+    """PSNR of the sample mean and of one sample, CFID, FID and coverage in the digits VAE space of posterior
+    samples ``xs`` ``(B, S, C, H, W)`` of the truths ``x`` (embeddings ``e_x``, observations' ``e_y``)."""
+    from ud2m.metrics import cfid, coverage, frechet_distance, psnr, ssim
+
+    samples = xs.shape[1]
     mean = xs.mean(1)
     e_s = torch.cat([vae.embed(c) for c in xs.flatten(0, 1).split(1024)]).view(x.shape[0], samples, -1)
     rep = lambda e: e.repeat_interleave(samples, 0)  # noqa: E731
     cov = coverage(e_s, e_x)
     p_mean, p_one = psnr(mean, x), psnr(xs[:, 0], x)
     return {
-        "nfe": num_steps * model.num_blocks,
         "psnr_mean": {"mean": float(p_mean.mean()), "std": float(p_mean.std())},
         "psnr_sample": {"mean": float(p_one.mean()), "std": float(p_one.std())},
         "ssim_mean": float(ssim(mean, x).mean()),

@@ -96,9 +96,10 @@ class ConsistencyDistillation(pl.LightningModule):
         teacher: the teacher's diffusers folder (``PixelDiffusionPrior.from_pretrained``; a DDPM, not a CM).
         method: ``"trajectory"`` (regression onto the teacher's ODE end points) or ``"cd"`` (LCM-style consistency
             distillation with a one-step teacher DDIM target).
-        num_trajectories: M, teacher trajectories of ``"trajectory"`` (computed at the start of fit, from seeds).
+        num_trajectories: M, teacher trajectories of ``"trajectory"``: computed at the start of every fit (also
+            a resumed one: they are a deterministic function of the seed, not saved) on every DDP rank.
         trajectory_batch: batch size of the trajectory computation.
-        num_points: :math:`N`, points of the skip-step grid (:func:`consistency_grid`; 50 as LCM: k = 20).
+        num_points: :math:`N`, points of the skip-step grid (:func:`consistency_grid`; LCM uses 50, k = 20).
         target: ``"ema"`` (:math:`\theta^-` = EMA of the student, LCM) or ``"self"`` (:math:`\theta^- = \theta`
             without gradient, improved consistency training).
         target_decay: μ of the ``"ema"`` target.
@@ -106,8 +107,10 @@ class ConsistencyDistillation(pl.LightningModule):
         huber_c: c of the pseudo-Huber distance; None: :math:`0.00054\sqrt{\dim}`.
         clip_teacher: clip the teacher's x̂0 to [-1, 1] in its DDIM step (None: the teacher scheduler's
             ``clip_sample``, as diffusers' DDIM pipeline samples it).
-        prediction_type: how the student's output is read (``epsilon``, ``v_prediction``, ``sample``); None: as
-            the teacher. The student starts from the teacher's weights whatever this is.
+        prediction_type: how the student's output is read (``epsilon``, ``v_prediction``, ``sample``; None: as
+            the teacher). The student starts from the teacher's weights whatever this is. ``v_prediction`` by
+            default: an ε output cannot express a one-call sample at t = 999 on a linear β schedule
+            (x̂0 = (z − b ε̂)/a amplifies ε̂'s error 1/a_999 ≈ 156-fold; docs/prior_training.md §6).
         timestep_scaling: κ of the boundary scalings (10: c_skip(0) = 1 and c_skip(19) ≈ 7e-6, as LCM).
         sigma_data: σ_d of the boundary scalings (0.5, fixed by diffusers' ``LCMScheduler``).
         lr, betas, weight_decay, warmup_steps, clip_norm: AdamW, linear warm-up, global-norm clipping.
@@ -122,18 +125,18 @@ class ConsistencyDistillation(pl.LightningModule):
         teacher: str,
         *,
         method: Literal["trajectory", "cd"] = "trajectory",
-        num_trajectories: int = 4096,
+        num_trajectories: int = 2048,
         trajectory_batch: int = 256,
-        num_points: int = 50,
+        num_points: int = 25,
         target: Literal["ema", "self"] = "ema",
         target_decay: float = 0.95,
         distance: Literal["huber", "l2"] = "huber",
         huber_c: float | None = None,
         clip_teacher: bool | None = None,
-        prediction_type: str | None = None,
+        prediction_type: str | None = "v_prediction",
         timestep_scaling: float = 10.0,
         sigma_data: float = 0.5,
-        lr: float = 1e-4,
+        lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
