@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -31,6 +32,8 @@ class ModuleCLI(LightningCLI):
     data_links: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        # our frozen priors (and an EMA target) are in eval mode by design (algorithms.md §3.1): not a user's problem
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
