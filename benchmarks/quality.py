@@ -75,6 +75,7 @@ GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
 # scaled-linear schedule, a_999 = 0.068) spends its first steps on draws that ignore the current estimate.
 LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
+DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
 
 
 def load_entry(name: str, attr: str):
@@ -367,6 +368,8 @@ def suite_digits(args) -> dict:
         (f"UD2M ({_steps(long)} steps), N x K = 3 x 3", long, {}),
         (f"UD2M ({_steps(long)} steps), N x K = 4 x 3", long, {"num_steps": 4}),
     ]
+    longest = ensure_export(quickstart_config(3, max_steps=DIGITS_LONGEST_STEPS), work / "ud2m_K3_longest")
+    ud2m_rows.append((f"UD2M ({_steps(longest)} steps), N x K = 3 x 3", longest, {}))
     if (PRIORS / "digits-cm").is_dir():  # the same distillation on the consistency-model base (issue [consistency])
         on_cm = ensure_export(quickstart_config(3, prior="digits-cm"), work / "ud2m_K3_cm")
         ud2m_rows.append((f"UD2M quick start on digits-cm ({_steps(on_cm)} steps), N x K = 3 x 3", on_cm, {}))

@@ -118,3 +118,17 @@ def test_quality_benchmark_photos_configs_parse_with_each_presets_operator(probl
     assert cli.config.model.sigma_y == preset.sigma_y
     init = cli.config.model.sampler.init_args  # the default noise rule serves every problem (§7.1 revision)
     assert init.get("noise_rule", "prior") == "prior" and init.get("rho_sigma_scale", 1.0) == 1.0
+
+
+def test_train_help_lists_every_command():
+    """``train.py --help`` names export and the prior commands before LightningCLI's own usage (issue [api])."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "train.py"), "--help"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("export --ckpt", "prior fit", "prior distil", "prior export", "prior card", "fit | validate"):
+        assert command in proc.stdout, command
+    assert proc.stdout.index("prior distil") < proc.stdout.index("usage:")
+    assert "not recommended to provide both args and command line arguments" not in proc.stderr

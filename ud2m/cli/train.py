@@ -11,6 +11,15 @@ from __future__ import annotations
 
 import sys
 
+COMMANDS = """commands of train.py / ud2m-train:
+  fit | validate | test | predict ...     UD2M training (LightningCLI; its options follow)
+  export --ckpt CKPT --out DIR            export a UD2M checkpoint for sample.py --checkpoint
+  prior fit ...                           train a pixel diffusion prior (docs/prior_training.md)
+  prior distil ...                        distil a pixel prior into a consistency model
+  prior export --ckpt CKPT --out DIR      export a prior (or a distilled consistency model) checkpoint
+  prior card --prior DIR --run RUN ...    write a prior's data card (card.json, samples.png)
+"""
+
 
 def main(args: list[str] | None = None) -> None:
     """``export`` / ``prior export`` run :func:`ud2m.training.cli.export_command`, ``prior ...`` the base-prior CLI;
@@ -30,4 +39,6 @@ def main(args: list[str] | None = None) -> None:
         return
     from ud2m.training.cli import UD2MCLI
 
-    UD2MCLI(args=argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(COMMANDS)
+    UD2MCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
