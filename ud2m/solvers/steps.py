@@ -173,11 +173,11 @@ def consistency_sampling(
             re-noise per step, in diffusers' order.
         device: device of the samples.
     """
+    if len(timesteps) == 0:
+        raise ValueError("consistency_sampling: timesteps is empty")
     z = randn(shape, generator, device=device)
     B = z.shape[0]
-    for k, t in enumerate(timesteps):
+    for k, t in enumerate(timesteps[:-1]):
         x_hat = prior.predict_x0(z, torch.full((B,), float(t), device=z.device), cond)
-        if k == len(timesteps) - 1:
-            return x_hat
         z = renoise(prior, x_hat, torch.full((B,), float(timesteps[k + 1]), device=z.device), generator)
-    raise ValueError("consistency_sampling: timesteps is empty")
+    return prior.predict_x0(z, torch.full((B,), float(timesteps[-1]), device=z.device), cond)
