@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -53,6 +54,7 @@ from ud2m.solvers.steps import consistency_sampling, ddim_step
 from ud2m.training.base_cli import ModuleCLI
 from ud2m.training.callbacks import EMA
 from ud2m.training.module import mix_seed
+from ud2m.training.prior_module import AdamWWarmup
 from ud2m.utils import append_dims, randn
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def consistency_function(
 
 
 # ------------------------------------------------------------------------------------------------ the module
-class ConsistencyDistillation(pl.LightningModule):
+class ConsistencyDistillation(AdamWWarmup, pl.LightningModule):
     r"""Distil a frozen pixel prior (the teacher) into a consistency model (algorithms.md §3.3).
 
     Args:
@@ -284,26 +286,6 @@ class ConsistencyDistillation(pl.LightningModule):
         for p_target, p in zip(self.target_unet.parameters(), self.unet.parameters(), strict=True):
             p_target.lerp_(p.detach(), 1.0 - mu)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the student plus a per-step linear warm-up."""
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        warmup = max(int(hp.warmup_steps), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Global-norm clipping at ``clip_norm`` unless the Trainer sets ``gradient_clip_val``."""
-        value = gradient_clip_val if gradient_clip_val is not None else self.hparams.clip_norm
-        if value is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm)
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """An EMA of the student for validation and export when ``ema_halflife_steps`` is set."""
-        if self.hparams.ema_halflife_steps is None:
-            return []
-        return [EMA(halflife_steps=self.hparams.ema_halflife_steps)]
-
     # ------------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
         """``val/loss`` (the one-interval self-consistency on data, fixed noise; 0 for a perfect CM) at every grid
@@ -368,14 +350,12 @@ class ConsistencyDistillation(pl.LightningModule):
         )
         return dict(scheduler.config)
 
-    def save_pretrained(self, folder: str, ema: EMA | None = None):
+    def save_pretrained(self, folder: str | Path, ema: EMA | None = None) -> Path:
         """Write a diffusers ``DDPMPipeline`` folder with an ``LCMScheduler`` (``unet/``, ``scheduler/``).
 
         ``DiffusionPipeline.from_pretrained(folder)`` samples it as a consistency model;
         ``PixelDiffusionPrior.from_pretrained(folder)`` loads it with ``boundary="lcm"``.
         """
-        from pathlib import Path
-
         with ema.swapped(self) if ema is not None and ema.shadow is not None else contextlib.nullcontext():
             unet = copy.deepcopy(self.unet).cpu().eval().float()
         scheduler = LCMScheduler.from_config(self.scheduler_config())

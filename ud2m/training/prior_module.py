@@ -123,8 +123,37 @@ def sample_ddim(
     return x
 
 
+# ------------------------------------------------------------------------------------------------ optimisation
+class AdamWWarmup:
+    """The optimisation of the prior modules (:class:`DiffusionPriorTraining`, and the consistency distillation of
+    :mod:`ud2m.training.consistency_module`): AdamW on ``self.unet`` with a per-step linear warm-up, global-norm
+    clipping at ``clip_norm`` and an EMA callback when ``ema_halflife_steps`` is set (the module's hyperparameters
+    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``clip_norm``, ``ema_halflife_steps``). Mix in before
+    ``pl.LightningModule``."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW plus a per-step linear warm-up (``LambdaLR``, resumed exactly from the checkpoint)."""
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        warmup = max(int(hp.warmup_steps), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Global-norm clipping at ``clip_norm`` unless the Trainer sets ``gradient_clip_val``."""
+        value = gradient_clip_val if gradient_clip_val is not None else self.hparams.clip_norm
+        if value is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """An EMA callback when ``ema_halflife_steps`` is set (it replaces an EMA given to the Trainer)."""
+        if self.hparams.ema_halflife_steps is None:
+            return []
+        return [EMA(halflife_steps=self.hparams.ema_halflife_steps)]
+
+
 # ------------------------------------------------------------------------------------------------ the module
-class DiffusionPriorTraining(pl.LightningModule):
+class DiffusionPriorTraining(AdamWWarmup, pl.LightningModule):
     r"""Train a pixel ``UNet2DModel`` with the DDPM objective (Ho et al. 2020, Algorithm 1) and export it.
 
     Loss per sample: :math:`\lVert f_\theta(\sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\varepsilon, t) -
@@ -238,26 +267,6 @@ class DiffusionPriorTraining(pl.LightningModule):
         loss = self.loss(x0, t, eps).mean()  # 4. gradient step on the MSE
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x0.shape[0])
         return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW plus a per-step linear warm-up (``LambdaLR``, resumed exactly from the checkpoint)."""
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        warmup = max(int(hp.warmup_steps), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Global-norm clipping at ``clip_norm`` unless the Trainer sets ``gradient_clip_val``."""
-        value = gradient_clip_val if gradient_clip_val is not None else self.hparams.clip_norm
-        if value is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm)
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """An EMA callback when ``ema_halflife_steps`` is set (it replaces an EMA given to the Trainer)."""
-        if self.hparams.ema_halflife_steps is None:
-            return []
-        return [EMA(halflife_steps=self.hparams.ema_halflife_steps)]
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
