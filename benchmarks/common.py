@@ -1,10 +1,12 @@
-"""Timing helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``): timing, and writing a
+generated section between two markers of the README."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -21,3 +23,14 @@ def median_ms(fn: Callable[[], object], repeats: int, device: str | torch.device
         sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def replace_section(path: Path, begin: str, end: str, text: str) -> bool:
+    """Put ``text`` between the marker lines ``begin`` and ``end`` of the file ``path`` (a README section that a
+    benchmark generates); the file is left alone when it lacks either marker. Returns whether it was written."""
+    body = path.read_text() if path.is_file() else ""
+    if begin not in body or end not in body:
+        return False
+    head, rest = body.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    return True

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
+from common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -181,10 +185,7 @@ def report() -> str:
         lines += ["", f"*{meta['command']}; {meta['threads']} thread(s), load average {meta['load_average'][0]:.1f}.*"]
     text = "\n".join(lines)
     (RESULTS / "consistency.md").write_text(text + "\n")
-    body = README.read_text() if README.is_file() else ""
-    if README_BEGIN in body and README_END in body:
-        head, rest = body.split(README_BEGIN, 1)
-        README.write_text(head + README_BEGIN + "\n" + text + "\n" + README_END + rest.split(README_END, 1)[1])
+    replace_section(README, README_BEGIN, README_END, text)
     print(text)
     return text
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from ud2m.operators import measure, sigma_internal
 from ud2m.operators.superres import SuperResolution
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, sample_gaussian
 from ud2m.unfolded import UnfoldedSampler, sample_ud2m
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
+from common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -286,10 +290,7 @@ README_END = "<!-- gaussian:end -->"
 
 def write_readme(table: str, readme: Path = ROOT / "README.md") -> str:
     """Put ``table`` between the gaussian markers of the README (when both are present)."""
-    body = readme.read_text()
-    if README_BEGIN in body and README_END in body:
-        head, rest = body.split(README_BEGIN, 1)
-        readme.write_text(head + README_BEGIN + "\n" + table + "\n" + README_END + rest.split(README_END, 1)[1])
+    replace_section(readme, README_BEGIN, README_END, table)
     return table
 
 

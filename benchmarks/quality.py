@@ -38,12 +38,16 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
+from common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -742,11 +746,7 @@ def report(args=None) -> str:
     figures = make_figures(grid, suites, RESULTS / "figures")
     text = "\n".join(parts + figure_links(figures, RESULTS))
     (RESULTS / "quality.md").write_text(text + "\n")
-    body = README.read_text() if README.is_file() else ""
-    if README_BEGIN in body and README_END in body:
-        section = "\n".join(parts + figure_links(figures, README.parent))
-        head, rest = body.split(README_BEGIN, 1)
-        README.write_text(head + README_BEGIN + "\n" + section + "\n" + README_END + rest.split(README_END, 1)[1])
+    replace_section(README, README_BEGIN, README_END, "\n".join(parts + figure_links(figures, README.parent)))
     print(text)
     return text
 
