@@ -243,22 +243,24 @@ def latino_candidates() -> dict[str, dict]:
     return out
 
 
-def latino_tuned_row(
+def latino_rows(
     sample, work: Path, *, model: Path, suffix: str, test_input: str, tune_input: str, operator: str
 ) -> dict:
-    """LATINO on ``model`` with its time grid and data step tuned on the tuning images (as DPS and DiffPIR are)."""
+    """LATINO on ``model`` with the preset (LCM's grid, the operator's weight rule), then with its time grid and data
+    step tuned on the tuning images (as DPS and DiffPIR are); ``suffix`` ("" or "_cm") names the work folders."""
+    where = f", on {model.name} (consistency model)" if suffix else ""
+    common = dict(input=test_input, operator=operator, method="latino", model=str(model))
+    rows = {f"LATINO, 8 steps{where}": run_method(sample, "latino" + suffix, work / f"latino{suffix}", **common)}
     candidates = latino_candidates()
     best, scores = tune(
         sample, work, tune_input, operator, "latino", candidates, label="latino" + suffix, model=str(model)
     )
     options = candidates[best]["solver_options"]
-    out = work / f"latino{suffix}_{best}"
-    summary = run_method(sample, "latino" + suffix, out, input=test_input, operator=operator, method="latino",
-                         model=str(model), solver_options=options)  # fmt: skip
+    summary = run_method(sample, "latino" + suffix, work / f"latino{suffix}_{best}", solver_options=options, **common)
     gamma = f"γ = {options['gamma']:g}" if "gamma" in options else "preset weights"
-    where = f", on {model.name} (consistency model)" if suffix else ""
     name = f"LATINO, 8 steps{where}, tuned (t ≤ {options['timesteps'][0]}, {gamma})"
-    return {name: {**summary, "solver_options": options, "tuning": scores}}
+    rows[name] = {**summary, "solver_options": options, "tuning": scores}
+    return rows
 
 
 def classical_rows(sample, work: Path, *, test_input: str, tune_input: str, operator: str) -> dict:
@@ -330,14 +332,9 @@ def run_problem(
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
     rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
     rows.update(classical_rows(sample, work, operator=operator, **inputs))
-    rows["LATINO, 8 steps"] = run_method(sample, "latino", work / "latino", method="latino", model=str(prior), **kw)
     latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
     for model, suffix in latino_priors:
-        if suffix:
-            name = f"LATINO, 8 steps, on {model.name} (consistency model)"
-            rows[name] = run_method(sample, "latino" + suffix, work / f"latino{suffix}", method="latino",
-                                    model=str(model), **kw)  # fmt: skip
-        rows.update(latino_tuned_row(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
+        rows.update(latino_rows(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
     options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
     rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:
