@@ -268,6 +268,29 @@ def test_mask_shape_mismatch():
         Inpainting(torch.full((8, 8), 0.5))
 
 
+def test_at_size_redraws_size_bound_masks_and_keeps_everything_else():
+    random = RandomInpainting(256, p_obs=0.3, seed=7)
+    assert torch.equal(random.at_size((32, 48)).mask, RandomInpainting((32, 48), p_obs=0.3, seed=7).mask)
+    assert random.at_size((256, 256)) is random
+    box = BoxInpainting(256, 128, position="center").at_size((32, 32)).mask[0, 0]
+    assert torch.equal(box, BoxInpainting(32, 16, position="center").mask[0, 0])  # half the side at any size
+    band = BoxInpainting(1024, (204, 822), position=(375, 101)).at_size((64, 64)).mask[0, 0]
+    missing = (band == 0).nonzero()
+    assert missing.min(0).values.tolist() == [23, 6] and (missing.max(0).values - missing.min(0).values).tolist() == [
+        12,
+        50,
+    ]  # rows round(375/16) .. +round(204/16) - 1, columns round(101/16) .. +round(822/16) - 1
+    fixed = Inpainting(torch.ones(8, 8))
+    assert fixed.at_size((8, 8)) is fixed
+    with pytest.raises(ValueError, match="fixed 8x8 asset and takes only 8x8 images, got 16x16"):
+        fixed.at_size((16, 16))
+    sr = SuperResolution(4)
+    assert sr.at_size((64, 64)) is sr
+    composed = Compose(RandomInpainting(8, seed=1), SuperResolution(2)).at_size((32, 32))
+    assert composed.A(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 16, 16)
+    assert torch.equal(composed.outer.mask, RandomInpainting(16, seed=1).mask)
+
+
 def test_wrong_ndim_and_batch():
     with pytest.raises(ValueError, match=r"expected a 4-D batch \(B, C, H, W\), got shape \(3, 8, 8\)"):
         GaussianBlur(1.0, 3).A(torch.zeros(3, 8, 8))

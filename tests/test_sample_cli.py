@@ -117,6 +117,32 @@ def test_classical_methods_without_a_model(method, tmp_path):
     assert np.isfinite([row["psnr"], row["ssim"], row["data_consistency"]]).all()
 
 
+@pytest.mark.parametrize("preset, observed", [("ud2m/inpaint_random", 0.3), ("dps/inpaint_box", 1 - 0.5**2)])
+def test_mask_presets_are_drawn_for_the_image_size(preset, observed, tmp_path):
+    """A 256² preset's Bernoulli mask (30 % observed) or centred half-side box restores a 32² crop: the mask is drawn
+    for 32² with the preset's seed, written as <stem>_mask.png, and identical in a second run."""
+    first = run(tmp_path / "a", input="skimage:astronaut", operator=preset, method="tikhonov")
+    mask = read_png(tmp_path / "a" / "astronaut_mask.png") / 255
+    assert mask.shape == (CROP, CROP) and set(np.unique(mask)) == {0.0, 1.0}
+    assert abs(mask.mean() - observed) < 0.1 and np.isfinite(first["images"][0]["psnr"])
+    y = read_png(tmp_path / "a" / "astronaut_y.png")
+    assert (y[mask == 0] == 0).all()  # y.png is y + A(1) - 1 (internal scale): -1, i.e. 0 on [0, 1], where unobserved
+    run(tmp_path / "b", input="skimage:astronaut", operator=preset, method="tikhonov")
+    assert (read_png(tmp_path / "b" / "astronaut_mask.png") == mask * 255).all()
+
+
+def test_a_fixed_mask_file_names_the_size_it_takes(tmp_path):
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((48, 48), 255, np.uint8)).save(mask)
+    preset = tmp_path / "mask.yaml"
+    preset.write_text(
+        f"operator:\n  class_path: ud2m.operators.inpainting.Inpainting\n  init_args: {{mask: {mask}}}\nsigma_y: 0.01\n"
+    )
+    with pytest.raises(ValueError, match=r"astronaut.*fixed 48x48 asset and takes only 48x48 images, got 32x32"):
+        run(tmp_path / "out", input="skimage:astronaut", operator=str(preset), method="tikhonov")
+    assert not (tmp_path / "out").exists()
+
+
 def test_lpips_is_reported_only_with_backbone_weights(tmp_path, monkeypatch):
     import torchvision
 

@@ -4,7 +4,8 @@ loading, batching of images x posterior samples, resume, outputs and metrics (al
 Every check that can fail (inputs, operator preset, model folder, image sizes against the operator and the prior)
 runs in :func:`prepare`, BEFORE anything is written; :func:`run` then only restores and writes. Outputs per image:
 ``<stem>_restored.png`` (posterior mean), ``<stem>_std.png`` (pixelwise std, 16-bit gray, S > 1), ``<stem>_y.png``
-(the measurement on [0, 1], readable back with ``simulate=False``), plus ``metrics.json`` / ``metrics.csv`` for the
+(the measurement on [0, 1], readable back with ``simulate=False``), ``<stem>_mask.png`` when a preset's random
+mask or box was drawn for the image's size (:func:`operator_at`), plus ``metrics.json`` / ``metrics.csv`` for the
 whole folder. Images whose outputs exist are skipped (resume, only into a folder written with the same settings:
 :mod:`ud2m.cli.resume`); nothing is ever deleted.
 
@@ -114,6 +115,16 @@ class Job:
     preset_size: int | None = None
     sigma_data: float | None = None  # noise level of the data term (JPEG presets: sigma_eff, §2.6); None: sigma_y
     run: dict[str, Any] = field(default_factory=dict)
+    sized_ops: dict[tuple[int, int], Any] = field(default_factory=dict)  # operator_at's cache
+
+
+def operator_at(job: Job, hw: tuple[int, int]) -> Any:
+    """The job's operator for ``H x W`` images: a preset's random mask or box is drawn for the image's size (same
+    seed; :meth:`~ud2m.operators.base.LinearOperator.at_size`), a fixed-size asset refuses other sizes."""
+    hw = (int(hw[0]), int(hw[1]))
+    if hw not in job.sized_ops:
+        job.sized_ops[hw] = job.op.at_size(hw).float().eval().to(job.device)
+    return job.sized_ops[hw]
 
 
 # ============================================================================================== entry point
@@ -432,8 +443,11 @@ def _x_shape(job: Job, source: str) -> tuple[int, int, int]:
         y_like = torch.zeros(1, C, H, W, device=job.device)
         try:
             x_like = job.op.A_adjoint(y_like) if isinstance(job.op, LinearOperator) else y_like
-        except ValueError as err:
-            raise ValueError(f"{source}: observation of size {H}x{W} does not fit the operator: {err}") from err
+        except ValueError:  # a mask drawn for another size: masks keep the size, so draw it for the observation's
+            try:
+                x_like = operator_at(job, (H, W)).A_adjoint(y_like) if isinstance(job.op, LinearOperator) else y_like
+            except ValueError as err:
+                raise ValueError(f"{source}: observation of size {H}x{W} does not fit the operator: {err}") from err
     return (C, *x_like.shape[-2:])
 
 
@@ -449,7 +463,7 @@ def _check_item(job: Job, item: Item) -> None:
         raise ValueError(f"{item.reference}: reference {ref_hw} is smaller than the image {item.x_shape[1:]}")
     try:
         with torch.inference_mode():
-            job.op.A(torch.zeros(x_shape, device=job.device))
+            operator_at(job, item.x_shape[1:]).A(torch.zeros(x_shape, device=job.device))
         if job.prior is not None:
             job.prior.check_shape(x_shape)
     except ValueError as err:
@@ -562,6 +576,8 @@ def grad_mode(method: str):
 def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
     """Restore one batch (B images x S samples as one solver call), write its images, return its metric rows."""
     S = job.options.num_samples
+    preset_op = job.op
+    job = dataclasses.replace(job, op=operator_at(job, batch[0].x_shape[1:]))  # this batch's image size
     x, y = load_batch(job, batch)
     x_shape = (len(batch) * S, *batch[0].x_shape)
     generators = _generators(job, batch, stream=0)
@@ -578,6 +594,8 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
         stats.update(samples.detach().double().reshape(len(batch), S, *samples.shape[1:]), sample_dim=1)
         mean, std = stats.mean.float(), (stats.std.float() if S > 1 else None)
         rows = _metric_rows(job, batch, x, y, mean, samples[::S].detach().float())
+        if job.op is not preset_op and job.op.observed_mask(y) is not None:  # drawn for this size: kept with y
+            extras = {**extras, "mask": job.op.observed_mask(y)}
         _write_outputs(job, batch, y, mean, std, extras)
     peak = _peak_memory_mb(job.device)
     for row in rows:
@@ -660,6 +678,9 @@ def _write_outputs(job: Job, batch: list[Item], y, mean, std, extras) -> None:
             save_image(2 * std01 - 1, paths["std"], bits=16)
         if "cond" in extras:
             _save_condition(job, extras["cond"], i, item)
+        if "mask" in extras:  # white = observed, as --operator's mask files
+            mask = extras["mask"]
+            save_image(2 * mask[i if mask.shape[0] > 1 else 0] - 1, job.options.output_dir / f"{item.stem}_mask.png")
         save_image(mean[i], paths["restored"])
 
 

@@ -54,6 +54,11 @@ class LinearOperator(nn.Module):
         r""":math:`A^\top A x`."""
         return self.A_adjoint(self.A(x))
 
+    def at_size(self, hw: tuple[int, int]) -> LinearOperator:
+        """This operator for ``H x W`` images. Operators whose state is drawn for one size (random masks, boxes)
+        redraw it; the rest return themselves, and their shape checks run when they are applied."""
+        return self
+
     # ------------------------------------------------------------------ proximal maps
     def prox_l2(self, z: torch.Tensor, y: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
         r"""Proximal map of the data term, :math:`\arg\min_x \tfrac{\gamma}{2}\|Ax-y\|^2 + \tfrac12\|x-z\|^2`.
@@ -193,6 +198,10 @@ class NonlinearOperator(nn.Module):
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """The map used by ``measure`` to simulate data (JPEG: exact rounding); default :meth:`A`."""
         return self.A(x)
+
+    def at_size(self, hw: tuple[int, int]) -> NonlinearOperator:
+        """This operator for ``H x W`` images (see :meth:`LinearOperator.at_size`): itself."""
+        return self
 
     def A_vjp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r"""Vector-Jacobian product :math:`J'(x)^\top v` by autograd (graph kept when autograd is on)."""

@@ -44,6 +44,20 @@ class Compose(LinearOperator):
         self.outer = outer
         self.inner = inner
 
+    def at_size(self, hw: tuple[int, int]) -> Compose:
+        """Both factors for ``H x W`` images (the outer one at the inner one's output size)."""
+        inner = self.inner.at_size(hw)
+        with torch.no_grad():
+            y_hw = tuple(inner.A(torch.zeros(1, 1, *hw, device=self._device())).shape[-2:])
+        outer = self.outer.at_size(y_hw)
+        if inner is self.inner and outer is self.outer:
+            return self
+        return Compose(outer, inner, cg_rtol=self.cg_rtol, cg_max_iter=self.cg_max_iter, cg_backward=self.cg_backward)
+
+    def _device(self) -> torch.device:
+        tensor = next(iter(self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
     def A(self, x: torch.Tensor) -> torch.Tensor:
         """``outer.A(inner.A(x))``."""
         return self.outer.A(self.inner.A(x))

@@ -67,6 +67,17 @@ class Inpainting(LinearOperator):
             )
         return self.mask.to(x.dtype)
 
+    def at_size(self, hw: tuple[int, int]) -> Inpainting:
+        """This operator for ``H x W`` images: itself at its mask's size; a given mask is a fixed-size asset, so any
+        other size is refused naming the one it takes (:class:`RandomInpainting` and :class:`BoxInpainting` redraw)."""
+        if tuple(hw) == tuple(self.mask.shape[-2:]):
+            return self
+        H, W = self.mask.shape[-2:]
+        raise ValueError(
+            f"{type(self).__name__}: its mask is a fixed {H}x{W} asset and takes only {H}x{W} images, got "
+            f"{hw[0]}x{hw[1]}"
+        )
+
     def A(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`M \\odot x`."""
         return self._mask_for(x) * x
@@ -120,6 +131,13 @@ class RandomInpainting(Inpainting):
         gen = torch.Generator().manual_seed(seed)
         H, W = _size2(image_size)
         super().__init__((rand((batch_size, 1, H, W), gen) < p_obs).float(), **kw)
+        self._args = dict(p_obs=p_obs, batch_size=batch_size, seed=seed, **kw)
+
+    def at_size(self, hw: tuple[int, int]) -> RandomInpainting:
+        """The same law drawn for ``H x W`` images (same ``p_obs`` and seed): a mask is only defined per size."""
+        if tuple(hw) == tuple(self.mask.shape[-2:]):
+            return self
+        return RandomInpainting(tuple(hw), **self._args).to(self.mask.device)
 
 
 class BoxInpainting(Inpainting):
@@ -151,6 +169,21 @@ class BoxInpainting(Inpainting):
             top, left = _box_position(position, H, W, bh, bw, gen)
             mask[i, :, top : top + bh, left : left + bw] = 0
         super().__init__(mask, **kw)
+        self._box = (H, W, bh, bw, position)
+        self._args = dict(batch_size=batch_size, seed=seed, **kw)
+
+    def at_size(self, hw: tuple[int, int]) -> BoxInpainting:
+        """The same box for ``H x W`` images: its side and a given ``(top, left)`` scaled by the size ratio (a
+        256² preset's 128-pixel centred box is a 16-pixel one at 32²); ``"center"`` and ``"random"`` kept."""
+        if tuple(hw) == tuple(self.mask.shape[-2:]):
+            return self
+        H0, W0, bh, bw, position = self._box
+        H, W = hw
+        box = (max(1, round(bh * H / H0)), max(1, round(bw * W / W0)))
+        if not isinstance(position, str):
+            position = (round(position[0] * H / H0), round(position[1] * W / W0))
+            position = (min(position[0], H - box[0]), min(position[1], W - box[1]))
+        return BoxInpainting((H, W), box, position=position, **self._args).to(self.mask.device)
 
 
 def _box_hw(box_size, H: int, W: int) -> tuple[int, int]:

@@ -58,7 +58,8 @@ def instantiate_operator(spec: dict[str, Any], *, source: str = "<dict>") -> Lin
         cfg = parser.parse_object({"operator": spec})
     except Exception as err:  # jsonargparse raises ArgumentError / ValueError / TypeError
         raise ValueError(f"{source}: invalid operator specification: {err}") from err
-    return parser.instantiate_classes(cfg).operator
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    return instantiate(cfg).operator
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
