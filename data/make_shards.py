@@ -170,6 +170,7 @@ class SplitWriter:
 
     def __init__(self, out: Path, maxcount: int) -> None:
         self.out, self.maxcount, self.writers = out, maxcount, {}
+        self.per_shard: Counter = Counter()  # samples per shard file name (info.json "shards")
 
     def write(self, split: str, sample: dict) -> None:
         """Write one sample dict to ``split``."""
@@ -180,6 +181,7 @@ class SplitWriter:
                 str(self.out / f"{split}-%06d.tar"), maxcount=self.maxcount, verbose=0
             )
         self.writers[split].write(sample)
+        self.per_shard[Path(self.writers[split].fname).name] += 1
 
     def close(self) -> dict[str, int]:
         """Close all writers; return the number of shards per split."""
@@ -235,7 +237,8 @@ def make_shards(sources: list[Source], args: argparse.Namespace, *, ignored: int
     summary = {"train": counts["train"], "val": counts["val"], "train_shards": shards.get("train", 0)}
     summary |= {"val_shards": shards.get("val", 0), "skipped_unreadable": counts["skipped_unreadable"]}
     summary |= {"skipped_small": counts["skipped_small"], "ignored": ignored, "out": str(out)}
-    (out / "info.json").write_text(json.dumps({"summary": summary, "args": vars(args)}, indent=1, default=str))
+    info = {"summary": summary, "shards": dict(sorted(writer.per_shard.items())), "args": vars(args)}
+    (out / "info.json").write_text(json.dumps(info, indent=1, default=str))  # "shards": readers count lost samples
     return summary
 
 

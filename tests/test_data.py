@@ -243,6 +243,23 @@ def test_truncated_tar_keeps_complete_samples(ms, tmp_path):
     assert dm.skipped_samples >= 1
 
 
+def test_a_truncated_shard_counts_every_sample_it_lost(ms, tmp_path, caplog):
+    """Issue [api] 5: make_shards.py records each shard's size in info.json; a shard cut in half yields the samples
+    before the cut, and skipped_samples counts all the others (not one error per truncated tar)."""
+    out = tmp_path / "digits"
+    ms.main(["--from_digits", "--out", str(out), "--limit", "30", "--maxcount", "20", "--quiet"])
+    sizes = json.loads((out / "info.json").read_text())["shards"]
+    assert sum(sizes.values()) == 30 and sizes["train-000000.tar"] == 20
+    shard = out / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    dm = WebDatasetImages(str(out / "train-{000000..000001}.tar"), str(shard), image_size=32, channels=1)
+    with caplog.at_level(logging.WARNING):
+        read = read_all(dm, "val")
+    assert 0 < len(read) < 20
+    assert dm.skipped_samples == 20 - len(read)
+    assert any(f"read {len(read)} of its 20 samples, {20 - len(read)} lost" in r.getMessage() for r in caplog.records)
+
+
 def test_skips_in_workers_reach_the_datamodule_through_lightning(ms, tmp_path):
     import lightning as L
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from ud2m.discriminator import ConditionalDiscriminator
 from ud2m.operators import SuperResolution
@@ -33,14 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "experiments" / "tiny_pixel_sr4.yaml"
 
 
-class OrderedSynthetic(SyntheticImages):
-    """Unshuffled training batches. With one batch per epoch, "4 steps" and "2 + resume 2" read the same batches
-    whatever Lightning does with the data position on resume (a map-style loader restarts its epoch)."""
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=False)
-
-
 def make_model(**kwargs) -> UnfoldedDistillation:
     """A fresh tiny model, identically initialised every time (LoRA A and D are drawn under a forked, seeded RNG;
     LoRA attaches to the prior in place, so every model gets its own prior)."""
@@ -51,8 +42,9 @@ def make_model(**kwargs) -> UnfoldedDistillation:
         return UnfoldedDistillation(sampler, ConditionalDiscriminator(3, 16), **kwargs)
 
 
-def make_data(num_train: int = 2) -> SyntheticImages:
-    return OrderedSynthetic(num_train, 2, batch_size=2, image_size=16, channels=3)
+def make_data(num_train: int = 6) -> SyntheticImages:
+    """Three shuffled batches per epoch, so that the resume tests stop and resume in the middle of an epoch."""
+    return SyntheticImages(num_train, 2, batch_size=2, image_size=16, channels=3)
 
 
 def trainer(max_steps: int, **kwargs) -> pl.Trainer:
@@ -137,7 +129,8 @@ class RestoredState(pl.Callback):
 
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
-    """4 steps straight, and 2 steps + checkpoint + resume to 4 (fixed seeds, num_workers=0)."""
+    """4 steps straight, and 2 steps + checkpoint + resume to 4 (fixed seeds, num_workers=0): the resumed run
+    finishes the first epoch (batch 3) and starts the second, as the straight run does."""
     ckpt = tmp_path_factory.mktemp("resume") / "step2.ckpt"
     straight = make_model()
     trainer(4, callbacks=[EMA(halflife_steps=2)]).fit(straight, make_data())
@@ -284,6 +277,56 @@ def test_ddp_two_cpu_processes_read_different_samples_and_agree(cli_inputs, tmp_
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # split_by_node: disjoint shards per rank
     assert ranks[0]["hash"] == ranks[1]["hash"]  # replicas stay identical
     assert hashlib.sha256().hexdigest() != ranks[0]["hash"]
+
+
+KILLER = """
+import os, signal
+import lightning.pytorch as pl
+
+class KillAtStep(pl.Callback):
+    \"\"\"SIGKILL this process at the end of training step ``step`` (before that step's checkpoint is written).\"\"\"
+    def __init__(self, step: int):
+        self.step = step
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_run(cli_inputs, tmp_path):
+    """Issue [api] 4: killed with SIGKILL mid-epoch (3 batches per epoch, killed in the middle of the second) and
+    resumed from last.ckpt, train.py reads the same batches and ends with the same weights, bit for bit, as a run
+    that was never interrupted (random crops, shuffle buffer and noise all seeded from the position)."""
+    (tmp_path / "ud2m_probe.py").write_text(textwrap.dedent(PROBE) + textwrap.dedent(KILLER))
+    args = [
+        "--trainer.max_steps", "7", "--trainer.val_check_interval", "100", "--trainer.limit_val_batches", "0",
+        "--data.init_args.samples_per_epoch", "12", "--trainer.callbacks+=ud2m_probe.RankProbe",
+    ]  # fmt: skip
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_train(
+        [*common_args(cli_inputs, "straight"), *args, f"--trainer.callbacks.out_dir={straight}"], tmp_path, tmp_path
+    )
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    checkpoints = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=1", f"--trainer.callbacks.dirpath={killed / 'ckpt'}",
+    ]  # fmt: skip
+    first = [*common_args(cli_inputs, "killed"), *args, f"--trainer.callbacks.out_dir={killed}", *checkpoints]
+    kill = ["--trainer.callbacks+=ud2m_probe.KillAtStep", "--trainer.callbacks.step=5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *first, *kill], cwd=killed, env=env, capture_output=True, timeout=900
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]  # killed by the signal, not finished
+    last = killed / "ckpt" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    run_train([*first, "--ckpt_path", str(last)], killed, tmp_path)
+    done, resumed = (json.loads((d / "rank0.json").read_text()) for d in (straight, killed))
+    assert done["step"] == resumed["step"] == 7
+    assert resumed["keys"] == done["keys"][4 * 4 :]  # steps 5-7 read the straight run's batches 5-7
+    assert resumed["hash"] == done["hash"]  # and end with bit-identical weights
 
 
 # ------------------------------------------------------------------------------------------------ latent prior

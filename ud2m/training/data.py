@@ -14,8 +14,10 @@ The degraded-on-the-fly path (a random operator per batch from :mod:`ud2m.operat
 ``y = measure(op, x0, sigma_y, generator)``, §7.6 step 3) lives in the LightningModule's training step, not here:
 the operator must be the same object in the measurement, every prox, ``lift(y)`` and the logs.
 
-Randomness (shard order, shuffle buffer, crops, flips) is seeded from ``seed`` and the (rank, worker) pair, so two
-runs with the same settings read the same stream; the global RNGs are never touched.
+Randomness (shard order, shuffle buffer, crops, flips) is seeded from ``seed``, the epoch and the (rank, worker)
+pair, so two runs with the same settings read the same stream; the global RNGs are never touched. Training loaders
+are :class:`ResumableLoader` objects: Lightning stores their position in every checkpoint, and a run killed and resumed
+reads exactly the batches an uninterrupted run reads.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -117,8 +120,10 @@ class CropFlip:
         self.image_size, self.train, self.seed, self.random_flip = int(image_size), train, seed, random_flip
         self._generator: torch.Generator | None = None
 
-    def __call__(self, x: torch.Tensor, source: str = "image") -> torch.Tensor:
-        """Crop (and maybe flip) one ``(C, H, W)`` image."""
+    def __call__(
+        self, x: torch.Tensor, source: str = "image", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Crop (and maybe flip) one ``(C, H, W)`` image (``generator``: this sample's own, instead of the stream's)."""
         H, W = x.shape[-2:]
         s = self.image_size
         if min(H, W) < s:
@@ -126,9 +131,10 @@ class CropFlip:
         if not self.train:
             top, left = (H - s) // 2, (W - s) // 2
             return x[:, top : top + s, left : left + s]
-        if self._generator is None:
+        if generator is None and self._generator is None:
             self._generator = worker_generator(self.seed)
-        top, left, flip = (int(torch.randint(0, n, (1,), generator=self._generator)) for n in (H - s + 1, W - s + 1, 2))
+        generator = generator or self._generator
+        top, left, flip = (int(torch.randint(0, n, (1,), generator=generator)) for n in (H - s + 1, W - s + 1, 2))
         x = x[:, top : top + s, left : left + s]
         return x.flip(-1) if flip and self.random_flip else x
 
@@ -147,6 +153,111 @@ def collate_samples(samples: list[dict]) -> dict:
 
 def _dataloader_kwargs(num_workers: int) -> dict:
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+#: Key of the ``(epoch, index)`` position that :class:`ResumableLoader` adds to each training batch.
+POSITION = "position"
+
+
+class ResumableLoader:
+    """Training batches as a pure function of (seed, rank, epoch, index), with their position in checkpoints.
+
+    ``make_epoch(epoch, skip)`` builds epoch ``epoch``'s batches from index ``skip`` on, with every random stream
+    (sample order, shard order, shuffle buffer, crops) seeded from the epoch, so an epoch does not depend on what came
+    before it. Each batch carries ``batch["position"] = (epoch, index)``; :class:`ResumableData`'s
+    ``on_before_batch_transfer`` removes it and :meth:`mark` records it when the batch is *trained on* (Lightning
+    fetches one batch ahead, so counting yields would be off by one). Lightning saves :meth:`state_dict` in every
+    checkpoint (its ``_Stateful`` protocol) and calls :meth:`load_state_dict` on resume, after which the next
+    iteration continues the same epoch after the last trained batch: killed and resumed, a run reads exactly the
+    batches of an uninterrupted run (tested with a real SIGKILL).
+
+    Args:
+        make_epoch: ``(epoch, skip) -> iterable of batch dicts``.
+        num_batches: batches per epoch (``None``: unknown, e.g. one pass over shards, or endless).
+    """
+
+    def __init__(self, make_epoch: Callable[[int, int], Iterable[dict]], num_batches: int | None = None) -> None:
+        self.make_epoch, self.num_batches = make_epoch, num_batches
+        self.epoch, self.trained = 0, 0  # position of the next batch to train on: (epoch, trained)
+        self.epoch_length: int | None = num_batches  # known once an epoch of unknown length ran out
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("ResumableLoader: an epoch of unknown length has no len()")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.epoch_length is not None and self.trained >= self.epoch_length:  # the last epoch was finished
+            self.epoch, self.trained, self.epoch_length = self.epoch + 1, 0, self.num_batches
+        return self._batches(self.epoch, self.trained)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        index = skip
+        for batch in self.make_epoch(epoch, skip):
+            batch[POSITION] = (epoch, index)
+            index += 1
+            yield batch
+        if self.epoch == epoch and self.num_batches is None:  # ran out: now this epoch's length is known
+            self.epoch_length = index
+
+    def mark(self, position: tuple[int, int]) -> None:
+        """Record that batch ``(epoch, index)`` is being trained on."""
+        self.epoch, self.trained = (int(v) for v in position)
+        self.trained += 1
+
+    def state_dict(self) -> dict[str, int | None]:
+        """``{"epoch", "trained", "epoch_length"}``: where the next batch comes from."""
+        return {"epoch": self.epoch, "trained": self.trained, "epoch_length": self.epoch_length}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        """Continue from a checkpoint's position."""
+        self.epoch, self.trained, self.epoch_length = int(state["epoch"]), int(state["trained"]), state["epoch_length"]
+
+
+class ResumableData(LightningDataModule):
+    """A DataModule whose training loader is a :class:`ResumableLoader` (:meth:`resumable`); its
+    ``on_before_batch_transfer`` records the position of each batch trained on."""
+
+    _train_loader: ResumableLoader | None = None
+
+    def resumable(self, make_epoch: Callable[[int, int], Iterable[dict]], num_batches: int | None) -> ResumableLoader:
+        """Wrap ``make_epoch`` as this module's training loader."""
+        self._train_loader = ResumableLoader(make_epoch, num_batches)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Remove ``batch["position"]`` and mark it trained on."""
+        if isinstance(batch, dict) and POSITION in batch:
+            position = batch.pop(POSITION)
+            if self._train_loader is not None:
+                self._train_loader.mark(position)
+        return batch
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """This rank's ``(item, crop seed)`` pairs of one epoch over ``n`` items: one permutation seeded by (seed, epoch)
+    shared by all ranks, split into ``world_size`` equal parts (the remainder is dropped), and a seed per position."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(wds.utils.make_seed(seed, epoch)))
+    per_rank = n // world_size
+    mine = perm[rank * per_rank : (rank + 1) * per_rank].tolist()
+    return [(i, wds.utils.make_seed(seed, epoch, rank, position)) for position, i in enumerate(mine)]
+
+
+def map_style_epoch(data: LightningDataModule, dataset: Dataset, epoch: int, skip: int, *, drop_last: bool):
+    """A DataLoader over epoch ``epoch`` of a map-style dataset from batch ``skip`` on (:func:`epoch_order`)."""
+    rank, world_size = rank_and_world_size(getattr(data, "trainer", None))
+    order = epoch_order(len(dataset), seed=data.seed, epoch=epoch, rank=rank, world_size=world_size)
+    B = data.batch_size
+    order = order[: len(order) // B * B] if drop_last else order
+    return DataLoader(dataset, batch_size=B, sampler=order[skip * B :], num_workers=data.num_workers)
+
+
+def map_style_batches(data: LightningDataModule, n: int, *, drop_last: bool) -> int:
+    """Batches per epoch and rank of :func:`map_style_epoch`."""
+    per_rank = n // rank_and_world_size(getattr(data, "trainer", None))[1]
+    return per_rank // data.batch_size if drop_last else -(-per_rank // data.batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ WebDataset
@@ -176,10 +287,52 @@ class SkippedSamples:
             raise exn
         return self(exn)
 
+    def shard_read(self, url: str, read: int, expected: int | None, errors: int) -> None:
+        """After one shard: count ``expected - read`` samples as lost when the shard came short (a truncated tar loses
+        every member after the cut, but raises one error), in place of the ``errors`` it raised."""
+        if expected is None or read >= expected:
+            return
+        self.count += max(expected - read, errors) - errors
+        logger.warning("shard %s: read %d of its %d samples, %d lost (truncated or corrupt)", url, read, expected,
+                       expected - read)  # fmt: skip
+
     def take_new(self) -> int:
         """Number of items skipped since the previous call (used to report counts out of DataLoader workers)."""
         new, self._reported = self.count - self._reported, self.count
         return new
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Samples per shard from the ``info.json`` that ``data/make_shards.py`` writes next to its shards (``"shards"``),
+    keyed by normalised path; empty for shards without one (then a truncated shard counts as one skipped item)."""
+    sizes: dict[str, int] = {}
+    for folder in {Path(u).parent for u in urls if urlparse(u).scheme == ""}:
+        info = folder / "info.json"
+        try:
+            shards = json.loads(info.read_text()).get("shards", {}) if info.is_file() else {}
+        except (OSError, ValueError) as err:
+            logger.warning("%s: unreadable (%s); lost samples of its shards are not counted", info, err)
+            continue
+        sizes.update({os.path.normpath(folder / name): int(n) for name, n in shards.items()})
+    return sizes
+
+
+class ReadShards:
+    """``wds.tarfile_to_samples`` one shard at a time, so that a shard that comes short of its ``info.json`` size
+    (truncated: the tar reader stops at the cut) has its lost samples counted (:meth:`SkippedSamples.shard_read`)."""
+
+    def __init__(self, handler: SkippedSamples, sizes: dict[str, int]) -> None:
+        self.handler, self.sizes = handler, sizes
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Shard dicts (``{"url": ...}``) in, samples out."""
+        for shard in src:
+            errors, read = self.handler.count, 0
+            for sample in wds.tarfile_to_samples(handler=self.handler)(iter([shard])):
+                read += 1
+                yield sample
+            expected = self.sizes.get(os.path.normpath(shard["url"]))
+            self.handler.shard_read(shard["url"], read, expected, self.handler.count - errors)
 
 
 def decode_sample(sample: dict) -> dict:
@@ -275,7 +428,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     return urls
 
 
-class WebDatasetImages(LightningDataModule):
+class WebDatasetImages(ResumableData):
     """Streams WebDataset shards written by ``data/make_shards.py`` (issue [ud2m], "Data").
 
     Training reads resampled shards (``resampled=True``: every rank and worker draws shards with replacement from
@@ -289,16 +442,18 @@ class WebDatasetImages(LightningDataModule):
     samples are neither cropped nor flipped, so ``image_size``/``channels`` must match the stored images.
 
     Corrupt members (undecodable PNG, bad JSON, missing keys, truncated tar) are skipped with one warning each
-    (shard and key) and counted in :attr:`skipped_samples`. With ``num_workers=0`` the count is exact. With
-    workers the counts live in the worker processes: each batch carries the number of new skips in
-    ``batch["skipped"]``, which :meth:`on_before_batch_transfer` removes and adds up, so the count is only updated
-    when Lightning drives the loop, and skips after a worker's last batch are not counted.
+    (shard and key) and counted in :attr:`skipped_samples`; a shard that yields fewer samples than its size in the
+    ``info.json`` of ``make_shards.py`` (a truncated tar stops at the cut) adds every sample it lost. With
+    ``num_workers=0`` the count is exact. With workers the counts live in the worker processes: each batch carries
+    the number of new skips in ``batch["skipped"]``, which :meth:`on_before_batch_transfer` removes and adds up, so
+    the count is only updated when Lightning drives the loop, and skips after a worker's last batch are not counted.
 
     Args:
         train_shards: local path, brace pattern or URL (``pipe:``, http) of the training shards.
         val_shards: the same for validation (``None``: no validation loader).
         batch_size: samples per batch and rank.
-        num_workers: DataLoader workers per rank (persistent, so shuffles and crops go on across epochs).
+        num_workers: DataLoader workers per rank (validation: persistent; training: started per epoch, whose streams
+            are seeded from the epoch, see :class:`ResumableLoader`).
         image_size: output side; training crops are random, validation crops central.
         channels: 1 or 3.
         random_flip: random horizontal flips for training (off for data with a handedness, e.g. digits).
@@ -366,17 +521,19 @@ class WebDatasetImages(LightningDataModule):
             return [wds.split_by_worker]
         return [functools.partial(split_by_rank, rank=self.rank, world_size=self.world_size), wds.split_by_worker]
 
-    def pipeline(self, split: str) -> wds.DataPipeline:
-        """The webdataset pipeline of ``split`` (``"train"`` or ``"val"``) yielding collated batches."""
+    def pipeline(self, split: str, epoch: int = 0) -> wds.DataPipeline:
+        """The webdataset pipeline of ``split`` (``"train"`` or ``"val"``; training: of ``epoch``) yielding collated
+        batches."""
         if not self._urls:
             self.setup()
         train, handler, urls = split == "train", self.handlers[split], self._urls[split]
-        seed = wds.utils.make_seed(self.seed, self.rank)  # distinct streams per rank; workers are folded in later
+        # distinct streams per rank (and training epoch); workers are folded in by the stages
+        seed = wds.utils.make_seed(self.seed, self.rank, epoch) if train else wds.utils.make_seed(self.seed, self.rank)
         if train and self.resampled:
             stages = [wds.ResampledShards(urls, seed=seed, worker_seed=worker_id, deterministic=True)]
         else:
             stages = [wds.SimpleShardList(urls), *self._splitters(split)]
-        stages.append(wds.tarfile_to_samples(handler=handler))
+        stages.append(ReadShards(handler, shard_sizes(urls)))
         if train:
             stages.append(SeededShuffle(self.shuffle_buffer, seed))
         transform = ShardTransform(self.image_size, self.channels, train=train, seed=seed, random_flip=self.random_flip)
@@ -389,12 +546,18 @@ class WebDatasetImages(LightningDataModule):
             stages.append(ReportSkips(handler))
         return wds.DataPipeline(*stages)
 
-    def train_dataloader(self) -> wds.WebLoader:
-        """Training batches (endless when resampled and ``samples_per_epoch`` is None)."""
-        loader = wds.WebLoader(self.pipeline("train"), batch_size=None, **_dataloader_kwargs(self.num_workers))
-        if self.samples_per_epoch is not None:
-            loader = loader.with_epoch(self.samples_per_epoch // self.batch_size)
-        return loader
+    def train_dataloader(self) -> ResumableLoader:
+        """Training batches (endless when resampled and ``samples_per_epoch`` is None), resumable exactly: a resumed
+        epoch is read again up to the checkpoint's batch (data loading only), so keep ``samples_per_epoch``
+        moderate with endless streams."""
+        num_batches = None if self.samples_per_epoch is None else self.samples_per_epoch // self.batch_size
+        return self.resumable(functools.partial(self._train_epoch, num_batches=num_batches), num_batches)
+
+    def _train_epoch(self, epoch: int, skip: int, *, num_batches: int | None) -> Iterable[dict]:
+        loader = wds.WebLoader(self.pipeline("train", epoch), batch_size=None, num_workers=self.num_workers)
+        if num_batches is not None:
+            loader = loader.with_epoch(num_batches)
+        return itertools.islice(loader, skip, None)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Validation batches: one pass over this rank's validation shards, central crops."""
@@ -403,10 +566,11 @@ class WebDatasetImages(LightningDataModule):
         return wds.WebLoader(self.pipeline("val"), batch_size=None, **_dataloader_kwargs(self.num_workers))
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Remove ``batch["skipped"]`` (worker skip counts) and add it to :attr:`skipped_samples`."""
+        """Remove ``batch["skipped"]`` (worker skip counts) and add it to :attr:`skipped_samples`; record the
+        batch's position (:class:`ResumableData`)."""
         if isinstance(batch, dict) and "skipped" in batch:
             self._reported_skips += int(batch.pop("skipped"))
-        return batch
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
 # ------------------------------------------------------------------------------------------------ small data
@@ -422,9 +586,12 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """Item ``i``, or ``(i, seed)`` to crop with a generator of its own (:func:`epoch_order`)."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         j = i % len(self.images)
-        return {"x": self.crop(self.images[j], self.keys[j]), "key": self.keys[j]}
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return {"x": self.crop(self.images[j], self.keys[j], generator), "key": self.keys[j]}
 
 
 def list_image_files(root: str | Path) -> list[Path]:
@@ -435,7 +602,7 @@ def list_image_files(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class ImageFolderImages(LightningDataModule):
+class ImageFolderImages(ResumableData):
     """Small data: a folder of images or a list of sources (file paths, ``skimage:<name>``), held in memory.
 
     Images are loaded once at :meth:`setup` (unreadable files are skipped with a warning and counted in
@@ -525,13 +692,11 @@ class ImageFolderImages(LightningDataModule):
         val = [i for i, s in enumerate(sources) if s in self.val_sources]
         return [i for i in range(len(sources)) if i not in val], val
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled random crops (``drop_last=True``)."""
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-            **_dataloader_kwargs(self.num_workers),
-        )  # fmt: skip
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled random crops (full batches only), each a pure function of (seed, epoch, rank, position)."""
+        train = self.datasets["train"]
+        make_epoch = functools.partial(map_style_epoch, self, train, drop_last=True)
+        return self.resumable(make_epoch, map_style_batches(self, len(train), drop_last=True))
 
     def val_dataloader(self) -> DataLoader | list:
         """Central crops of the held-out images."""
@@ -565,7 +730,7 @@ def smooth_images(
     return torch.tanh(z / z.flatten(1).std(1).view(-1, 1, 1, 1))
 
 
-class SyntheticImages(LightningDataModule):
+class SyntheticImages(ResumableData):
     """Smooth random images from a seed (:func:`smooth_images`), any size and channel count: the test DataModule.
 
     Image ``i`` of split ``s`` (0 train, 1 val) is drawn from a generator seeded with ``make_seed(seed, s, i)``, so
@@ -618,11 +783,11 @@ class SyntheticImages(LightningDataModule):
         if not self.datasets:
             self.datasets = {split: self.make_split(split) for split in ("train", "val")}
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator."""
-        g = torch.Generator().manual_seed(self.seed)
-        kw = _dataloader_kwargs(self.num_workers)
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=g, **kw)
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled per epoch from (seed, epoch), split over ranks (:func:`map_style_epoch`)."""
+        train = self.datasets["train"]
+        make_epoch = functools.partial(map_style_epoch, self, train, drop_last=False)
+        return self.resumable(make_epoch, map_style_batches(self, len(train), drop_last=False))
 
     def val_dataloader(self) -> DataLoader:
         """In order."""
