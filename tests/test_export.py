@@ -105,7 +105,11 @@ def test_pixel_round_trip_is_exact(variant, pixel_export, tmp_path, rng, monkeyp
     assert manifest["base_model"]["sha256"] == base_model_hash(base)
     assert manifest["adapter"]["ema"] == (variant != "default")
     assert set(load_file(str(out / "scalars.safetensors"))) == set(manifest["scalars"]["names"])
-    assert set(load_file(str(out / "adapter/pytorch_lora_weights.safetensors"))) == set(lora_state_dict(model.prior))
+    lora_keys = set(lora_state_dict(model.prior))
+    assert set(load_file(str(out / "adapter/pytorch_lora_weights.safetensors"))) == {f"unet.{k}" for k in lora_keys}
+    assert set(load_file(str(out / "adapter/adapter_model.safetensors"))) == {
+        f"base_model.model.{k}" for k in lora_keys
+    }
     op, y = pixel_problem(rng)
     fresh = PixelDiffusionPrior.from_pretrained(base)
     with monkeypatch.context() as m:
@@ -247,3 +251,69 @@ def test_latent_lora_round_trip_uses_load_lora_adapter(tmp_path, rng, monkeypatc
         for m in (model, loaded)
     ]
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _x0_with_net(prior, net, z_t, t, cond=None):
+    """The prior's x̂0 (as sample.py computes it) with its network replaced by ``net``."""
+    prior.net = net
+    with torch.inference_mode():
+        return prior.predict_x0(z_t, t, cond)
+
+
+def test_standard_loaders_load_the_exported_lora(pixel_export, tmp_path, rng):
+    """Issue [api] 6: diffusers' ``pipe.load_lora_weights`` (latent, SD family) and peft's
+    ``PeftModel.from_pretrained`` (pixel and latent) load the export's adapter/ and give load_checkpoint's x̂0."""
+    from diffusers import DiffusionPipeline
+    from peft import PeftModel
+
+    from ud2m.priors.latent import LatentConsistencyPrior
+    from ud2m.priors.tiny_latent import write_tiny_pipeline
+
+    base, _, out = pixel_export
+    loaded = load_checkpoint(out, PixelDiffusionPrior.from_pretrained(base))
+    x_t, t = torch.randn(2, 3, 16, 16, generator=rng), torch.tensor([100.0, 600.0])
+    expected = _x0_with_net(loaded.prior, loaded.prior.net, x_t, t)
+    plain = PixelDiffusionPrior.from_pretrained(base)
+    assert not torch.equal(_x0_with_net(plain, plain.net, x_t, t), expected)  # the LoRA changes x̂0
+    peft_net = PeftModel.from_pretrained(PixelDiffusionPrior.from_pretrained(base).net, str(out / "adapter"))
+    torch.testing.assert_close(_x0_with_net(plain, peft_net, x_t, t), expected, rtol=0, atol=1e-5)  # float32 order
+
+    latent_base = write_tiny_pipeline(tmp_path / "latent", "lcm")
+    model = UnfoldedSampler(LatentConsistencyPrior.from_pretrained(latent_base), num_blocks=2)
+    perturb(model, rng)
+    latent_out = export_checkpoint(
+        model,
+        tmp_path / "latent_export",
+        base_model={"family": "latent_consistency", "id_or_path": str(latent_base)},
+        operator={**OPERATOR, "sigma_y": 0.05, "generator": None},
+        sampler={"num_steps": 2, "eta": 1.0},
+        training=TRAINING,
+    )
+    loaded = load_checkpoint(latent_out, LatentConsistencyPrior.from_pretrained(latent_base))
+    z_t = torch.randn(2, 4, 16, 16, generator=rng)
+    cond = loaded.prior.encode_prompt("")
+    expected = _x0_with_net(loaded.prior, loaded.prior.net, z_t, t, cond)
+    pipe = DiffusionPipeline.from_pretrained(latent_base)
+    pipe.load_lora_weights(str(latent_out / "adapter"))
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+    prior = LatentConsistencyPrior.from_pretrained(latent_base)
+    torch.testing.assert_close(_x0_with_net(prior, pipe.unet, z_t, t, cond), expected, rtol=0, atol=1e-6)
+    peft_net = PeftModel.from_pretrained(
+        LatentConsistencyPrior.from_pretrained(latent_base).net, str(latent_out / "adapter")
+    )
+    torch.testing.assert_close(_x0_with_net(prior, peft_net, z_t, t, cond), expected, rtol=0, atol=1e-6)
+
+
+def test_adapters_written_before_the_prefixed_layout_still_load(pixel_export, tmp_path, rng):
+    """Exports written before issue [api] 6 hold raw peft keys (no ``unet.`` prefix, no adapter_model file)."""
+    base, model, out = pixel_export
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    weights = old / "adapter" / "pytorch_lora_weights.safetensors"
+    config = (old / "adapter" / "adapter_config.json").read_text()  # the old header: the unprefixed LoraConfig
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt", "lora_adapter_metadata": config})
+    (old / "adapter" / "adapter_model.safetensors").unlink()
+    op, y = pixel_problem(rng)
+    loaded = load_checkpoint(old, PixelDiffusionPrior.from_pretrained(base))
+    assert torch.equal(run(loaded, op, y), run(model, op, y))

@@ -4,7 +4,8 @@ Layout::
 
     <name>/
       ud2m.json                                  manifest (format, base model reference + content hash, block, ...)
-      adapter/pytorch_lora_weights.safetensors   raw peft state dict (no diffusers key conversion)
+      adapter/pytorch_lora_weights.safetensors   LoRA for diffusers (pipe.load_lora_weights; keys unet.<module>...)
+      adapter/adapter_model.safetensors          the same LoRA for peft (PeftModel.from_pretrained(net, adapter))
       adapter/adapter_config.json                LoraConfig
       scalars.safetensors                        log_lambda, log_rho_scale[, log_sigma_z_scale]: (1,) or (K,)
       out_layer.safetensors                      only with train_out_layer=True

@@ -3,9 +3,16 @@
 :math:`W' = W + \\frac{\\alpha}{r} B A` with :math:`B = 0` at initialisation, so the adapted prior equals the frozen
 prior exactly at step 0. Adapters attach to ``prior.net`` of any family: diffusers models with ``add_adapter``
 (``UNet2DConditionModel``, Wan transformer) use it, others (``UNet2DModel``) go through
-``peft.inject_adapter_in_model``. Saved adapters are the raw peft state dict (no diffusers key conversion: it
-silently drops attention LoRA when conv layers are targeted) as safetensors plus ``adapter_config.json``; the
-safetensors header also carries diffusers' ``lora_adapter_metadata`` so ``load_lora_adapter`` restores alpha exactly.
+``peft.inject_adapter_in_model``. A saved adapter folder loads with the standard tools (issue [api] 6):
+
+- ``pytorch_lora_weights.safetensors``: diffusers' format, the peft tensors under the pipeline component's prefix
+  (``unet.<module>.lora_A.weight``) with the ``LoraConfig`` in the header's ``lora_adapter_metadata`` under the same
+  prefix, so ``pipeline.load_lora_weights(folder)`` (Stable Diffusion family) restores rank, alpha and every target
+  exactly, conv layers included (no key conversion is involved);
+- ``adapter_model.safetensors`` + ``adapter_config.json``: peft's format (``base_model.model.<module>...``), so
+  ``PeftModel.from_pretrained(net, folder)`` loads it on any base network.
+
+Adapters written before this layout (raw peft keys, no prefix) still load with :func:`load_lora`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+PEFT_PREFIX = "base_model.model."  # keys of a PeftModel's saved state dict
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -102,8 +111,13 @@ def lora_config(prior_or_net: nn.Module, adapter_name: str = "default") -> LoraC
     return configs[adapter_name]
 
 
+def component_prefix(prior_or_net: nn.Module) -> str:
+    """The pipeline component a network is in diffusers' LoRA files: ``transformer`` (Wan, Flux, ...) or ``unet``."""
+    return "transformer" if "Transformer" in type(_net(prior_or_net)).__name__ else "unet"
+
+
 def save_lora(prior_or_net: nn.Module, folder: str | Path, adapter_name: str = "default") -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` and ``adapter_config.json`` (algorithms.md §9).
+    """Write the adapter in diffusers' and peft's formats (module docstring; algorithms.md §9).
 
     Returns:
         The folder path.
@@ -112,8 +126,14 @@ def save_lora(prior_or_net: nn.Module, folder: str | Path, adapter_name: str = "
     folder.mkdir(parents=True, exist_ok=True)
     config = _config_dict(lora_config(prior_or_net, adapter_name))
     state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(prior_or_net, adapter_name).items()}
-    metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-    save_file(state, str(folder / LORA_WEIGHT_NAME), metadata=metadata)
+    prefix = component_prefix(prior_or_net)
+    metadata = json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+    save_file(
+        {f"{prefix}.{k}": v for k, v in state.items()},
+        str(folder / LORA_WEIGHT_NAME),
+        metadata={"format": "pt", LORA_METADATA_KEY: metadata},
+    )
+    save_file({PEFT_PREFIX + k: v for k, v in state.items()}, str(folder / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
     (folder / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
 
@@ -132,7 +152,8 @@ def load_lora(prior_or_net: nn.Module, folder: str | Path, adapter_name: str = "
     """Load an adapter saved by :func:`save_lora` (or diffusers' ``save_lora_adapter``) onto a network.
 
     ``UNet2DConditionModel`` (anything with ``load_lora_adapter``) uses
-    ``load_lora_adapter(folder, prefix=None, use_safetensors=True)``; other networks get
+    ``load_lora_adapter(folder, prefix="unet", use_safetensors=True)`` (``prefix=None`` for an adapter written
+    before the prefixed layout); other networks get
     ``inject_adapter_in_model(LoraConfig(**config))`` + ``set_peft_model_state_dict``. The base stays frozen and
     the LoRA tensors trainable.
 
@@ -145,12 +166,19 @@ def load_lora(prior_or_net: nn.Module, folder: str | Path, adapter_name: str = "
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: missing LoRA file {name!r}")
     net = _net(prior_or_net)
+    state = load_file(str(folder / LORA_WEIGHT_NAME))
+    prefix = component_prefix(net)
+    prefixed = all(k.startswith(f"{prefix}.") for k in state)  # False: an adapter written before the prefixed layout
     if hasattr(net, "load_lora_adapter"):
-        net.load_lora_adapter(folder, prefix=None, use_safetensors=True, adapter_name=adapter_name)
+        net.load_lora_adapter(
+            folder, prefix=prefix if prefixed else None, use_safetensors=True, adapter_name=adapter_name
+        )
     else:
         config = json.loads((folder / LORA_CONFIG_NAME).read_text())
         inject_adapter_in_model(LoraConfig(**_loadable(config)), net, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(net, load_file(str(folder / LORA_WEIGHT_NAME)), adapter_name=adapter_name)
+        if prefixed:
+            state = {k.removeprefix(f"{prefix}."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(net, state, adapter_name=adapter_name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
             n = len(unexpected)
