@@ -120,7 +120,26 @@ def test_training_into_an_existing_export_stops_before_training(trained):
     ):
         train_main(["fit", "--config", str(tiny_config(root, "second"))])
     assert not list((root / "second").rglob("*.ckpt"))  # no training step ran
+    assert not list((root / "second").rglob("version_*"))  # and no empty log folder is left behind
     assert {p: p.stat().st_mtime_ns for p in export.rglob("*")} == before
+
+
+def test_remove_failed_log_dir_never_touches_older_files(tmp_path):
+    import time
+
+    from ud2m.training.base_cli import remove_failed_log_dir
+
+    reused = tmp_path / "version_0"
+    reused.mkdir()
+    (reused / "events.old").write_text("from an earlier run")
+    started = time.time() + 1
+    (reused / "config.yaml").write_text("this run")
+    assert not remove_failed_log_dir(reused, started, global_step=0) and reused.is_dir()
+    fresh = tmp_path / "version_1"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("this run")
+    assert not remove_failed_log_dir(fresh, started - 5, global_step=3) and fresh.is_dir()  # it trained
+    assert remove_failed_log_dir(fresh, started - 5, global_step=0) and not fresh.exists()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

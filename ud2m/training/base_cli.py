@@ -4,12 +4,40 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+logger = logging.getLogger(__name__)
+
+# Warnings of our dependencies' own calls into each other, which a user can do nothing about (issue [api], hygiene).
+IRRELEVANT_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",  # our frozen priors are in eval mode by design (§3.1)
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's pytree helper on torch >= 2.9
+    r"(?s).*``instantiate_classes`` was deprecated.*",  # LightningCLI on jsonargparse >= 4.49
+    r"(?s).*By default only one JsonargparseDeprecationWarning per type is shown.*",
+)
+
+
+def remove_failed_log_dir(log_dir: str | Path | None, started: float, global_step: int) -> bool:
+    """Remove the log folder of a run that failed before its first step (issue [api] 8: no empty ``version_0``
+    left behind): only when every file in it was written by this run (not older than ``started``, so a reused
+    folder is never touched). Returns whether it was removed."""
+    if log_dir is None or global_step > 0 or not Path(log_dir).is_dir():
+        return False
+    files = [p for p in Path(log_dir).rglob("*") if p.is_file()]
+    if any(p.stat().st_mtime < started for p in files):
+        return False
+    shutil.rmtree(log_dir)
+    logger.info("removed the log folder %s of the failed run (it held nothing from a training step)", log_dir)
+    return True
 
 
 class ModuleCLI(LightningCLI):
@@ -32,8 +60,8 @@ class ModuleCLI(LightningCLI):
     data_links: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        # our frozen priors (and an EMA target) are in eval mode by design (algorithms.md §3.1): not a user's problem
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        for message in IRRELEVANT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
@@ -45,6 +73,17 @@ class ModuleCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; if it fails before the first step, remove the log folder it created."""
+        started = time.time() - 1.0  # file systems with coarse timestamps
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.is_global_zero:
+                remove_failed_log_dir(trainer.log_dir, started, trainer.global_step)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The ``checkpoint`` section (``save_last`` on) and :attr:`data_links`."""
