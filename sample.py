@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source checkout without installing
 
-from ud2m.cli.sample import main, sample
+from ud2m.cli.sample import cli, main, sample
 
-__all__ = ["main", "sample"]
+__all__ = ["cli", "main", "sample"]
 
 if __name__ == "__main__":
-    main()
+    cli()

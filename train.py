@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a source checkout without installing
 
-from ud2m.cli.train import main
+from ud2m.cli.train import cli, main
 
-__all__ = ["main"]
+__all__ = ["cli", "main"]
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -132,3 +132,33 @@ def test_train_help_lists_every_command():
         assert command in proc.stdout, command
     assert proc.stdout.index("prior distil") < proc.stdout.index("usage:")
     assert "not recommended to provide both args and command line arguments" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["fit", "--config", "{bad}"], "bad.yaml, line 2, column 6: invalid YAML"),
+        (["fit", "--config", "{config}", "--model.omega_l3=1.0"], "omega_l3"),
+        (["export", "--ckpt", "{tmp}/missing.ckpt", "--out", "{tmp}/out"], "missing.ckpt"),
+    ],
+)
+def test_train_errors_are_two_lines_before_any_usage(args, match, tmp_path, capsys, monkeypatch):
+    """Issue [api]: a user error of train.py is ``train.py: error: ...`` plus a hint, exit status 2, no traceback and
+    no usage text (it used to follow 87 lines of usage); --debug raises with the traceback instead."""
+    from ud2m.cli.train import cli
+    from ud2m.training.base_cli import ParserSettings
+
+    monkeypatch.setattr(ParserSettings, "exit_on_error", True)  # cli() sets it False; restored after the test
+    (tmp_path / "bad.yaml").write_text("model:\n  x: : 1\n")
+    config = ROOT / "configs" / "experiments" / "tiny_pixel_sr4.yaml"
+    argv = [a.format(bad=tmp_path / "bad.yaml", config=config, tmp=tmp_path) for a in args]
+    monkeypatch.setattr("sys.argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 2, err
+    assert err[0].startswith("train.py: error: ") and match in err[0] and not any("usage" in line for line in err)
+    monkeypatch.setattr("sys.argv", ["train.py", *argv, "--debug"])
+    with pytest.raises(Exception) as raised:
+        cli()
+    assert not isinstance(raised.value, SystemExit)

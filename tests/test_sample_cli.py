@@ -2,6 +2,7 @@
 LATINO-PRO on a tiny latent model folder, DPS and DiffPIR on a tiny pixel folder, UD2M from an exported checkpoint;
 outputs, metrics and NFE, resume, observation mode, and clear errors raised before anything is written."""
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -376,6 +377,60 @@ def test_bad_inputs_fail_before_writing(kwargs, error, match, photos, tmp_path):
     with pytest.raises(error, match=match):
         run(out, **{"input": "skimage:astronaut", "operator": "ud2m/sr_x4", **kwargs})
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------- command-line errors
+def _float_image_outside_range(path: Path) -> Path:
+    arr = np.full((32, 32), 0.5, np.float32)
+    arr[3, 4] = 1.5
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--input", "{tmp}/missing.png"], "input not found: {tmp}/missing.png"),
+        (["--input", "{photos}/notes.txt"], "not a readable image"),
+        (["--crop", "30"], "not divisible by the SR factor 4"),
+        (["--operator", "ud2m/no_such_preset"], "unknown operator preset"),
+        (["--method", "latino", "--model", "{tmp}/no_model"], "model folder not found"),
+        (["--checkpoint", "{tmp}/no_export"], "not found"),
+        (["--input", "{nan}"], "1 of 1024 pixel values are not finite"),
+        (["--input", "{range}"], "float image values must lie in [0, 1], got [0.5, 1.5]"),
+        (["--num_samples", "0"], "num_samples and batch_size must be >= 1"),
+        (["--inputt", "x"], "unrecognized arguments: --inputt x"),
+        (["--config", "{yaml}"], "bad.yaml, line 3, column 1: invalid YAML: expected ',' or ']'"),
+        (["--config", "{yaml}"], "(while parsing a flow sequence at line 2, column 11)"),
+        (["--output_dir", "{done}", "--seed", "1"], "seed: 0 there, 1 now"),
+    ],
+)
+def test_command_line_errors_are_two_lines_without_a_traceback(args, match, photos, tmp_path, capsys):
+    """Issue [api]: every user error of the bad-input table (docs/cli.md) exits with status 2 and prints
+    ``sample.py: error: <message naming the file or option>`` and a hint, no traceback; --debug raises instead."""
+    from ud2m.cli.sample import cli
+
+    (tmp_path / "bad.yaml").write_text("input: skimage:camera\noperator: [ud2m/sr_x4\n")
+    names = dict(
+        tmp=tmp_path,
+        photos=photos,
+        nan=_float_tiff(tmp_path / "nan.tif", (32, 32), np.nan),
+        range=_float_image_outside_range(tmp_path / "range.tif"),
+        yaml=tmp_path / "bad.yaml",
+        done=tmp_path / "done",
+    )
+    common = ["--input", "skimage:camera", "--operator", "ud2m/sr_x4", "--crop", "32", "--lpips", "null"]
+    run(tmp_path / "done", input="skimage:camera", operator="ud2m/sr_x4")
+    argv = [*common, "--progress", "false", *(a.format(**names) for a in args)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("sample.py: error: ") and "--debug" in err[1], err
+    assert match.format(**names) in err[0]
+    with pytest.raises((ValueError, FileNotFoundError, argparse.ArgumentError)):
+        cli([*argv, "--debug"])
 
 
 # ---------------------------------------------------------------------------------------------- UD2M export

@@ -14,14 +14,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from ud2m.cli.train import main as train_main
+        from ud2m.cli.train import cli as train_cli
 
         sys.argv = [f"{sys.argv[0]} train", *rest]  # LightningCLI reads sys.argv itself
-        train_main()
+        train_cli()
         return
-    from ud2m.cli.sample import main as sample_main
+    from ud2m.cli.sample import cli as sample_cli
 
-    sample_main(rest)
+    sample_cli(rest)
 
 
 if __name__ == "__main__":

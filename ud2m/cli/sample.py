@@ -10,11 +10,13 @@ lives in :mod:`ud2m.cli.restore` (docs/cli.md has every option and examples).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import auto_cli
 
+from ud2m.cli.errors import run_command, strip_debug
 from ud2m.cli.restore import Options, restore
 
 Method = Literal["latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m"]
@@ -83,6 +85,14 @@ def sample(
     return restore(Options(**{k: v for k, v in locals().items()}))
 
 
-def main(args: list[str] | None = None) -> None:
-    """``ud2m-sample`` / ``python sample.py`` / ``python -m ud2m sample``: parse the options, run, print the summary."""
-    print(json.dumps(auto_cli(sample, args=args)["summary"], indent=2))
+def main(args: list[str] | None = None, *, exit_on_error: bool = True) -> None:
+    """Parse the options, run, print the summary (``exit_on_error=False``: option errors are raised, not printed
+    after the usage)."""
+    print(json.dumps(auto_cli(sample, args=args, exit_on_error=exit_on_error)["summary"], indent=2))
+
+
+def cli(args: list[str] | None = None) -> None:
+    """The shell entry point (``sample.py``, ``ud2m-sample``, ``python -m ud2m sample``): :func:`main` with user
+    errors as two readable lines and exit status 2 (``--debug``: the traceback; :mod:`ud2m.cli.errors`)."""
+    argv, debug = strip_debug(sys.argv[1:] if args is None else list(args))
+    run_command("sample.py", lambda: main(argv, exit_on_error=False), argv, debug=debug)

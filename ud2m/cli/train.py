@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from ud2m.cli.errors import run_command, strip_debug
+
 COMMANDS = """commands of train.py / ud2m-train:
   fit | validate | test | predict ...     UD2M training (LightningCLI; its options follow)
   export --ckpt CKPT --out DIR            export a UD2M checkpoint for sample.py --checkpoint
@@ -42,3 +44,14 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(COMMANDS)
     UD2MCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+
+
+def cli() -> None:
+    """The shell entry point (``train.py``, ``ud2m-train``, ``python -m ud2m train``): :func:`main` with user errors
+    as two readable lines and exit status 2 (``--debug``: the traceback; :mod:`ud2m.cli.errors`)."""
+    from ud2m.training.base_cli import ParserSettings
+
+    argv, debug = strip_debug(sys.argv[1:])
+    sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv itself
+    ParserSettings.exit_on_error = False
+    run_command("train.py", main, argv, debug=debug)

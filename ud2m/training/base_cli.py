@@ -26,6 +26,19 @@ IRRELEVANT_WARNINGS = (
 )
 
 
+class ParserSettings:
+    """``exit_on_error`` of every jsonargparse parser of the training commands. True (argparse's default) prints the
+    usage and exits; the shell entry points set it False, so that an option error is raised and printed in one or
+    two lines by :func:`ud2m.cli.errors.run_command` instead of after the whole usage text."""
+
+    exit_on_error = True
+
+
+def parser_kwargs() -> dict[str, bool]:
+    """Keyword arguments for the training commands' parsers (:class:`ParserSettings`)."""
+    return {"exit_on_error": ParserSettings.exit_on_error}
+
+
 def remove_failed_log_dir(log_dir: str | Path | None, started: float, global_step: int) -> bool:
     """Remove the log folder of a run that failed before its first step (issue [api] 8: no empty ``version_0``
     left behind): only when every file in it was written by this run (not older than ``started``, so a reused
@@ -64,6 +77,7 @@ class ModuleCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=message)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", parser_kwargs())
         super().__init__(
             self.module_class,
             LightningDataModule,

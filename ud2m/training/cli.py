@@ -23,7 +23,7 @@ from jsonargparse import class_from_function
 from ud2m.export import check_export_target
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.priors.pixel import PixelDiffusionPrior
-from ud2m.training.base_cli import ModuleCLI
+from ud2m.training.base_cli import ModuleCLI, parser_kwargs
 from ud2m.training.callbacks import describe_data, ema_from_checkpoint, export_module
 from ud2m.training.module import UnfoldedDistillation
 
@@ -129,5 +129,5 @@ def export_command(argv: list[str]) -> Path:
     if prior:
         from ud2m.training.prior_module import export_prior
 
-        return auto_cli(export_prior, args=args, as_positional=False)
-    return auto_cli(export, args=args, as_positional=False)
+        return auto_cli(export_prior, args=args, as_positional=False, **parser_kwargs())
+    return auto_cli(export, args=args, as_positional=False, **parser_kwargs())

@@ -35,7 +35,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from ud2m.priors.base import x0_from_prediction
 from ud2m.priors.vp import VPSchedule
 from ud2m.solvers.steps import ddim_step
-from ud2m.training.base_cli import ModuleCLI
+from ud2m.training.base_cli import ModuleCLI, parser_kwargs
 from ud2m.training.callbacks import EMA, ema_from_checkpoint, find_ema
 from ud2m.training.module import _injected_objects, mix_seed
 from ud2m.utils import append_dims, rand, randn
@@ -396,14 +396,14 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         from jsonargparse import auto_cli
 
-        auto_cli(export_prior, args=argv[1:])
+        auto_cli(export_prior, args=argv[1:], **parser_kwargs())
         return
     if argv[:1] == ["card"]:
         from jsonargparse import auto_cli
 
         from ud2m.training.prior_card import write_card
 
-        auto_cli(write_card, args=argv[1:], as_positional=False)
+        auto_cli(write_card, args=argv[1:], as_positional=False, **parser_kwargs())
         return
     PriorCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
