@@ -9,7 +9,7 @@ std / truth of the first two test images for every method, read back from the im
 - ``digits``: x4 super-resolution at sigma_y = 0.05 (the UD2M MNIST ablation operator, ``ud2m/mnist_sr_x4``) of the 90
   held-out built-in digits, with the shipped digits prior.
 - ``photos``: 64x64 crops of the two held-out photographs (coffee, immunohistochemistry: 8 crops each on a fixed grid)
-  for the four ``configs/operators/photos/*`` problems (x4 SR, Gaussian deblur, 50 % random and box inpainting),
+  for the four ``ud2m/assets/operators/photos/*`` problems (x4 SR, Gaussian deblur, 50 % random and box inpainting),
   sigma_y = 0.025, with the shipped photos prior.
 - ``grid``: the UD2M MNIST ablation, K x N for K in {2, 4, 8} blocks and N in {1, 2, 4, 8} steps: S posterior samples
   per digit, PSNR of the sample mean and of one sample, CFID (conditional W2), FID and coverage in the shipped digits
@@ -149,7 +149,7 @@ def photos_config(problem: str, max_steps: int | None = None) -> dict:
     """configs/experiments/photos_sr4.yaml with the operator and noise level of ``photos/<problem>`` (and
     ``max_steps`` distillation steps instead of the config's)."""
     cfg = yaml.safe_load((ROOT / "configs" / "experiments" / "photos_sr4.yaml").read_text())
-    preset = yaml.safe_load((ROOT / "configs" / "operators" / "photos" / f"{problem}.yaml").read_text())
+    preset = yaml.safe_load((ROOT / "ud2m" / "assets" / "operators" / "photos" / f"{problem}.yaml").read_text())
     cfg["model"]["operator"], cfg["model"]["sigma_y"] = preset["operator"], preset["sigma_y"]
     cfg["model"]["sampler"]["init_args"]["prior"]["init_args"]["path_or_hub_id"] = str(PRIORS / "photos")
     if max_steps is not None:

@@ -6,6 +6,7 @@ and gradients that flow (gradcheck in float64).
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,21 @@ def test_operators_built_under_inference_mode_apply_and_follow_in_place_edits(rn
                                                                       gaussian_size=3).prox_l2(x, y, 3.0))  # fmt: skip
         blur.kernel.mul_(0).add_(1 / 25)
         assert torch.allclose(blur.A(x), UniformBlur(5).A(x), atol=1e-6)
+
+
+def test_every_shipped_preset_loads_from_the_package_and_every_weight_table_entry_has_one():
+    """Presets are package data (ud2m/assets/operators, read through importlib.resources, so a wheel has them);
+    each one builds its operator, and the solvers' weight tables only name presets that exist."""
+    from importlib import resources
+
+    from ud2m.operators.presets import PRESET_DIR, list_presets, load_preset
+    from ud2m.solvers.weights import LATINO_PRO_WEIGHTS, LATINO_WEIGHTS
+
+    assert PRESET_DIR == Path(str(resources.files("ud2m"))) / "assets" / "operators"
+    names = list_presets()
+    assert len(names) == len(list(PRESET_DIR.rglob("*.yaml"))) > 20
+    for name in names:
+        preset = load_preset(name)
+        assert isinstance(preset.operator, torch.nn.Module) and preset.sigma_y >= 0, name
+    for table in (LATINO_WEIGHTS, LATINO_PRO_WEIGHTS):
+        assert set(table) - {"default"} <= set(names)

@@ -27,7 +27,7 @@ from ud2m.operators.video import (
 DT = torch.float64
 SHAPE = (2, 3, 10, 16, 16)  # T = 10 = 2*4 + 2: pooling x4 pads the last group (r = 2 real frames)
 TINY = (2, 1, 5, 8, 8)  # dense-matrix size; pooling x2 pads the last group (r = 1)
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "operators" / "lvtino"
+PRESETS = Path(__file__).resolve().parents[1] / "ud2m" / "assets" / "operators" / "lvtino"
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,14 @@ A preset file looks like::
     image_size: [1024, 1024]
     source: LATINO-PRO code
 
-Shipped presets live in ``configs/operators/<paper>/<name>.yaml`` and can be named as ``"<paper>/<name>"``.
+Shipped presets live in the package, ``ud2m/assets/operators/<paper>/<name>.yaml`` (read through
+:mod:`importlib.resources`, so installed wheels have them), and can be named as ``"<paper>/<name>"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,8 @@ import yaml
 
 from ud2m.operators.base import LinearOperator, NonlinearOperator
 
-#: Shipped presets (a source checkout has them next to the package).
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "operators"
+#: Shipped presets.
+PRESET_DIR = Path(str(resources.files("ud2m") / "assets" / "operators"))  # package data: installed with ud2m
 
 
 @dataclass(frozen=True)
