@@ -88,6 +88,7 @@ def test_training_lowers_the_loss_below_the_trivial_predictor(rng):
     after, trivial = fixed_loss(), float(eps.pow(2).mean())
     assert trainer.global_step == 30
     assert after < before and after < 0.5 * trivial, (before, after, trivial)
+    assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(3e-3)  # logged; no warm-up
 
 
 def test_sample_ddim_equals_diffusers_ddim_pipeline():

@@ -74,6 +74,9 @@ def test_fast_dev_run_trains_and_validates(tmp_path):
     assert written == {"x.png", "y.png", "x_hat.png", "iterates.png"}
     assert {"train/l2", "train/adv_g", "train/d_real", "train/gp", "val/psnr", "val/ssim"} <= set(t.callback_metrics)
     assert "val/lpips" not in t.callback_metrics  # no real LPIPS backbone offline
+    warmup = min(1.0, 1 / max(model.hparams.warmup_steps, 1))  # the learning rates of step 0, after the warm-up
+    assert float(t.callback_metrics["train/lr_g"]) == pytest.approx(model.hparams.lr_g * warmup)
+    assert float(t.callback_metrics["train/lr_d"]) == pytest.approx(model.hparams.lr_d * warmup)
 
 
 def test_two_steps_update_every_trainable_tensor_and_both_optimizers():

@@ -190,6 +190,9 @@ class UnfoldedDistillation(pl.LightningModule):
         logs: dict[str, Any] = {}
         adversarial = opt_d is not None and self.global_step >= self.hparams.adv_start_step
         self._set_learning_rates(opt_g, opt_d)
+        logs["lr_g"] = opt_g.param_groups[0]["lr"]  # after warm-up: lr_g (the LoRA group; scalars use their scale)
+        if opt_d is not None:
+            logs["lr_d"] = opt_d.param_groups[0]["lr"]
         ok_d = True
         if adversarial:  # 5. D update on (x0, sg(x0_hat))
             for _ in range(self.hparams.d_steps_per_g):

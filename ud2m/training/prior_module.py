@@ -128,8 +128,8 @@ class AdamWWarmup:
     """The optimisation of the prior modules (:class:`DiffusionPriorTraining`, and the consistency distillation of
     :mod:`ud2m.training.consistency_module`): AdamW on ``self.unet`` with a per-step linear warm-up, global-norm
     clipping at ``clip_norm`` and an EMA callback when ``ema_halflife_steps`` is set (the module's hyperparameters
-    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``clip_norm``, ``ema_halflife_steps``). Mix in before
-    ``pl.LightningModule``."""
+    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``clip_norm``, ``ema_halflife_steps``); logs ``train/lr``.
+    Mix in before ``pl.LightningModule``."""
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW plus a per-step linear warm-up (``LambdaLR``, resumed exactly from the checkpoint)."""
@@ -138,6 +138,10 @@ class AdamWWarmup:
         warmup = max(int(hp.warmup_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log ``train/lr``, the learning rate of this step (warm-up included)."""
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Global-norm clipping at ``clip_norm`` unless the Trainer sets ``gradient_clip_val``."""
