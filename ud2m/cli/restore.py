@@ -16,7 +16,6 @@ noise of image i from ``hash(seed, 1, i, 0)``), so results do not depend on batc
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import resource
@@ -43,6 +42,7 @@ from ud2m.metrics import LPIPSMetric, Welford, data_consistency, psnr, ssim
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
 from ud2m.operators.presets import instantiate_operator, load_preset
+from ud2m.priors.loading import load_prior, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -273,65 +273,6 @@ def _manifest_operator(manifest: dict, options: Options) -> tuple[Any, float | N
 
 
 # ---------------------------------------------------------------------------------------------- models
-def model_family(source: str) -> str:
-    """``"pixel"`` or ``"latent"`` from a diffusers folder or hub id: the ``model_index.json`` pipeline (a ``vae``
-    component means latent) or the UNet config class (``UNet2DModel`` pixel, ``UNet2DConditionModel`` latent).
-
-    Raises:
-        FileNotFoundError: for a missing folder (or an unreachable hub id) and a folder that is not a diffusers model.
-    """
-    index = _model_json(source, "model_index.json")
-    if index is not None:
-        unet = index.get("unet", [None, None])
-        if "vae" in index or unet[1] == "UNet2DConditionModel":
-            return "latent"
-        if unet[1] == "UNet2DModel":
-            return "pixel"
-    for name in ("unet/config.json", "config.json"):
-        config = _model_json(source, name)
-        if config is not None and config.get("_class_name") in ("UNet2DModel", "UNet2DConditionModel"):
-            return "pixel" if config["_class_name"] == "UNet2DModel" else "latent"
-    raise FileNotFoundError(
-        f"{source}: not a diffusers model (no model_index.json with a unet, and no UNet config.json)"
-    )
-
-
-def _model_json(source: str, name: str) -> dict | None:
-    """A JSON file of a local model folder or hub repository, None when it does not exist there."""
-    root = Path(source).expanduser()
-    if root.exists():
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: expected a model folder, got a file")
-        path = root / name
-        return json.loads(path.read_text()) if path.is_file() else None
-    if str(source).startswith(("/", ".", "~")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"model folder not found: {source} (neither a local folder nor a hub id owner/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(str(source), name)).read_text())
-    except EntryNotFoundError:
-        return None
-    except Exception as err:  # offline, unknown repository, ...
-        raise FileNotFoundError(f"{source}: not a local folder and the hub lookup failed ({err})") from err
-
-
-def load_prior(source: str, family: str, options: Options, device: torch.device):
-    """Load the prior of ``source`` for ``family`` with the dtype policy and ``model_options`` keywords."""
-    kwargs = dict(options.model_options or {})
-    dtype = resolve_dtype(options.dtype)
-    if family == "pixel":
-        from ud2m.priors.latent import default_dtype
-        from ud2m.priors.pixel import PixelDiffusionPrior
-
-        dtype = dtype or default_dtype(device, sdxl=False)
-        return PixelDiffusionPrior.from_pretrained(source, dtype=dtype, device=device, **kwargs)
-    from ud2m.priors.latent import LatentConsistencyPrior
-
-    return LatentConsistencyPrior.from_pretrained(source, dtype=dtype, device=device, **kwargs)
-
-
 def _load_models(job: Job) -> None:
     """Load the prior (and, for UD2M, the exported model) and encode the prompt once."""
     options, method = job.options, job.method
@@ -344,7 +285,8 @@ def _load_models(job: Job) -> None:
     if source is None:
         raise ValueError(f"method {method!r} needs --model (a local diffusers folder or a hub id)")
     family = model_family(str(source))
-    job.prior = load_prior(str(source), family, options, job.device)
+    kwargs = dict(options.model_options or {})
+    job.prior = load_prior(str(source), family=family, dtype=resolve_dtype(options.dtype), device=job.device, **kwargs)
     job.run["model"] = str(source)
     if method == "ud2m":
         from ud2m.export import load_checkpoint
@@ -751,4 +693,4 @@ def write_metrics(job: Job, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return write_results(job.options.output_dir, {**job.run, "lpips": job.lpips_note, "options": options}, ordered)
 
 
-__all__ = ["METHODS", "Item", "Job", "Options", "model_family", "prepare", "restore", "run"]
+__all__ = ["METHODS", "Item", "Job", "Options", "prepare", "restore", "run"]
