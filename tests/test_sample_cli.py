@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ud2m.cli.restore import seed_for
 from ud2m.io import discover_images, load_image, save_image
 from ud2m.priors import model_family
+from ud2m.utils import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP = 32  # tiny models: 32² images (16² latents) keep each solver call in milliseconds

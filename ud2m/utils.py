@@ -7,9 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def seed_for(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``(seed, *keys)`` by numpy's ``SeedSequence`` hashing (algorithms.md §1.5): the project's one
+    way to derive the seed of a sample, a chain or an epoch from a base seed, so that no two keys share a stream."""
+    return int(
+        np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 def append_dims(v: torch.Tensor, target_ndim: int) -> torch.Tensor:

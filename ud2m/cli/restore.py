@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ud2m.cli.resume import check_resume_compatible, run_record
@@ -43,6 +42,7 @@ from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
 from ud2m.operators.presets import instantiate_operator, load_preset
 from ud2m.priors.loading import load_prior, model_family
+from ud2m.utils import seed_for
 
 logger = logging.getLogger(__name__)
 
@@ -467,11 +467,6 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
         else:
             out.append([item])
     return out
-
-
-def seed_for(seed: int, *keys: int) -> int:
-    """A 63-bit seed from ``(seed, *keys)`` (numpy ``SeedSequence`` hashing, §1.5)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _generators(job: Job, batch: list[Item], stream: int) -> list[torch.Generator]:

@@ -41,6 +41,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from ud2m.io import IMAGE_SUFFIXES, PHOTO_PREFIXES, discover_images, load_image, source_stem, split_train_val
+from ud2m.utils import seed_for
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +240,10 @@ class ResumableData(LightningDataModule):
 def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[tuple[int, int]]:
     """This rank's ``(item, crop seed)`` pairs of one epoch over ``n`` items: one permutation seeded by (seed, epoch)
     shared by all ranks, split into ``world_size`` equal parts (the remainder is dropped), and a seed per position."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(wds.utils.make_seed(seed, epoch)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
     per_rank = n // world_size
     mine = perm[rank * per_rank : (rank + 1) * per_rank].tolist()
-    return [(i, wds.utils.make_seed(seed, epoch, rank, position)) for position, i in enumerate(mine)]
+    return [(i, seed_for(seed, epoch, rank, position)) for position, i in enumerate(mine)]
 
 
 def map_style_epoch(data: LightningDataModule, dataset: Dataset, epoch: int, skip: int, *, drop_last: bool):
@@ -655,9 +656,14 @@ class ImageFolderImages(ResumableData):
             return [str(p) for p in list_image_files(self.root)]
         return [str(self.root)] if isinstance(self.root, str | Path) else [str(s) for s in self.root]
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of one loaded image (``channels``; a clip module stacks several frames)."""
+        return self.channels
+
     def _load(self, source: str) -> torch.Tensor | None:
         try:
-            x = to_channels(load_image(source)[0], self.channels, source)  # (C, H, W)
+            x = to_channels(load_image(source)[0], self.image_channels, source)  # (C, H, W)
         except (OSError, ValueError) as err:
             logger.warning("skipped unreadable image %s: %s", source, err)
             self.skipped_samples += 1
@@ -676,11 +682,14 @@ class ImageFolderImages(ResumableData):
             raise ValueError(f"no readable images in {self.root!r}")
         keys = [source_stem(s) for s, _ in loaded]
         train_idx, val_idx = self._split([s for s, _ in loaded])
-        seed = wds.utils.make_seed(self.seed, rank_and_world_size(getattr(self, "trainer", None))[0])
         for split, idx in (("train", train_idx), ("val", val_idx)):
-            crop = CropFlip(self.image_size, train=split == "train", seed=seed, random_flip=self.random_flip)
-            length = self.samples_per_epoch if split == "train" else None
-            self.datasets[split] = ImageListDataset([loaded[i][1] for i in idx], [keys[i] for i in idx], crop, length)
+            self.datasets[split] = self.make_dataset(split, [loaded[i][1] for i in idx], [keys[i] for i in idx])
+
+    def make_dataset(self, split: str, images: list[torch.Tensor], keys: list[str]) -> Dataset:
+        """The dataset of ``split`` over the loaded images: random crops (training) or central crops."""
+        seed = wds.utils.make_seed(self.seed, rank_and_world_size(getattr(self, "trainer", None))[0])
+        crop = CropFlip(self.image_size, train=split == "train", seed=seed, random_flip=self.random_flip)
+        return ImageListDataset(images, keys, crop, self.samples_per_epoch if split == "train" else None)
 
     def _split(self, sources: list[str]) -> tuple[list[int], list[int]]:
         """Train/val indices: the explicit ``val_sources`` when given, else :func:`split_train_val`."""
