@@ -172,10 +172,15 @@ class ImageLogger(pl.Callback):
         max_images: images per grid.
         every_n_validations: log every n-th validation run.
         out_dir: folder for PNG files (default: ``trainer.log_dir/images``).
+        frames: clips with their frames stacked along channels (``T*C`` channels, :mod:`ud2m.training.clips`):
+            each clip is drawn as a strip of its ``frames`` frames, one clip per row.
     """
 
-    def __init__(self, max_images: int = 4, every_n_validations: int = 1, out_dir: str | None = None) -> None:
+    def __init__(
+        self, max_images: int = 4, every_n_validations: int = 1, out_dir: str | None = None, frames: int | None = None
+    ) -> None:
         self.max_images, self.every_n_validations, self.out_dir = max_images, every_n_validations, out_dir
+        self.frames = frames
         self._validations = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -202,6 +207,10 @@ class ImageLogger(pl.Callback):
 
         n = self.max_images
         kinds = [k for k in outputs if k in ("x", "y") or k.startswith("x_hat")]  # x_hat, x_hat_1step, ...
+        if self.frames:  # (n, T*C, H, W) clips -> (n, C, H, T*W) strips, one per row
+            T = self.frames
+            strips = {k: outputs[k][:n].unflatten(1, (T, -1)).permute(0, 2, 3, 1, 4).flatten(3) for k in kinds}
+            return {k: make_grid(_to_unit(v), nrow=1) for k, v in strips.items()}
         out = {k: make_grid(_to_unit(outputs[k][:n]), nrow=n) for k in kinds if torch.is_tensor(outputs[k])}
         steps = outputs.get("iterates") or []
         blocks = [b["x"][0] for b in (steps[-1].get("blocks", []) if steps else [])]
