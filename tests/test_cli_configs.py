@@ -162,3 +162,25 @@ def test_train_errors_are_two_lines_before_any_usage(args, match, tmp_path, caps
     with pytest.raises(Exception) as raised:
         cli()
     assert not isinstance(raised.value, SystemExit)
+
+
+def test_lightning_compat_reads_the_cli_hyperparameters_only_inside_the_cli(prior_folders, tmp_path):
+    """ud2m.training.lightning_compat is the one place that reads a Lightning internal: outside LightningCLI it gives
+    None (modules keep injected objects out of hparams), inside it the parsed config reaches the module's hparams."""
+    from ud2m.training.lightning_compat import cli_hyperparameters
+
+    assert cli_hyperparameters() is None
+    argv = [
+        "train.py", "--config", str(ROOT / "configs" / "experiments" / "tiny_pixel_sr4.yaml"),
+        "--model.sampler.init_args.prior.init_args.path_or_hub_id", str(prior_folders["tiny_pixel_sr4"]),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    seen = []
+    real = cli_hyperparameters
+    with (
+        mock.patch("sys.argv", argv),
+        mock.patch("ud2m.training.module.cli_hyperparameters", lambda: seen.append(real()) or seen[-1]),
+    ):
+        cli = UD2MCLI(run=False)
+    assert seen and isinstance(seen[0], dict) and seen[0]["sampler"]["class_path"] == "ud2m.unfolded.UnfoldedSampler"
+    assert cli.model.hparams.sampler["class_path"] == "ud2m.unfolded.UnfoldedSampler"  # the config, not a module

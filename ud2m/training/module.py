@@ -37,6 +37,7 @@ from ud2m.metrics import psnr, ssim
 from ud2m.operators.base import LinearOperator, NonlinearOperator
 from ud2m.operators.noise import measure
 from ud2m.operators.random import OperatorGenerator, sample_sigma_y
+from ud2m.training.lightning_compat import cli_hyperparameters
 from ud2m.unfolded import UnfoldedSampler, sample_ud2m
 from ud2m.utils import rand, randn
 
@@ -422,9 +423,7 @@ def _injected_objects(**objects: Any) -> list[str]:
     Under LightningCLI the hyperparameters are the parsed config (``class_path``/``init_args``), which is what
     ``load_from_checkpoint`` needs, so nothing is ignored there.
     """
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    if _given_hyperparameters.get() is not None:
+    if cli_hyperparameters() is not None:
         return []
     return [name for name, obj in objects.items() if obj is not None]
 
