@@ -5,7 +5,7 @@ Train (subcommands fit / validate / test / predict; every option is also a YAML 
     python train.py fit --config configs/experiments/tiny_pixel_sr4.yaml --trainer.max_steps 100
     python train.py fit --config configs/experiments/tiny_pixel_sr4.yaml --ckpt_path <run>/checkpoints/last.ckpt
 
-Export a checkpoint to the folder that ``sample.py --checkpoint`` reads (algorithms.md §9)::
+Export a checkpoint to the folder that ``sample.py --checkpoint`` reads (docs/method.md §9)::
 
     python train.py export --ckpt <run>/checkpoints/last.ckpt --out exports/my_model
 

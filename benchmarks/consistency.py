@@ -1,4 +1,4 @@
-"""Consistency-model benchmark (issue [consistency], algorithms.md §3.3): the distilled CM priors against their
+"""Consistency-model benchmark (issue [consistency], docs/method.md §3.3): the distilled CM priors against their
 DDPM teachers.
 
 - ``uncond``: unconditional sample quality in the shipped digits feature space (``ud2m.embedding``, §10.3): the

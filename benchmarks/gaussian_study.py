@@ -1,6 +1,6 @@
 """Gaussian study (issue [sampler]): is the trained UD2M sampler a better *sampler* than the untrained one?
 
-On the analytic Gaussian prior (algorithms.md §3.2d) everything is exact: the posterior p(x0 | y) is Gaussian, and
+On the analytic Gaussian prior (docs/method.md §3.2d) everything is exact: the posterior p(x0 | y) is Gaussian, and
 the N-step UD2M sampler is affine-Gaussian in its noise draws as long as the learnable correction of the prior is
 affine in z_t, so its output law is propagated exactly (one basis noise vector per batch row, as in
 ``tests/test_unfolded.py``). We train UD2M blocks with the project's own ``UnfoldedDistillation`` (Lightning, the

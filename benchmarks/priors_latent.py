@@ -1,4 +1,4 @@
-"""Per-call cost of LatentConsistencyPrior (algorithms.md §3.2(a)) on the tiny LCM and SDXL parts.
+"""Per-call cost of LatentConsistencyPrior (docs/method.md §3.2(a)) on the tiny LCM and SDXL parts.
 
 Times one ``predict_x0`` (= 1 NFE), ``encode`` and ``decode`` under ``torch.inference_mode`` (median of ``--repeats``
 calls after one warm-up call) and prints a table. Random tiny weights cost the same as trained ones.

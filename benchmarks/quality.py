@@ -13,7 +13,7 @@ std / truth of the first two test images for every method, read back from the im
   sigma_y = 0.025, with the shipped photos prior.
 - ``grid``: the UD2M MNIST ablation, K x N for K in {2, 4, 8} blocks and N in {1, 2, 4, 8} steps: S posterior samples
   per digit, PSNR of the sample mean and of one sample, CFID (conditional W2), FID and coverage in the shipped digits
-  VAE embedding (``ud2m.embedding``, algorithms.md §10.3-10.4).
+  VAE embedding (``ud2m.embedding``, docs/method.md §10.3-10.4).
 
 Methods (sample.py's own ``sample()``, so every figure is what a user gets): the measurement lifted to image space
 (op.lift: Aᵀy, bilinear upsampling for SR), Tikhonov and TV with their weight tuned on training images (never the test
@@ -80,6 +80,7 @@ GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
 LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
+PHOTOS_LONG_STEPS = 4000  # the same question on photos (--ud2m_long; rows wherever such an export exists)
 
 
 def load_entry(name: str, attr: str):
@@ -403,6 +404,10 @@ def suite_photos(args) -> dict:
         if not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
             export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
             ud2m_rows = [(f"UD2M ({_steps(export)} steps), N x K = 3 x 3", export, {})]
+        long = work / problem / "ud2m_long"
+        if args.ud2m_long or (long / "export" / "ud2m.json").is_file():  # does longer distillation close the gap?
+            long = ensure_export(photos_config(problem, PHOTOS_LONG_STEPS), long)
+            ud2m_rows += [(f"UD2M ({_steps(long)} steps), N x K = {n} x 3", long, {"num_steps": n}) for n in (3, 4)]
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -758,6 +763,9 @@ def main() -> None:
         "--skip_ud2m", action="store_true", help="photos: no UD2M distillation (rows only where an export exists)"
     )
     parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
+    parser.add_argument(
+        "--ud2m_long", action="store_true", help=f"photos: also distil {PHOTOS_LONG_STEPS:,} steps (1 h per problem)"
+    )
     parser.add_argument(
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"
     )

@@ -1,4 +1,4 @@
-"""UD2M training costs (issue [ud2m], "Figures to report"; algorithms.md §7.1-7.7) on a pixel prior.
+"""UD2M training costs (issue [ud2m], "Figures to report"; docs/method.md §7.1-7.7) on a pixel prior.
 
 Three figures, each for K unfolded blocks (:class:`ud2m.unfolded.UnfoldedSampler`) trained by
 :class:`ud2m.training.module.UnfoldedDistillation` (generator + discriminator updates, losses, measurement, prox):

@@ -1,6 +1,6 @@
 """Cost of zero-shot restoration on a latent consistency prior (issue [zero-shot], "Figures to report").
 
-Compares LATINO (8 NFE; Spagnoletti et al. 2025, Algorithm 1; algorithms.md §4.2) with DPS (Chung et al. 2023,
+Compares LATINO (8 NFE; Spagnoletti et al. 2025, Algorithm 1; docs/method.md §4.2) with DPS (Chung et al. 2023,
 Algorithm 1), DiffPIR (Zhu et al. 2023, Algorithm 1) and Tikhonov on Gaussian deblurring (``GaussianBlur(3.0, 13)``,
 sigma_y = 0.01) of ``skimage.data.astronaut()`` resized to ``--size``. Priors are built from config with random
 weights (random weights cost the same as trained ones; nothing is downloaded):

@@ -1,4 +1,4 @@
-"""Write WebDataset shards for UD2M training (issue [ud2m], "Data"; algorithms.md §1.1, §2.8, §7).
+"""Write WebDataset shards for UD2M training (issue [ud2m], "Data"; docs/method.md §1.1, §2.8, §7).
 
 A script, not package code (nanoGPT's ``data/*/prepare.py``). Sources: an image folder (recursive; PNG, JPEG, TIFF,
 BMP, WebP), scikit-image's bundled photographs (``--from_skimage``) or scikit-learn's 8x8 digits upsampled to

@@ -1,4 +1,4 @@
-"""Consistency distillation of a pixel prior (algorithms.md §3.3, ``ud2m.training.consistency_module``).
+"""Consistency distillation of a pixel prior (docs/method.md §3.3, ``ud2m.training.consistency_module``).
 
 Identities: the boundary condition f(z, 0) = z of the exported prior; the distillation loss is exactly 0 with a
 zero skip (t_{n-1} = t_n) at any weights, and the target is the teacher's DDIM step of the hand formula; the

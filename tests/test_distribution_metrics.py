@@ -1,4 +1,4 @@
-"""Distribution metrics in an embedding space (algorithms.md §10.3, §10.4: ``sqrtm_psd``, ``bures``,
+"""Distribution metrics in an embedding space (docs/method.md §10.3, §10.4: ``sqrtm_psd``, ``bures``,
 ``frechet_distance``, ``cfid``, ``coverage``) and the digits VAE embedding (:mod:`ud2m.embedding`).
 
 Expected values are closed forms or independent computations (scipy's Schur ``sqrtm``, ``scipy.stats.chi``, numpy

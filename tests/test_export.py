@@ -1,4 +1,4 @@
-"""Checkpoint export and reload (algorithms.md §9): exact round trips for a tiny pixel prior saved as a local
+"""Checkpoint export and reload (docs/method.md §9): exact round trips for a tiny pixel prior saved as a local
 diffusers folder (peft injection path) and a tiny latent prior (``UNet2DConditionModel.load_lora_adapter`` path),
 the base-model hash (weights only, configs excluded) refusing different weights, clear manifest errors, and no
 unpickling anywhere in the load path.

@@ -1,4 +1,4 @@
-"""Tests of the differentiable JPEG operator (algorithms.md §2.6): codec pieces, agreement with libjpeg (Pillow),
+"""Tests of the differentiable JPEG operator (docs/method.md §2.6): codec pieces, agreement with libjpeg (Pillow),
 rounding modes and their gradients, ``measure`` semantics, shapes and the gradient-step prox."""
 
 import io

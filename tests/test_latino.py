@@ -1,4 +1,4 @@
-"""LATINO / LATINO-PRO (algorithms.md §4, §5, §10.5) and their data-weight rules.
+"""LATINO / LATINO-PRO (docs/method.md §4, §5, §10.5) and their data-weight rules.
 
 * Analytic Gaussian prior (float64): every LATINO stage is affine-Gaussian, so the exact law of the implemented
   algorithm is propagated with dense matrices and the sampler is checked against it (means within 5 standard

@@ -1,4 +1,4 @@
-"""LoRA helpers (algorithms.md §7.3, §9): B = 0 start equals the base exactly, frozen base, only LoRA trainable,
+"""LoRA helpers (docs/method.md §7.3, §9): B = 0 start equals the base exactly, frozen base, only LoRA trainable,
 raw-peft safetensors save -> load round trips for UNet2DModel (inject_adapter_in_model) and UNet2DConditionModel
 (load_lora_adapter), attention and conv targets together.
 """

@@ -1,4 +1,4 @@
-"""UD2M losses, the LPIPS factory and the conditional discriminator (algorithms.md §7.4, §7.5).
+"""UD2M losses, the LPIPS factory and the conditional discriminator (docs/method.md §7.4, §7.5).
 
 Every expected value is derived by hand: softplus(0) = log 2, SNR = ᾱ/(1-ᾱ), the gradient penalty of a linear
 discriminator <w, x> is ‖w‖², LPIPS equals the package called with its documented ranges, and the discriminator's

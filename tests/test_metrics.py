@@ -1,4 +1,4 @@
-"""Distortion metrics, data consistency, LPIPS reporting rules and Welford statistics (algorithms.md §8, §10.1-10.2).
+"""Distortion metrics, data consistency, LPIPS reporting rules and Welford statistics (docs/method.md §8, §10.1-10.2).
 
 Expected values are derived: PSNR from its formula on a constructed pair, SSIM(x, x) = 1 and agreement with
 scikit-image's reference implementation on real photographs, r² m ~ χ²_m for the data-consistency ratio at the true

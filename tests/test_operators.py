@@ -1,4 +1,4 @@
-"""Contract tests for the image operators (algorithms.md §2, house-style L): every identity is derived, none recorded.
+"""Contract tests for the image operators (docs/method.md §2, house-style L): every identity is derived, none recorded.
 
 Each operator in ``OPERATORS`` must have an exact adjoint, a prox equal to the dense solution of
 (I + γAᵀA)x = z + γAᵀy that satisfies the optimality condition, a closed form equal to CG, a projection for γ = ∞

@@ -1,4 +1,4 @@
-"""Prior contract (algorithms.md §1.2, §3.1): VP tables and their continuous extension, boundary scalings, output
+"""Prior contract (docs/method.md §1.2, §3.1): VP tables and their continuous extension, boundary scalings, output
 conversions, add_noise marginals, time broadcasting, NFE counting, frozen eval-mode base, conditioning containers.
 """
 
@@ -95,7 +95,7 @@ def test_flow_schedule_is_exact_and_inverts():
     torch.testing.assert_close(a_t, 1 - t / 1000)
     torch.testing.assert_close(b_t, t / 1000)
     torch.testing.assert_close(sched.t_of_sigma(sched.sigma(t)), t)
-    # algorithms.md §3.2c: VP-equivalent s_t of the LVTINO grid
+    # docs/method.md §3.2c: VP-equivalent s_t of the LVTINO grid
     torch.testing.assert_close(sched.sigma(757.0), torch.tensor(0.757 / 0.243))
 
 

@@ -1,4 +1,4 @@
-"""Analytic Gaussian prior (algorithms.md §3.2d, §10.5): exact x0 predictor vs joint-Gaussian conditioning, exact
+"""Analytic Gaussian prior (docs/method.md §3.2d, §10.5): exact x0 predictor vs joint-Gaussian conditioning, exact
 posteriors in information form vs Kalman (Woodbury) form, UD2M's p(x0 | y, x_t), W2 identities, samplers.
 """
 

@@ -1,4 +1,4 @@
-"""LatentConsistencyPrior (algorithms.md §3.1, §3.2(a)) on tiny random SD / LCM / SDXL parts: parity with diffusers'
+"""LatentConsistencyPrior (docs/method.md §3.1, §3.2(a)) on tiny random SD / LCM / SDXL parts: parity with diffusers'
 LatentConsistencyModelPipeline, SD/SDXL text conditioning, the ε/v/sample -> x0 conversions and the LCM boundary
 condition derived by hand, shape rules, save/load round trips, LCM-LoRA fusing and the loader's error messages."""
 

@@ -1,4 +1,4 @@
-"""Pixel VP prior (algorithms.md §3.2b): DDIM parity with diffusers' DDIMPipeline using only predict_x0 and scales,
+"""Pixel VP prior (docs/method.md §3.2b): DDIM parity with diffusers' DDIMPipeline using only predict_x0 and scales,
 learned-variance and class-conditional UNets, from_pretrained round trips and clear errors for broken folders.
 """
 

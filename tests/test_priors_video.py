@@ -1,4 +1,4 @@
-"""VideoFlowPrior (algorithms.md §3.2(c)) on tiny random Wan components: parity with diffusers' WanPipeline, the flow
+"""VideoFlowPrior (docs/method.md §3.2(c)) on tiny random Wan components: parity with diffusers' WanPipeline, the flow
 x0 identity, shape rules, and the CausVid (original Wan layout) weight loader."""
 
 import shutil

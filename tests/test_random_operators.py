@@ -1,4 +1,4 @@
-"""Random operator generators (algorithms.md §2.7) and motion-blur kernels: seeding, ranges, statistics, and the
+"""Random operator generators (docs/method.md §2.7) and motion-blur kernels: seeding, ranges, statistics, and the
 operator identities (adjointness, prox optimality) of what they return.
 
 Statistical tolerances are derived in each test (binomial / DKW / Wishart-type bounds at a family-wise error

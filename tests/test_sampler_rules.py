@@ -1,4 +1,4 @@
-"""The UD2M sampler's noise rule, discriminator conditioning and consistency loss (issue [sampler]; algorithms.md
+"""The UD2M sampler's noise rule, discriminator conditioning and consistency loss (issue [sampler]; docs/method.md
 §7.1, §7.4 and §7.5 revisions).
 
 Identities asserted: with the default ``noise_rule="prior"`` the re-noise time t_z of the untrained sampler on the

@@ -1,4 +1,4 @@
-"""UD2M training wiring (algorithms.md §7.5-7.8, §9; house-style J, L): the LightningModule, EMA, checkpoints, exact
+"""UD2M training wiring (docs/method.md §7.5-7.8, §9; house-style J, L): the LightningModule, EMA, checkpoints, exact
 resume, train.py end to end and 2-process DDP on CPU.
 
 Everything runs on a tiny random pixel prior (16x16 RGB, or 32x32 gray digits for the CLI runs); the assertions are

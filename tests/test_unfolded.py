@@ -1,4 +1,4 @@
-"""UnfoldedSampler and sample_ud2m (algorithms.md §7.1-7.3, §8, §10.5).
+"""UnfoldedSampler and sample_ud2m (docs/method.md §7.1-7.3, §8, §10.5).
 
 Identities asserted: LoRA B = 0 makes the adapted prior equal the frozen prior; one generator step reaches every
 trainable tensor (A exactly zero at step 0); the block equals a dense re-derivation of §7.1; NFE = K and N·K;

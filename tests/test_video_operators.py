@@ -1,4 +1,4 @@
-"""Tests of the video operators (algorithms.md §2.5, §2.8 LVTINO rows): every identity is derived, none recorded.
+"""Tests of the video operators (docs/method.md §2.5, §2.8 LVTINO rows): every identity is derived, none recorded.
 
 Videos are (B, C, T, H, W) in float64 with T not a multiple of the pooling factor, so the replicate-padded last group
 is always exercised. Each operator and composition must have an exact adjoint (also against a dense Jacobian), a

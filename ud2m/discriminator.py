@@ -1,4 +1,4 @@
-r"""The conditional discriminator of UD2M training (algorithms.md §7.4 and its revision).
+r"""The conditional discriminator of UD2M training (docs/method.md §7.4 and its revision).
 
 :math:`D(x, c)` scores an image ``x`` (clean :math:`x_0` or generated :math:`\hat x_0`) given a conditioning tensor
 ``c``, identical for real and fake. UD2M samples :math:`p(x_0 \mid x_t, y)`, so by default ``c`` carries the whole

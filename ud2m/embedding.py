@@ -1,4 +1,4 @@
-r"""The feature space of the digits distribution metrics (algorithms.md §10.3, §10.4).
+r"""The feature space of the digits distribution metrics (docs/method.md §10.3, §10.4).
 
 Conditional W2 (CFID) and coverage compare embeddings, not pixels. The UD2M MNIST ablation used the encoder mean of a
 fully connected VAE 784 → 512 → 512 → 12 (ReLU) whose weights were never released, so the project trains its own on

@@ -1,4 +1,4 @@
-"""Export and reload of trained UD2M models (algorithms.md §9): the folder that ``sample.py --checkpoint`` reads.
+"""Export and reload of trained UD2M models (docs/method.md §9): the folder that ``sample.py --checkpoint`` reads.
 
 Layout::
 

@@ -1,4 +1,4 @@
-"""Image files in and out, with the value-range conventions of algorithms.md §1.1 (files on [0, 1], library on
+"""Image files in and out, with the value-range conventions of docs/method.md §1.1 (files on [0, 1], library on
 [-1, 1]) and clear errors for bad inputs. Also resolves the built-in photographs of ``skimage.data``
 (``"skimage:astronaut"``), which ship with scikit-image and need no download, and expands an input specification
 (one file, a folder or a glob) into a sorted list of image sources for ``sample.py``.

@@ -1,4 +1,4 @@
-r"""UD2M training losses (algorithms.md §7.5) and the pluggable LPIPS perceptual network.
+r"""UD2M training losses (docs/method.md §7.5) and the pluggable LPIPS perceptual network.
 
 Implements the per-sample losses of the UD2M paper (Mbakam et al., unfolded distillation of diffusion models) as
 fixed by our spec: the conditional-consistency L2 in :math:`x_0` space with an optional SNR weight, LPIPS

@@ -1,4 +1,4 @@
-r"""Image and video restoration metrics (algorithms.md §10.1, §10.2), distribution metrics in an embedding space
+r"""Image and video restoration metrics (docs/method.md §10.1, §10.2), distribution metrics in an embedding space
 (Fréchet distance, conditional W2 / CFID, coverage: §10.3, §10.4) and posterior-sample statistics (§8).
 
 PSNR and SSIM (Wang et al., 2004) are computed per image on [0, 1] after clamping, from library images on [-1, 1];

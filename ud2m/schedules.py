@@ -1,4 +1,4 @@
-"""Timestep grids of the solvers (algorithms.md §4.2, §5.3, §8), as pure functions of native time.
+"""Timestep grids of the solvers (docs/method.md §4.2, §5.3, §8), as pure functions of native time.
 
 Every solver receives native timesteps (the networks are conditioned on them); the conversions to (a_t, b_t) and
 s_t live in the prior's schedule, never here.

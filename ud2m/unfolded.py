@@ -1,4 +1,4 @@
-r"""The unfolded UD2M model and its N-step DDIM sampler (algorithms.md §7.1-7.3, §7.8, §8).
+r"""The unfolded UD2M model and its N-step DDIM sampler (docs/method.md §7.1-7.3, §7.8, §8).
 
 UD2M distils a conditional consistency model :math:`x_0 \sim p(x_0 \mid x_t, y)` from a frozen diffusion prior:
 K unfolded LATINO blocks (a combined-quadratic prox on :math:`(y, x_t)`, a re-noise to a learnable level, one
@@ -45,14 +45,14 @@ def is_latent_prior(prior: Prior) -> bool:
 
 
 class UnfoldedSampler(nn.Module):
-    r"""K unfolded LATINO blocks around a LoRA-adapted frozen prior (algorithms.md §7.1-7.3).
+    r"""K unfolded LATINO blocks around a LoRA-adapted frozen prior (docs/method.md §7.1-7.3).
 
     Block k, per sample, with :math:`a = a_t`, :math:`s = s_t`, :math:`\sigma_n = 2\sigma_y` and the
     data-scale :math:`\sigma_e` of the noise rule (§7.1 revision): ``noise_rule="prior"`` (default)
     :math:`\sigma_e = \texttt{sigma\_cap}` on the prior's data scale, so :math:`\rho_0 \approx \min(s_t,
     \sigma_e)` and the re-noise time :math:`t_z` follows the outer time below the cap; ``"reference"``
     :math:`\sigma_e = \texttt{rho\_sigma\_scale}\cdot\sigma_n` (the UD2M reference, blind to t: measured to make
-    more sampler steps worse, algorithms.md §7.1 revision):
+    more sampler steps worse, docs/method.md §7.1 revision):
 
     .. math::
         \rho_0 = \frac{\sigma_e s}{\sqrt{\sigma_e^2 + s^2}},\quad \rho = \rho_0 e^{\log\rho_\text{scale}},\quad
@@ -416,7 +416,7 @@ def sample_ud2m(
     callback: Callable[[dict], None] | None = None,
     clip: bool = True,
 ) -> torch.Tensor:
-    r"""N-step UD2M sampler (algorithms.md §8): K blocks per grid point, exact DDIM steps between them.
+    r"""N-step UD2M sampler (docs/method.md §8): K blocks per grid point, exact DDIM steps between them.
 
     On the quadratic grid :math:`t_1 = 999 > \dots > t_N`, from :math:`x \sim N(0, I)`:
     :math:`\hat x_0 = G_K(x, t_n, y)`, then (n < N) :math:`\hat\varepsilon = (x - a_n\hat x_0)/b_n`,

@@ -14,7 +14,7 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 def seed_for(seed: int, *keys: int) -> int:
-    """A 63-bit seed from ``(seed, *keys)`` by numpy's ``SeedSequence`` hashing (algorithms.md §1.5): the project's one
+    """A 63-bit seed from ``(seed, *keys)`` by numpy's ``SeedSequence`` hashing (docs/method.md §1.5): the project's one
     way to derive the seed of a sample, a chain or an epoch from a base seed, so that no two keys share a stream."""
     return int(
         np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(1, np.uint64)[0] >> np.uint64(1)
@@ -71,7 +71,7 @@ def randn(
     """Standard normal noise of ``shape``, diffusers-style generator handling.
 
     With a list of B generators, sample ``i`` draws only from ``generator[i]`` so the result does not depend on
-    the batch composition (algorithms.md §1.5). Noise is drawn on the generator's device and moved afterwards.
+    the batch composition (docs/method.md §1.5). Noise is drawn on the generator's device and moved afterwards.
     """
     shape = tuple(shape)
     if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):

@@ -1,5 +1,5 @@
 """The restoration job of ``sample.py`` (issues [zero-shot] and [ud2m]): input discovery, model and operator
-loading, batching of images x posterior samples, resume, outputs and metrics (algorithms.md §4.2, §5.3, §8, §10).
+loading, batching of images x posterior samples, resume, outputs and metrics (docs/method.md §4.2, §5.3, §8, §10).
 
 Every check that can fail (inputs, operator preset, model folder, image sizes against the operator and the prior)
 runs in :func:`prepare`, BEFORE anything is written; :func:`run` then only restores and writes. Outputs per image:
@@ -209,7 +209,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | None:
-    """``"auto"`` -> None (the prior's policy, algorithms.md §1.4), else the named torch dtype."""
+    """``"auto"`` -> None (the prior's policy, docs/method.md §1.4), else the named torch dtype."""
     names = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in names:
         raise ValueError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")

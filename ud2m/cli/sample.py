@@ -73,7 +73,7 @@ def sample(
         batch_size: images per solver call (each with ``num_samples`` chains).
         num_steps: UD2M N / DPS and DiffPIR steps / LATINO uniform grid (default: each method's own).
         eta: DDIM stochasticity of UD2M (default: the manifest's) and DPS.
-        dtype: network dtype; auto = fp32 on CPU, bf16/fp16 on CUDA (algorithms.md §1.4).
+        dtype: network dtype; auto = fp32 on CPU, bf16/fp16 on CUDA (docs/method.md §1.4).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         lpips: LPIPS backbone, reported only when its real weights are available (None: off).
         lpips_weights: local path of the torchvision backbone weights for LPIPS.

@@ -1,4 +1,4 @@
-"""Forward operators: the measurement models y = A(x) + n of every solver (algorithms.md §2)."""
+"""Forward operators: the measurement models y = A(x) + n of every solver (docs/method.md §2)."""
 
 from ud2m.operators.base import LinearOperator, NonlinearOperator, Operator
 from ud2m.operators.blur import GaussianBlur, KernelBlur, UniformBlur

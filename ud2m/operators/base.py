@@ -1,4 +1,4 @@
-"""The forward-operator contract (algorithms.md §2.1): linear operators with a CG default prox, and nonlinear
+"""The forward-operator contract (docs/method.md §2.1): linear operators with a CG default prox, and nonlinear
 operators whose prox is a few projected gradient steps.
 
 A user adds a degradation by subclassing :class:`LinearOperator` and writing ``A`` and ``A_adjoint`` only; every
@@ -99,7 +99,7 @@ class LinearOperator(nn.Module):
         max_iter: int | None = None,
         backward: str | None = None,
     ) -> torch.Tensor:
-        """CG prox (algorithms.md §2.3), available on every operator so closed forms can be checked against it."""
+        """CG prox (docs/method.md §2.3), available on every operator so closed forms can be checked against it."""
         gamma = batch_scalar(gamma, z.shape[0], device=z.device, dtype=z.dtype, name="gamma")
         return prox_l2_cg(
             self,
@@ -171,7 +171,7 @@ class LinearOperator(nn.Module):
 
 
 class NonlinearOperator(nn.Module):
-    r"""A differentiable nonlinear forward map :math:`J` (e.g. JPEG), algorithms.md §2.6.
+    r"""A differentiable nonlinear forward map :math:`J` (e.g. JPEG), docs/method.md §2.6.
 
     Subclasses implement :meth:`A`; :meth:`A_vjp` defaults to autograd. The prox runs ``prox_steps`` projected
     gradient steps :math:`x \leftarrow \mathrm{clamp}(x - \eta[\gamma J'(x)^\top(J(x)-y) + (x - z)], -1, 1)` with

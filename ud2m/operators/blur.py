@@ -1,4 +1,4 @@
-r"""Circular (FFT) blur operators with the exact Fourier-domain prox (algorithms.md §2.2).
+r"""Circular (FFT) blur operators with the exact Fourier-domain prox (docs/method.md §2.2).
 
 :math:`A x = F^{-1}(\hat h \cdot F x)`; each sample of a batch may carry its own kernel.
 """

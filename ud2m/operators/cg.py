@@ -1,4 +1,4 @@
-"""Batched conjugate gradient and the CG-based proximal map of a linear operator (algorithms.md §2.3-2.4).
+"""Batched conjugate gradient and the CG-based proximal map of a linear operator (docs/method.md §2.3-2.4).
 
 Every sample of the batch has its own step sizes and its own stopping test; converged samples are frozen.
 Inner products are accumulated in float64. The default backward pass of the prox is *implicit*: it solves one
@@ -99,7 +99,7 @@ def cg_prox_solve(op, z, y, gamma, *, rtol, max_iter) -> CGResult:
 
 
 class _ImplicitCGProx(torch.autograd.Function):
-    """prox_l2 by CG with the implicit-function backward of algorithms.md §2.3 item 4."""
+    """prox_l2 by CG with the implicit-function backward of docs/method.md §2.3 item 4."""
 
     @staticmethod
     def forward(ctx, z, y, gamma, op, rtol, max_iter):

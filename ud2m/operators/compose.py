@@ -1,4 +1,4 @@
-"""Composition of linear operators, A = outer ∘ inner (algorithms.md §2.5), with the CG prox by default."""
+"""Composition of linear operators, A = outer ∘ inner (docs/method.md §2.5), with the CG prox by default."""
 
 from __future__ import annotations
 

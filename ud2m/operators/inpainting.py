@@ -1,4 +1,4 @@
-"""Inpainting and denoising: diagonal operators with closed-form proxes (algorithms.md §2.2).
+"""Inpainting and denoising: diagonal operators with closed-form proxes (docs/method.md §2.2).
 
 Masks are ``(B or 1, 1, H, W)`` in {0, 1} (1 = observed), shared across channels; missing entries of y are 0.
 """

@@ -1,4 +1,4 @@
-r"""Differentiable JPEG compression as a nonlinear forward operator (algorithms.md §2.6 and §1.1).
+r"""Differentiable JPEG compression as a nonlinear forward operator (docs/method.md §2.6 and §1.1).
 
 The baseline JPEG codec (ITU-T T.81) written in batched torch: RGB -> YCbCr (JFIF, full range), 4:2:0 chroma by
 2x2 average pooling, level shift -128, orthonormal 8x8 DCT-II, quantisation :math:`\mathrm{round}(D/Q)\,Q` with the
@@ -82,7 +82,7 @@ def quantization_tables(quality: float | Sequence[float] | torch.Tensor) -> tupl
         Q = \mathrm{clamp}\big(\lfloor (Q_{\mathrm{base}}\, s + 50) / 100 \rfloor, 1, 255\big).
 
     The floor in :math:`s` is the integer division of libjpeg's ``jpeg_quality_scaling``; with it the tables equal
-    those Pillow/libjpeg write for every integer QF (algorithms.md §2.6 writes :math:`5000/QF`, which agrees for
+    those Pillow/libjpeg write for every integer QF (docs/method.md §2.6 writes :math:`5000/QF`, which agrees for
     QF in {1, 2, 4, 5, 8, 10, 20, 25, 40} and QF >= 50 and differs by one step in a few entries otherwise).
 
     Args:
@@ -192,7 +192,7 @@ def _upsample2(x: torch.Tensor) -> torch.Tensor:
 
 
 def jpeg_01(x: torch.Tensor, quality: torch.Tensor | float, *, round_fn: RoundFn = torch.round) -> torch.Tensor:
-    r"""JPEG compression and decompression :math:`J_{01}` of images on [0, 1] (algorithms.md §2.6).
+    r"""JPEG compression and decompression :math:`J_{01}` of images on [0, 1] (docs/method.md §2.6).
 
     Colour images are coded as Y at full resolution and CbCr 4:2:0 (2x2 average pooling, nearest x2 upsampling);
     gray images as luminance only. ``H, W`` are replicate-padded to multiples of 16 and cropped back.

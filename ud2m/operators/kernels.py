@@ -1,4 +1,4 @@
-"""Blur and anti-aliasing kernels (algorithms.md §2.2, §2.7) and their optical transfer functions.
+"""Blur and anti-aliasing kernels (docs/method.md §2.2, §2.7) and their optical transfer functions.
 
 Kernels are ``(B or 1, 1, k1, k2)`` float tensors that sum to 1. The tap ``(k1 // 2, k2 // 2)`` is the origin
 for every kernel, odd or even, in ``A``, ``A_adjoint`` and the prox alike (deepinv's convention).

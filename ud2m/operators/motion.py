@@ -1,4 +1,4 @@
-r"""Motion-blur kernels from random camera trajectories, and the :class:`MotionBlur` operator (algorithms.md §2.7,
+r"""Motion-blur kernels from random camera trajectories, and the :class:`MotionBlur` operator (docs/method.md §2.7,
 §2.8).
 
 Two trajectory models, both splatted bilinearly onto a :math:`k \times k` grid and normalised to sum 1:

@@ -1,4 +1,4 @@
-"""Measurement noise and the value-range conventions of algorithms.md §1.1.
+"""Measurement noise and the value-range conventions of docs/method.md §1.1.
 
 Noise never lives inside an operator: ``A`` stays linear and testable, and the noise level is explicit data.
 The factor 2 between the user-facing ``sigma_y`` (std on the [0, 1] scale, as papers report it) and the internal

@@ -1,5 +1,5 @@
 """Operator presets: YAML files that name an operator by ``class_path``/``init_args`` plus its noise level
-(algorithms.md §2.8). The same ``operator:`` block is what ``train.py`` and ``sample.py`` read.
+(docs/method.md §2.8). The same ``operator:`` block is what ``train.py`` and ``sample.py`` read.
 
 A preset file looks like::
 

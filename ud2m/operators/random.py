@@ -1,4 +1,4 @@
-r"""Random operator generators for training (algorithms.md §2.7).
+r"""Random operator generators for training (docs/method.md §2.7).
 
 Each generator is a small class configured by ``__init__`` (so a YAML ``class_path`` can build it) and called as
 ``gen(batch_size, image_size, generator, device=None)``. It draws per-sample parameters from ``generator`` only and

@@ -1,4 +1,4 @@
-"""Super-resolution: anti-aliasing filter then s-fold decimation ``x[..., ::s, ::s]`` (algorithms.md §2.2).
+"""Super-resolution: anti-aliasing filter then s-fold decimation ``x[..., ::s, ::s]`` (docs/method.md §2.2).
 
 With circular padding the prox is the exact decimation-aware Fourier solution (Zhao et al. 2016, USRNet),
 two FFTs and differentiable; with reflect padding (paper presets) the prox goes through CG.

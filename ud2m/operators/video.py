@@ -1,4 +1,4 @@
-"""Video forward operators on ``(B, C, T, H, W)`` tensors (algorithms.md §1.3, §2.5) and the LVTINO presets (§2.8).
+"""Video forward operators on ``(B, C, T, H, W)`` tensors (docs/method.md §1.3, §2.5) and the LVTINO presets (§2.8).
 
 Owns temporal average pooling :math:`P_f`, circular temporal blur :math:`B_k`, the frame-wise lifts of 2-D image
 operators (:class:`PerFrame` for linear, :class:`PerFrameNonlinear` for JPEG-like maps), the exact proxes of

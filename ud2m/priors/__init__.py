@@ -1,4 +1,4 @@
-"""Generative priors behind one contract (algorithms.md §3): pixel VP UNets, latent consistency models, video flow
+"""Generative priors behind one contract (docs/method.md §3): pixel VP UNets, latent consistency models, video flow
 models and the analytic Gaussian prior, plus LoRA helpers.
 
 The contract, schedules and the Gaussian prior need only torch and import eagerly; the diffusers/peft-backed names

@@ -1,7 +1,7 @@
-"""The prior contract (algorithms.md §3.1): one wrapper interface for every generative prior.
+"""The prior contract (docs/method.md §3.1): one wrapper interface for every generative prior.
 
 Every family (pixel VP UNets, latent consistency models, the Wan flow model, the analytic Gaussian) is written as
-z_t = a_t·z_0 + b_t·ε (algorithms.md §1.2) and exposes ``encode``/``decode``, ``scales``/``sigma``/``t_of_sigma``,
+z_t = a_t·z_0 + b_t·ε (docs/method.md §1.2) and exposes ``encode``/``decode``, ``scales``/``sigma``/``t_of_sigma``,
 ``add_noise`` and ``predict_x0`` (one network call = 1 NFE). This module owns that contract, the conditioning
 containers shared by the text-conditioned families, the flow-matching schedule, and the pure functions every family
 uses: the consistency boundary scalings of Song et al. (2023) / Luo et al. (2023, LCM) and the conversion of a network
@@ -41,7 +41,7 @@ class BoundaryScalings(NamedTuple):
 def cm_boundary_scalings(
     t: float | torch.Tensor, *, timestep_scaling: float = 10.0, sigma_data: float = 0.5
 ) -> BoundaryScalings:
-    r"""LCM boundary scalings (algorithms.md §3.1; diffusers ``LCMScheduler``, Luo et al. 2023).
+    r"""LCM boundary scalings (docs/method.md §3.1; diffusers ``LCMScheduler``, Luo et al. 2023).
 
     .. math:: c_\text{skip}(t) = \frac{\sigma_d^2}{(\kappa t)^2 + \sigma_d^2}, \qquad
               c_\text{out}(t) = \frac{\kappa t}{\sqrt{(\kappa t)^2 + \sigma_d^2}}
@@ -72,7 +72,7 @@ def x0_from_prediction(
     b_t: float | torch.Tensor,
     prediction_type: str,
 ) -> torch.Tensor:
-    r"""Clean estimate from a network output (algorithms.md §3.1), for :math:`z_t = a_t z_0 + b_t \varepsilon`.
+    r"""Clean estimate from a network output (docs/method.md §3.1), for :math:`z_t = a_t z_0 + b_t \varepsilon`.
 
     * ``epsilon``: :math:`\hat z_0 = (z_t - b_t\hat\varepsilon)/a_t`;
     * ``v_prediction`` (:math:`v = a_t\varepsilon - b_t z_0`, VP): :math:`\hat z_0 = a_t z_t - b_t \hat v`;
@@ -137,7 +137,7 @@ class _Condition:
 
 @dataclasses.dataclass(frozen=True)
 class TextCondition(_Condition):
-    """Text conditioning of latent/video priors (algorithms.md §3.2a, c). Tensors may require grad (LATINO-PRO).
+    """Text conditioning of latent/video priors (docs/method.md §3.2a, c). Tensors may require grad (LATINO-PRO).
 
     Attributes:
         prompt_embeds: ``(B, L, D)`` encoder hidden states (CLIP: (B, 77, 768); SDXL: (B, 77, 2048); UMT5: (B, 512,
@@ -162,7 +162,7 @@ class ClassCondition(_Condition):
 
 # ---------------------------------------------------------------------------------------------------- schedules
 class NoiseSchedule(nn.Module):
-    r"""A schedule :math:`t \mapsto (a_t, b_t)` on native time ``t \in [t_min, t_max]`` (algorithms.md §1.2).
+    r"""A schedule :math:`t \mapsto (a_t, b_t)` on native time ``t \in [t_min, t_max]`` (docs/method.md §1.2).
 
     Subclasses implement :meth:`scales` and :meth:`t_of_sigma`; both accept a float or a tensor of any shape and are
     differentiable in their argument. Floats give float32 0-d tensors; float64 tensors stay float64.
@@ -215,7 +215,7 @@ class NoiseSchedule(nn.Module):
 
 
 class FlowMatchingSchedule(NoiseSchedule):
-    r"""Rectified-flow schedule of Wan / CausVid (algorithms.md §1.2, §3.2c).
+    r"""Rectified-flow schedule of Wan / CausVid (docs/method.md §1.2, §3.2c).
 
     :math:`t = T\sigma_\text{fm}`, :math:`a_t = 1 - \sigma_\text{fm}`, :math:`b_t = \sigma_\text{fm}`,
     :math:`s_t = \sigma_\text{fm}/(1-\sigma_\text{fm})`.
@@ -243,7 +243,7 @@ class FlowMatchingSchedule(NoiseSchedule):
 
 # ---------------------------------------------------------------------------------------------------- the prior
 class Prior(nn.Module):
-    r"""A frozen generative prior seen as :math:`z_t = a_t z_0 + b_t\varepsilon` (algorithms.md §3.1).
+    r"""A frozen generative prior seen as :math:`z_t = a_t z_0 + b_t\varepsilon` (docs/method.md §3.1).
 
     The network lives in ``self.net`` (UNet / transformer; LoRA attaches there). The whole wrapper stays in
     ``eval()`` mode (``train()`` is overridden) and its base parameters never require grad.
@@ -291,7 +291,7 @@ class Prior(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> Prior:
-        """Stay in eval mode whatever ``mode`` is: the frozen network never runs dropout (algorithms.md §3.1)."""
+        """Stay in eval mode whatever ``mode`` is: the frozen network never runs dropout (docs/method.md §3.1)."""
         return super().train(False)
 
     @property
@@ -318,7 +318,7 @@ class Prior(nn.Module):
 
     # ------------------------------------------------------------------ schedule
     def scales(self, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a_t, b_t)`` of algorithms.md §1.2, with the shape of ``t`` (float -> 0-d tensor)."""
+        """``(a_t, b_t)`` of docs/method.md §1.2, with the shape of ``t`` (float -> 0-d tensor)."""
         return self.schedule.scales(t)
 
     def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
@@ -466,5 +466,5 @@ class PriorDenoiser(nn.Module):
 
 
 def as_denoiser(prior: Prior, cond: Any = None) -> PriorDenoiser:
-    """Wrap ``prior`` as the VE denoiser ``D(x, sigma) -> x0_hat`` of house-style F (algorithms.md §3.1)."""
+    """Wrap ``prior`` as the VE denoiser ``D(x, sigma) -> x0_hat`` of house-style F (docs/method.md §3.1)."""
     return PriorDenoiser(prior, cond)

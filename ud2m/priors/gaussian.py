@@ -1,4 +1,4 @@
-"""The analytic Gaussian prior x ~ N(μ, diag(s²)) and its exact posteriors (algorithms.md §3.2d, §10.5).
+"""The analytic Gaussian prior x ~ N(μ, diag(s²)) and its exact posteriors (docs/method.md §3.2d, §10.5).
 
 Everything here is closed form, so solver tests can compare a sampler's output law with the truth: the exact x0
 predictor E[x0 | z_t], the posterior p(x | y) for a linear operator and Gaussian noise, UD2M's conditional
@@ -45,7 +45,7 @@ def operator_matrix(op: HasA | torch.Tensor, x_shape: tuple[int, ...]) -> torch.
 
 
 def gaussian_w2(m1: torch.Tensor, C1: torch.Tensor, m2: torch.Tensor, C2: torch.Tensor) -> torch.Tensor:
-    r"""2-Wasserstein distance between :math:`N(m_1, C_1)` and :math:`N(m_2, C_2)` (algorithms.md §3.2d), fp64.
+    r"""2-Wasserstein distance between :math:`N(m_1, C_1)` and :math:`N(m_2, C_2)` (docs/method.md §3.2d), fp64.
 
     .. math:: W_2^2 = \|m_1-m_2\|^2 + \operatorname{tr}\big(C_1 + C_2 - 2(C_2^{1/2} C_1 C_2^{1/2})^{1/2}\big)
 
@@ -94,7 +94,7 @@ class GaussianPrior(Prior):
 
     .. math:: E[x_0 \mid z_t] = \mu + k_t \odot (z_t - a_t\mu), \qquad k_t = \frac{a_t s^2}{a_t^2 s^2 + b_t^2}
 
-    (algorithms.md §3.2d). ``predict_x0`` counts 1 NFE like a network would.
+    (docs/method.md §3.2d). ``predict_x0`` counts 1 NFE like a network would.
 
     Args:
         mu: mean, shape ``(C, H, W)`` (one image).
@@ -166,7 +166,7 @@ class GaussianPrior(Prior):
         x_t: torch.Tensor | None = None,
         t: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""UD2M's exact :math:`p(x_0 \mid y, x_t)` (algorithms.md §3.2d), or :math:`p(x_0 \mid y)` without ``x_t``.
+        r"""UD2M's exact :math:`p(x_0 \mid y, x_t)` (docs/method.md §3.2d), or :math:`p(x_0 \mid y)` without ``x_t``.
 
         .. math:: \Sigma^{-1} = \Sigma_0^{-1} + A^\top A/\sigma_n^2 + (a_t^2/b_t^2) I, \qquad
                   m = \Sigma\big(\Sigma_0^{-1}\mu + A^\top y/\sigma_n^2 + a_t x_t/b_t^2\big)

@@ -1,4 +1,4 @@
-"""Latent consistency priors on diffusers' SD / SDXL parts (algorithms.md §3.1, §3.2(a), precision §1.4).
+"""Latent consistency priors on diffusers' SD / SDXL parts (docs/method.md §3.1, §3.2(a), precision §1.4).
 
 Owns :class:`LatentConsistencyPrior`: a frozen ``UNet2DConditionModel`` (``self.net``) + ``AutoencoderKL`` + CLIP text
 encoder(s) on the VP scaled-linear schedule, used as a one-step x0 predictor with the LCM consistency boundary
@@ -77,14 +77,14 @@ def sdxl_time_ids(height: int, width: int, batch_size: int, *, dtype: torch.dtyp
     """SDXL micro-conditioning ``[H_orig, W_orig, crop_top, crop_left, H_target, W_target] = [H, W, 0, 0, H, W]``.
 
     Returns:
-        ``(batch_size, 6)`` tensor (algorithms.md §3.2(a)).
+        ``(batch_size, 6)`` tensor (docs/method.md §3.2(a)).
     """
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).repeat(batch_size, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- the prior
 class LatentConsistencyPrior(Prior):
-    r"""SD / SDXL latent prior as a one-step x0 predictor (algorithms.md §3.2(a)).
+    r"""SD / SDXL latent prior as a one-step x0 predictor (docs/method.md §3.2(a)).
 
     :math:`z_t = \sqrt{\bar\alpha_t} z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon`, with :math:`z_0 = s_\text{vae}\,
     \mu_\text{enc}(x)`. :meth:`predict_x0` makes one UNet call and returns
@@ -413,7 +413,7 @@ class LatentConsistencyPrior(Prior):
         lora: str = "latent-consistency/lcm-lora-sdv1-5",
         **kwargs,
     ) -> LatentConsistencyPrior:
-        """SD1.5 + LCM-LoRA, fused (algorithms.md §3.2(a), first row); ``kwargs`` go to :meth:`from_pretrained`."""
+        """SD1.5 + LCM-LoRA, fused (docs/method.md §3.2(a), first row); ``kwargs`` go to :meth:`from_pretrained`."""
         return cls.from_pretrained(base, lora=lora, boundary="lcm", **kwargs)
 
     @classmethod
@@ -490,7 +490,7 @@ def check_tokenizer(tokenizer, where: str) -> None:
 
 
 def default_dtype(device: torch.device | str, *, sdxl: bool) -> torch.dtype:
-    """Network dtype of algorithms.md §1.4: fp32 on CPU; fp16 for SDXL/DMD2 and bf16 otherwise on GPU."""
+    """Network dtype of docs/method.md §1.4: fp32 on CPU; fp16 for SDXL/DMD2 and bf16 otherwise on GPU."""
     if torch.device(device).type == "cpu":
         return torch.float32
     return torch.float16 if sdxl else torch.bfloat16
@@ -674,7 +674,7 @@ def _load_text(src: str, sdxl: bool, dtype: torch.dtype, variant: str | None) ->
 
 
 def _configure_vae(vae: AutoencoderKL, *, tiling: bool, slicing: bool) -> None:
-    """Switch VAE tiling / slicing on or off (large images, algorithms.md §3.2(a))."""
+    """Switch VAE tiling / slicing on or off (large images, docs/method.md §3.2(a))."""
     vae.enable_tiling() if tiling else vae.disable_tiling()
     vae.enable_slicing() if slicing else vae.disable_slicing()
 

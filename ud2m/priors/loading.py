@@ -1,6 +1,6 @@
 """Load a prior from a diffusers folder or hub id without knowing its family: ``model_family`` reads the folder's
 ``model_index.json`` (or UNet config) and :func:`load_prior` builds :class:`~ud2m.priors.pixel.PixelDiffusionPrior`
-or :class:`~ud2m.priors.latent.LatentConsistencyPrior` with the precision policy (algorithms.md §1.4). Used by
+or :class:`~ud2m.priors.latent.LatentConsistencyPrior` with the precision policy (docs/method.md §1.4). Used by
 ``sample.py`` and by anyone who restores with a model given by path.
 
     prior = load_prior("ud2m/assets/priors/photos")            # pixel, fp32 on CPU

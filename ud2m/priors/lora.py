@@ -1,4 +1,4 @@
-"""LoRA adapters (Hu et al., 2022) on a frozen prior network, via peft (algorithms.md §7.3, §9).
+"""LoRA adapters (Hu et al., 2022) on a frozen prior network, via peft (docs/method.md §7.3, §9).
 
 :math:`W' = W + \\frac{\\alpha}{r} B A` with :math:`B = 0` at initialisation, so the adapted prior equals the frozen
 prior exactly at step 0. Adapters attach to ``prior.net`` of any family: diffusers models with ``add_adapter``
@@ -66,7 +66,7 @@ def attach_lora(
         adapter_name: peft adapter name.
 
     Returns:
-        The adapted network (modified in place). LoRA tensors are float32 (algorithms.md §1.4).
+        The adapted network (modified in place). LoRA tensors are float32 (docs/method.md §1.4).
     """
     if init not in INITS:
         raise ValueError(f"init: expected one of {tuple(INITS)}, got {init!r}")
@@ -117,7 +117,7 @@ def component_prefix(prior_or_net: nn.Module) -> str:
 
 
 def save_lora(prior_or_net: nn.Module, folder: str | Path, adapter_name: str = "default") -> Path:
-    """Write the adapter in diffusers' and peft's formats (module docstring; algorithms.md §9).
+    """Write the adapter in diffusers' and peft's formats (module docstring; docs/method.md §9).
 
     Returns:
         The folder path.

@@ -1,4 +1,4 @@
-"""Pixel-space VP diffusion priors: a diffusers ``UNet2DModel`` used as a one-step x0 predictor (algorithms.md §3.2b).
+"""Pixel-space VP diffusion priors: a diffusers ``UNet2DModel`` used as a one-step x0 predictor (docs/method.md §3.2b).
 
 The UNet of Ho et al. (2020) (or any ε / v / x0-predicting ``UNet2DModel``, optionally class-conditional, optionally
 with learned variance) plus its scheduler config give z_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; ``predict_x0`` is the Tweedie
@@ -6,7 +6,7 @@ estimate x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t. encode/decode are the id
 (pipeline layout ``unet/`` + ``scheduler/``, or a bare UNet folder with a scheduler config) offline, and from a hub id
 online.
 
-A pixel **consistency model** (algorithms.md §3.3, ``train.py prior distil``) is the same folder with an
+A pixel **consistency model** (docs/method.md §3.3, ``train.py prior distil``) is the same folder with an
 ``LCMScheduler`` config: the scheduler class says so, and the prior then applies the LCM boundary scalings
 (``boundary="lcm"``, κ = the config's ``timestep_scaling``, σ_d = 0.5 as in diffusers' ``LCMScheduler``), so one
 call returns f(z_t, t) = c_skip(t) z_t + c_out(t) x̂0, a sample rather than the Tweedie mean.
@@ -37,7 +37,7 @@ WEIGHT_FILES = (
 
 
 class PixelDiffusionPrior(Prior):
-    r"""A pixel ``UNet2DModel`` prior with a VP schedule (algorithms.md §3.2b).
+    r"""A pixel ``UNet2DModel`` prior with a VP schedule (docs/method.md §3.2b).
 
     Args:
         unet: the diffusers UNet (frozen here); ``out_channels`` may be ``2·in_channels`` (learned variance).
@@ -131,7 +131,7 @@ class PixelDiffusionPrior(Prior):
             scheduler_config: explicit scheduler config (file path or mapping); default: found in the folder.
             prediction_type: overrides the scheduler config's value.
             boundary: overrides the boundary the scheduler config implies (``"lcm"`` for an ``LCMScheduler``).
-            dtype: network dtype (fp32 on CPU, bf16 on GPU by default policy, algorithms.md §1.4).
+            dtype: network dtype (fp32 on CPU, bf16 on GPU by default policy, docs/method.md §1.4).
             device: where to put the network.
 
         Raises:

@@ -1,6 +1,6 @@
 """Tiny, offline, randomly initialised latent-consistency components for tests, benchmarks and CLI smoke runs.
 
-Builds the parts that :class:`ud2m.priors.latent.LatentConsistencyPrior` loads (algorithms.md §3.2a) at toy size:
+Builds the parts that :class:`ud2m.priors.latent.LatentConsistencyPrior` loads (docs/method.md §3.2a) at toy size:
 an SD/LCM-style ``UNet2DConditionModel`` (with ``time_cond_proj_dim`` for LCM), an SDXL-style UNet
 (``addition_embed_type="text_time"``), a 2-block ``AutoencoderKL`` (downsampling factor 2), tiny CLIP text encoders
 and an offline byte-level CLIP tokenizer (256 byte symbols + 256 ``</w>`` variants + 2 specials, no merges), plus

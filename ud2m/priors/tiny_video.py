@@ -3,7 +3,7 @@
 Owns the offline builders of the four parts of a diffusers ``WanPipeline`` (``WanTransformer3DModel``,
 ``AutoencoderKLWan`` with the real 4x temporal / 8x spatial factors, a ``UMT5EncoderModel`` and a byte-level
 tokenizer), a tiny :class:`~ud2m.priors.video.VideoFlowPrior`, and a writer of a complete ``WanPipeline`` folder in
-the layout of ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``. The architecture is the one of algorithms.md §3.2(c); only the
+the layout of ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``. The architecture is the one of docs/method.md §3.2(c); only the
 widths are tiny.
 """
 

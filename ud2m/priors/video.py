@@ -1,4 +1,4 @@
-r"""Video flow-matching prior: Wan2.1 text-to-video with CausVid distilled weights (algorithms.md §3.2(c)).
+r"""Video flow-matching prior: Wan2.1 text-to-video with CausVid distilled weights (docs/method.md §3.2(c)).
 
 This module owns :class:`VideoFlowPrior` (a diffusers ``WanTransformer3DModel`` + ``AutoencoderKLWan`` + UMT5 text
 encoder seen through the prior contract of §3.1), the flow-shift map used to build schedules from step counts, and
@@ -221,7 +221,7 @@ def _resolve_source(path_or_hub_id: str | os.PathLike, components: tuple[str, ..
 
 # ---------------------------------------------------------------------------------------------------- the prior
 class VideoFlowPrior(Prior):
-    r"""Wan2.1 flow-matching video prior (algorithms.md §3.2(c)); optionally CausVid one-step weights.
+    r"""Wan2.1 flow-matching video prior (docs/method.md §3.2(c)); optionally CausVid one-step weights.
 
     * ``encode``: :math:`z_0 = (\mu_\phi(x) - m)/s` per latent channel (posterior mean, ``latents_mean``/``std``
       from the VAE config); ``decode`` inverts it.

@@ -1,4 +1,4 @@
-"""Variance-preserving (DDPM) noise schedules with a continuous-time extension (algorithms.md §1.2).
+"""Variance-preserving (DDPM) noise schedules with a continuous-time extension (docs/method.md §1.2).
 
 The table ᾱ_t = ∏_{i≤t}(1 − β_i) of Ho et al. (2020) is built exactly as diffusers builds it (float32 cumulative
 product of the betas of the scheduler config), so integer timesteps reproduce diffusers' schedulers. Non-integer ``t``

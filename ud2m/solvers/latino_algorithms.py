@@ -1,4 +1,4 @@
-r"""LATINO and LATINO-PRO: zero-shot restoration with a latent consistency prior (algorithms.md §4, §5).
+r"""LATINO and LATINO-PRO: zero-shot restoration with a latent consistency prior (docs/method.md §4, §5).
 
 Implements Algorithm 1 of Spagnoletti et al. (2025), "LATINO-PRO: LAtent consisTency INverse sOlver with PRompt
 Optimization": a Langevin step split into a prior half, the stochastic auto-encoder (SAE) step of a consistency
@@ -122,7 +122,7 @@ def latino(
     x_vae: bool = False,
     fill_holes_iters: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
-    r"""Implements LATINO (Spagnoletti et al. 2025, Algorithm 1; algorithms.md §4.2) for a batch of observations.
+    r"""Implements LATINO (Spagnoletti et al. 2025, Algorithm 1; docs/method.md §4.2) for a batch of observations.
 
     For :math:`k = 1..N`: :math:`u^{(k)} = \mathrm{clamp}(D(\hat z_0(a_{t_k} E(x^{(k-1)}) + b_{t_k}\varepsilon,
     t_k)), -1, 1)` (SAE step, 1 NFE) and
@@ -483,7 +483,7 @@ def latino_pro(
     callback: Callback = None,
     return_info: bool = False,
 ) -> tuple[torch.Tensor, TextCondition] | tuple[torch.Tensor, TextCondition, dict[str, Any]]:
-    r"""Implements LATINO-PRO (Spagnoletti et al. 2025; algorithms.md §5.3): empirical-Bayes calibration of the
+    r"""Implements LATINO-PRO (Spagnoletti et al. 2025; docs/method.md §5.3): empirical-Bayes calibration of the
     prompt embedding :math:`\hat c(y) = \arg\max_c \log p(y \mid c)` by SAPG, then a final LATINO run.
 
     Each outer iteration j runs a short LATINO chain (:func:`latino_pro_chain`) warm-restarted from the previous

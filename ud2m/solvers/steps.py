@@ -1,5 +1,5 @@
 r"""Single-step kernels shared by the zero-shot solvers (LATINO, LATINO-PRO, LVTINO) and the unfolded UD2M model
-(algorithms.md §4.2, §6.6, §7.1, §7.2, §8). Written once, called everywhere: no solver pastes its own re-noise,
+(docs/method.md §4.2, §6.6, §7.1, §7.2, §8). Written once, called everywhere: no solver pastes its own re-noise,
 prox or DDIM step.
 
 Conventions: images on [-1, 1]; ``t``, ``a``, ``s`` are ``(B,)`` tensors (native time, signal scale
@@ -94,7 +94,7 @@ def ud2m_data_step(
     if not bool((sigma_n > 0).all()):
         raise ValueError(
             f"UD2M data step: the noise level must be positive (got sigma_n = {sigma_n.tolist()}); for noiseless "
-            "data such as JPEG give the data term an effective noise level (sigma_eff, algorithms.md §2.6)"
+            "data such as JPEG give the data term an effective noise level (sigma_eff, docs/method.md §2.6)"
         )
     tau2 = 1.0 / (1.0 / s**2 + 1.0 / rho**2)  # (B,)
     m = append_dims(tau2, x.ndim) * (x_t / append_dims(a * s**2, x.ndim) + x / append_dims(rho**2, x.ndim))

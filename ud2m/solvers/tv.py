@@ -1,4 +1,4 @@
-r"""Total-variation regularisers and the PDHG data step (algorithms.md §6.1, §6.3), for images and videos.
+r"""Total-variation regularisers and the PDHG data step (docs/method.md §6.1, §6.3), for images and videos.
 
 Owns the weighted forward-difference operator :math:`D` (zero at the last index) on ``(B, C, H, W)`` images and
 ``(B, C, T, H, W)`` videos with its exact adjoint, the TV values, and the Chambolle-Pock (PDHG) solver of the

@@ -1,4 +1,4 @@
-r"""Data-weight rules of LATINO and LATINO-PRO (algorithms.md §4.3, §5.3): the step :math:`\gamma_k` of the
+r"""Data-weight rules of LATINO and LATINO-PRO (docs/method.md §4.3, §5.3): the step :math:`\gamma_k` of the
 likelihood prox :math:`x^{(k)} = \mathrm{prox}_{\gamma_k g}(u^{(k)})` with
 :math:`g(x) = \tfrac12\|Ax - y\|^2`, i.e. :math:`\gamma_k = \delta_k/\sigma_n^2` for the Langevin step
 :math:`\delta_k` of Spagnoletti et al. (2025, LATINO / LATINO-PRO).
@@ -53,7 +53,7 @@ def _gamma_from_delta(delta: torch.Tensor, sigma_n: torch.Tensor) -> torch.Tenso
 
 
 class TableWeights:
-    r"""The reference's table rule (algorithms.md §4.3):
+    r"""The reference's table rule (docs/method.md §4.3):
 
     .. math:: \delta_k = c(t_k)\,\nu_{t_k}\,R_k\,\sqrt{m_\text{ref}/m}\;[/\sigma_n],\qquad
               \gamma_k = \delta_k/\sigma_n^2,
@@ -116,7 +116,7 @@ class TableWeights:
 
 
 class DiscrepancyWeights:
-    r"""Discrepancy rule [ours] (algorithms.md §4.3): per sample, the :math:`\gamma` for which the prox output meets
+    r"""Discrepancy rule [ours] (docs/method.md §4.3): per sample, the :math:`\gamma` for which the prox output meets
     Morozov's discrepancy principle
 
     .. math:: \|A\,\mathrm{prox}_{\gamma g}(u) - y\|^2 = \tau\, m\, \sigma_n^2,
@@ -207,7 +207,7 @@ M_512 = 3 * 512 * 512
 _NON_ADAPTIVE_ONE = TableWeights(1.0, 1.0, None, adaptive=False)
 _INPAINT_BAND = TableWeights(1.0, 0.5, 500, adaptive=False)
 
-#: LATINO (8 steps, SDXL/DMD2 at 1024², σ_n = 2σ_y), algorithms.md §4.3. ``deblur_gaussian`` is the σ_k < 10
+#: LATINO (8 steps, SDXL/DMD2 at 1024², σ_n = 2σ_y), docs/method.md §4.3. ``deblur_gaussian`` is the σ_k < 10
 #: row, ``deblur_gaussian_wide`` the σ_k ≥ 10 row; ``sd15_deblur_motion`` is LCM-LoRA SD1.5 at 512² (t_switch
 #: unverified); ``default`` is the discrepancy rule used for every operator without a table.
 LATINO_WEIGHTS: dict[str, Any] = {
@@ -223,7 +223,7 @@ LATINO_WEIGHTS: dict[str, Any] = {
     "default": DiscrepancyWeights(),
 }
 
-#: LATINO-PRO (algorithms.md §5.3): preset name -> ``(weights_inner, weights_final)`` for the 4-step chains and the
+#: LATINO-PRO (docs/method.md §5.3): preset name -> ``(weights_inner, weights_final)`` for the 4-step chains and the
 #: final 8-step run. ``inpaint_band`` is [ours] (the reference has no branch).
 LATINO_PRO_WEIGHTS: dict[str, tuple[Any, Any]] = {
     "latino/deblur_gaussian": (

@@ -1,4 +1,4 @@
-r"""Lightning callbacks of UD2M training (algorithms.md §7.7, §9; house-style J): EMA, image logging and export.
+r"""Lightning callbacks of UD2M training (docs/method.md §7.7, §9; house-style J): EMA, image logging and export.
 
 - :class:`EMA`: exponential moving average of the trainable generator tensors (LoRA, learned scalars) in the
   half-life form of EDM (Karras et al., 2022, ``training_loop.py``), :math:`\beta = 0.5^{1/h}` per step; its state
@@ -34,7 +34,7 @@ def tracked_parameters(pl_module: pl.LightningModule) -> dict[str, torch.nn.Para
 
 
 class EMA(pl.Callback):
-    r"""EMA of the trainable generator tensors, EDM half-life form (algorithms.md §7.7).
+    r"""EMA of the trainable generator tensors, EDM half-life form (docs/method.md §7.7).
 
     After every generator update (every increase of ``trainer.global_step``; skipped steps do not count),
     :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta` with :math:`\beta = 0.5^{1/h}`, so a weight's
@@ -232,7 +232,7 @@ class ImageLogger(pl.Callback):
 
 # ------------------------------------------------------------------------------------------------ export
 class ExportOnTrainEnd(pl.Callback):
-    """Write the sampling folder of algorithms.md §9 when ``fit`` ends (rank zero), EMA weights when available.
+    """Write the sampling folder of docs/method.md §9 when ``fit`` ends (rank zero), EMA weights when available.
 
     A folder that already holds an export (its ``ud2m.json``) is refused when ``fit`` is set up, before any training
     step, unless ``overwrite`` is set: a finished model is never replaced silently (e.g. by a second run of the same

@@ -1,5 +1,5 @@
 """The LightningCLI of UD2M training (house-style K) and the ``train.py export`` / ``train.py prior export`` commands
-(algorithms.md §9).
+(docs/method.md §9).
 
 ``UD2MCLI`` = ``LightningCLI(UnfoldedDistillation, <any LightningDataModule>)``: experiments are YAML files under
 ``configs/experiments/`` that choose the prior, operator, discriminator and data through ``class_path``/``init_args``;
@@ -60,7 +60,7 @@ class UD2MCLI(ModuleCLI):
 def export(
     ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0, overwrite: bool = False
 ) -> Path:
-    """Export a training checkpoint (``last.ckpt``) to the sampling folder of algorithms.md §9.
+    """Export a training checkpoint (``last.ckpt``) to the sampling folder of docs/method.md §9.
 
     The model is rebuilt from the configuration stored in the checkpoint by LightningCLI (frozen base weights are
     reloaded from their original path), the trainable weights are loaded, and the EMA weights replace them when the

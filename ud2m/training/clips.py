@@ -89,7 +89,7 @@ def stack(frames: torch.Tensor) -> torch.Tensor:
 
 
 def unstack(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``(..., T*C, H, W)`` -> ``(..., C, T, H, W)``, the video layout of the priors (algorithms.md §1.3)."""
+    """``(..., T*C, H, W)`` -> ``(..., C, T, H, W)``, the video layout of the priors (docs/method.md §1.3)."""
     *lead, TC, H, W = x.shape
     return x.reshape(*lead, frames, TC // frames, H, W).transpose(-4, -3)
 

@@ -1,4 +1,4 @@
-r"""Consistency distillation of a pixel prior (algorithms.md §3.3; issue [consistency]).
+r"""Consistency distillation of a pixel prior (docs/method.md §3.3; issue [consistency]).
 
 Owns :class:`ConsistencyDistillation`, the LightningModule that turns any pixel prior of the contract (a DDPM
 ε / v / x0 ``UNet2DModel``, e.g. the shipped ``digits`` and ``photos`` priors) into a **consistency model**:
@@ -18,7 +18,7 @@ one call maps a noisy input to a clean *sample*, not to the Tweedie mean. LCM-st
 
 Three network calls per step (student with backward, teacher, target).
 
-``method="trajectory"`` [ours; algorithms.md §3.3 revision] regresses the student directly onto the end point of the
+``method="trajectory"`` [ours; docs/method.md §3.3 revision] regresses the student directly onto the end point of the
 teacher's probability-flow ODE: M trajectories of the teacher's DDIM on the grid (η = 0, clipped x̂0, the sampler of
 the teacher's own data card) are computed once from fixed seeds (M·N teacher calls, batched, no gradient), and each
 step draws (trajectory m, grid point n) pairs: :math:`d(f_\theta(z^m_{t_n}, t_n), x^m_\text{end})`. This is the
@@ -85,14 +85,14 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 def consistency_function(
     x0_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, *, timestep_scaling: float, sigma_data: float
 ) -> torch.Tensor:
-    r""":math:`f(z, t) = c_\text{skip}(t) z + c_\text{out}(t)\hat x_0(z, t)` (algorithms.md §3.1, LCM scalings)."""
+    r""":math:`f(z, t) = c_\text{skip}(t) z + c_\text{out}(t)\hat x_0(z, t)` (docs/method.md §3.1, LCM scalings)."""
     c_skip, c_out = cm_boundary_scalings(t.to(z.dtype), timestep_scaling=timestep_scaling, sigma_data=sigma_data)
     return append_dims(c_skip, z.ndim) * z + append_dims(c_out, z.ndim) * x0_hat
 
 
 # ------------------------------------------------------------------------------------------------ the module
 class ConsistencyDistillation(AdamWWarmup, pl.LightningModule):
-    r"""Distil a frozen pixel prior (the teacher) into a consistency model (algorithms.md §3.3).
+    r"""Distil a frozen pixel prior (the teacher) into a consistency model (docs/method.md §3.3).
 
     Args:
         teacher: the teacher's diffusers folder (``PixelDiffusionPrior.from_pretrained``; a DDPM, not a CM).
@@ -200,7 +200,7 @@ class ConsistencyDistillation(AdamWWarmup, pl.LightningModule):
         return pseudo_huber(a, b, c)
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        r"""Per-sample consistency-distillation loss ``(B,)`` (algorithms.md §3.3).
+        r"""Per-sample consistency-distillation loss ``(B,)`` (docs/method.md §3.3).
 
         Args:
             x0: clean images ``(B, C, H, W)`` on [-1, 1].

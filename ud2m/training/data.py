@@ -1,4 +1,4 @@
-"""Training data for UD2M (algorithms.md §7.6-7.8; issue [ud2m], "Data"): Lightning DataModules that deliver
+"""Training data for UD2M (docs/method.md §7.6-7.8; issue [ud2m], "Data"): Lightning DataModules that deliver
 clean images on the library's [-1, 1] scale (§1.1), plus stored measurements for paired shards.
 
 Every DataModule yields batches ``{"x": (B, C, H, W) float32 on [-1, 1], "key": list[str]}``; samples from paired

@@ -1,4 +1,4 @@
-r"""UD2M training wiring: the ``UnfoldedDistillation`` LightningModule (algorithms.md §7.5-7.8).
+r"""UD2M training wiring: the ``UnfoldedDistillation`` LightningModule (docs/method.md §7.5-7.8).
 
 Implements one training step of UD2M (Mbakam et al., unfolded distillation of diffusion models) as fixed by §7.6:
 per-sample diffusion times, the measurement simulated with the *same* operator object that the sampler's proxes,
@@ -58,7 +58,7 @@ def mix_seed(*values: int | str) -> int:
 
 
 class UnfoldedDistillation(pl.LightningModule):
-    r"""Train a UD2M sampler (LoRA + learned scalars) against a conditional discriminator (algorithms.md §7.6).
+    r"""Train a UD2M sampler (LoRA + learned scalars) against a conditional discriminator (docs/method.md §7.6).
 
     Generator loss :math:`\omega_{l2} L_{l2} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` and discriminator loss
     :math:`L_D + \omega_{gp} GP` of §7.5, with the AdamW defaults of §7.7. One trainer step (``global_step``) is one

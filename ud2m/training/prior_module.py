@@ -389,7 +389,7 @@ def main(args: list[str] | None = None) -> None:
     import sys
 
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["distil"]:  # consistency distillation (algorithms.md §3.3); `fit` is the default subcommand
+    if argv[:1] == ["distil"]:  # consistency distillation (docs/method.md §3.3); `fit` is the default subcommand
         from ud2m.training.consistency_module import DistilCLI
 
         rest = argv[1:]
