@@ -7,6 +7,7 @@ from ud2m.operators.compose import Compose
 from ud2m.operators.inpainting import BoxInpainting, Denoising, Inpainting, RandomInpainting
 from ud2m.operators.interop import DeepinvOperator, as_operator
 from ud2m.operators.jpeg import JPEG
+from ud2m.operators.learned import DegradationState, LearnedDegradation
 from ud2m.operators.motion import MotionBlur
 from ud2m.operators.noise import measure, sigma_internal
 from ud2m.operators.superres import SuperResolution
@@ -17,10 +18,12 @@ __all__ = [
     "BoxInpainting",
     "Compose",
     "DeepinvOperator",
+    "DegradationState",
     "Denoising",
     "GaussianBlur",
     "Inpainting",
     "KernelBlur",
+    "LearnedDegradation",
     "LinearOperator",
     "MotionBlur",
     "NonlinearOperator",

@@ -1,7 +1,8 @@
 """Solvers: the single-step kernels shared by the zero-shot algorithms and the unfolded sampler (``steps``), and
 one pure function per paper algorithm: ``latino`` / ``latino_posterior`` / ``latino_pro`` (LATINO, LATINO-PRO),
 ``solve_dps``, ``solve_diffpir``, ``solve_tikhonov``, ``solve_total_variation`` (baselines) and
-``consistency_sampling`` (multistep sampling of a consistency model). Names load on first access.
+``consistency_sampling`` (multistep sampling of a consistency model) and ``ld_rps`` (LD-RPS, blind restoration with
+a learned degradation). Names load on first access.
 """
 
 from ud2m._lazy import lazy_getattr
@@ -15,6 +16,8 @@ _LAZY = {
     "solve_tikhonov": "ud2m.solvers.baselines",
     "solve_total_variation": "ud2m.solvers.baselines",
     "consistency_sampling": "ud2m.solvers.steps",
+    "ld_rps": "ud2m.solvers.ld_rps",
+    "task_defaults": "ud2m.solvers.ld_rps",
 }
 
 
