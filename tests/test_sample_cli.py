@@ -380,6 +380,52 @@ def test_bad_inputs_fail_before_writing(kwargs, error, match, photos, tmp_path):
     assert snapshot(out) == before
 
 
+# ---------------------------------------------------------------------------------------------- LD-RPS (blind)
+@pytest.mark.parametrize("task", ["low-light", "haze", "noise", "colour"])
+def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_path):
+    """Issue [ld-rps]: ``--task`` runs LD-RPS on observations with no operator (tiny pixel prior, 6 DDIM steps);
+    every pass and psi's output are written, and the §13.5 counters in the metrics equal the solver's count: N + R·⌊γN⌋
+    steps, one batched prior call per step."""
+    from ud2m.solvers.ld_rps import num_steps_total, task_defaults
+
+    observation = tmp_path / "dark.png"
+    save_image(load_image("skimage:astronaut")[..., 200:232, 200:232] * 0.5 - 0.5, observation)
+    result = run(
+        tmp_path / "out", input=str(observation), simulate=False, task=task, model=str(pixel_model), num_steps=6,
+        solver_options={"free_chains": 1},
+    )  # fmt: skip
+    row = result["images"][0]
+    R = task_defaults(task).num_recurrences
+    steps = num_steps_total(6, 0.5, R)
+    assert row["cost_steps"] == steps and row["nfe"] == row["cost_nfe"] == steps
+    assert row["cost_psi_steps"] == steps and np.isfinite(row["psi_fit_psnr"])
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    passes = [f"dark_pass{r}.png" for r in range(R)]  # the last pass is dark_restored.png
+    assert written == sorted(
+        ["dark_restored.png", "dark_y.png", "dark_psi.png", *passes, "metrics.csv", "metrics.json"]
+    )
+    assert result["run"]["method"] == "ld_rps" and result["run"]["operator"] == f"ld_rps:{task}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(task="fog"), ValueError, "unknown LD-RPS task 'fog'; known tasks: low-light, haze, noise, colour"),
+        (dict(task="haze", simulate=True), ValueError, "pass --simulate false"),
+        (dict(method="ld_rps"), ValueError, "needs --task"),
+        (dict(task="haze", method="latino"), ValueError, "contradicts method='latino'"),
+        (dict(task="haze", captions="{tmp}/none"), FileNotFoundError, "no caption for image 'dark'"),
+    ],
+)
+def test_ld_rps_bad_input_fails_before_writing(kwargs, error, match, pixel_model, tmp_path):
+    observation = tmp_path / "dark.png"
+    save_image(torch.zeros(3, 32, 32), observation)
+    kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=re.escape(match)):
+        run(tmp_path / "out", **{"input": str(observation), "simulate": False, "model": str(pixel_model), **kwargs})
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- command-line errors
 def _float_image_outside_range(path: Path) -> Path:
     arr = np.full((32, 32), 0.5, np.float32)

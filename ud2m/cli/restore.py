@@ -46,8 +46,8 @@ from ud2m.utils import seed_for
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m")
-NEEDS_AUTOGRAD = ("latino_pro", "dps")  # §5.2: the solver enables grad locally; no inference_mode
+METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m", "ld_rps")
+NEEDS_AUTOGRAD = ("latino_pro", "dps", "ld_rps")  # §5.2: the solver enables grad locally; no inference_mode
 DETERMINISTIC = ("tikhonov", "tv", "wiener", "lift")
 
 
@@ -69,6 +69,8 @@ class Options:
     crop: int | None
     prompt: str
     calibrate_prompt: bool
+    task: str | None
+    captions: str | None
     seed: int
     num_samples: int
     batch_size: int
@@ -93,6 +95,7 @@ class Item:
     stem: str
     x_shape: tuple[int, int, int]  # (C, H, W) of the restored image
     reference: str | None = None
+    caption: str | None = None  # LD-RPS: the image's caption (``--captions``)
 
 
 @dataclass
@@ -171,6 +174,19 @@ def resolve_method(options: Options) -> str:
     method = options.method
     if method is not None and method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if options.task is not None or method == "ld_rps":
+        if method not in (None, "ld_rps"):
+            raise ValueError(f"--task is LD-RPS's blind restoration task; it contradicts method={method!r}")
+        from ud2m.solvers.ld_rps import TASK_DEFAULTS, task_defaults
+
+        if options.task is None:
+            raise ValueError(f"method 'ld_rps' needs --task (one of {', '.join(TASK_DEFAULTS)})")
+        task_defaults(options.task)  # an unknown task is refused here, naming the known ones
+        if options.checkpoint is not None or (options.operator is not None and not options.simulate):
+            raise ValueError("method 'ld_rps' restores without a known operator: drop --checkpoint / --operator")
+        return "ld_rps"
+    if options.captions is not None:
+        raise ValueError("--captions are LD-RPS's (--task); other methods take one --prompt")
     if options.checkpoint is not None:
         if method not in (None, "ud2m"):
             raise ValueError(f"--checkpoint restores with the UD2M sampler; it contradicts method={method!r}")
@@ -222,6 +238,15 @@ def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, floa
     the shipped preset's name when the file is one (so the solvers' weight tables find it), ``sigma_data`` the
     data-term noise level when it differs from the simulation's (``sigma_eff`` of JPEG presets, §2.6)."""
     size, sigma_data = None, None
+    if options.task is not None and options.operator is None:  # LD-RPS: the degradation is learned, y has x's shape
+        if options.simulate:
+            raise ValueError(
+                "method 'ld_rps' restores degraded images as they are: pass --simulate false (the inputs are the "
+                "observations), or --operator PRESET to simulate a degradation first"
+            )
+        from ud2m.operators.inpainting import Denoising
+
+        return Denoising().eval(), float(options.sigma_y or 0.0), f"ld_rps:{options.task}", None, None
     if options.operator is not None:
         preset = load_preset(options.operator)
         op, sigma_y, name = preset.operator, preset.sigma_y, preset_name(options.operator)
@@ -330,10 +355,29 @@ def plan_items(job: Job, sources: list[str]) -> list[Item]:
         if stem in stems:
             raise ValueError(f"two inputs give the same output name {stem!r}: {stems[stem]} and {source}")
         stems[stem] = source
-        item = Item(index, source, stem, _x_shape(job, source), _reference(job, references, source, stem))
+        item = Item(
+            index, source, stem, _x_shape(job, source), _reference(job, references, source, stem), _caption(job, stem)
+        )
         _check_item(job, item)
         items.append(item)
     return items
+
+
+def _caption(job: Job, stem: str) -> str | None:
+    """LD-RPS: the caption of image ``stem``: ``<captions>/<stem>.txt`` (a missing file is an error naming it), or
+    ``--prompt`` without ``--captions``; None for other methods and for tasks that use no caption (§13.4)."""
+    if job.method != "ld_rps":
+        return None
+    from ud2m.solvers.ld_rps import task_defaults
+
+    if not task_defaults(job.options.task).use_caption:
+        return ""
+    if job.options.captions is None:
+        return job.options.prompt
+    path = Path(job.options.captions) / f"{stem}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no caption for image {stem!r} (--captions {job.options.captions})")
+    return path.read_text().strip()
 
 
 def _stem(source: str, simulate: bool) -> str:
@@ -522,7 +566,8 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
     _reset_peak_memory(job.device)
     t0 = time.perf_counter()
     with grad_mode(job.method):
-        samples, extras = solve(job, y.repeat_interleave(S, dim=0), x_shape, generators)
+        captions = [it.caption for it in batch for _ in range(S)]
+        samples, extras = solve(job, y.repeat_interleave(S, dim=0), x_shape, generators, captions)
     _synchronize(job.device)
     seconds = (time.perf_counter() - t0) / len(batch)
     nfe = getattr(job.prior, "nfe", 0) - nfe0
@@ -535,13 +580,22 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
             extras = {**extras, "mask": job.op.observed_mask(y)}
         _write_outputs(job, batch, y, mean, std, extras)
     peak = _peak_memory_mb(job.device)
-    for row in rows:
+    for i, row in enumerate(rows):
         row.update(nfe=nfe, seconds=seconds, **peak)
+        if "costs" in extras:  # LD-RPS: the §13.5 counters (per image) and how well ψ(x̂) explains y
+            row.update({f"cost_{k}": v for k, v in extras["costs"].items()})
+            row["psi_fit_psnr"] = psnr(extras["psi"][i * S : i * S + 1].float(), y[i : i + 1].float()).item()
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[torch.Generator]):
+def solve(
+    job: Job,
+    y: torch.Tensor,
+    x_shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    batch_captions: list[str | None] | None = None,
+):
     """Run the job's method on ``y`` ``(B·S, ...)`` (``num_steps``, ``eta`` and ``solver_options`` passed on when
     given; every other default is the solver's); returns ``(samples (B·S, C, H, W), extras)``."""
     from ud2m.solvers import baselines, latino_algorithms, steps, weights
@@ -569,11 +623,42 @@ def solve(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], generators: list[
         kw = {"weights_inner": inner, "weights_final": final, "final_timesteps": _latino_timesteps(job), **kw}
         x, cond = latino_algorithms.latino_pro(job.prior, op, y, **kw)
         return x, {"cond": cond}  # one calibrated condition per chain: S independent LATINO-PRO runs per image
+    if job.method == "ld_rps":
+        return _solve_ld_rps(job, y, batch_captions, kw)
     steps_eta = {k: v for k, v in (("num_steps", o.num_steps), ("eta", o.eta)) if v is not None}
     if job.method == "ud2m":
         return _sample_ud2m(job, y, x_shape, {**steps_eta, **kw}), {}
     solver = baselines.solve_dps if job.method == "dps" else baselines.solve_diffpir
     return solver(job.prior, op, y, **{**steps_eta, **kw}), {}
+
+
+def _solve_ld_rps(job: Job, y: torch.Tensor, captions: list[str | None] | None, kw: dict[str, Any]):
+    """LD-RPS (docs/method.md §13.3) with the task's defaults (§13.4; ``solver_options`` override the solver's
+    keywords, ``num_steps`` N): returns the last pass, and as extras every pass, ψ's output on the result and the
+    §13.5 cost counters."""
+    from ud2m.solvers.ld_rps import CFGCondition, ld_rps, learned_degradation, task_defaults
+
+    defaults = task_defaults(job.options.task)
+    kw = {k: v for k, v in kw.items() if k not in ("sigma_y", "cond")}
+    if job.options.num_steps is not None:
+        kw["num_steps"] = job.options.num_steps
+    op = learned_degradation(job.options.task).to(y.device)
+    cond = None
+    if getattr(job.prior, "vae", None) is not None and captions is not None:  # text-conditioned latent prior
+        uncond = job.prior.encode_prompt([""] * len(captions))
+        cond = uncond if all(not c for c in captions) else CFGCondition(job.prior.encode_prompt(captions), uncond)
+    states = {}
+    kw = {
+        "num_recurrences": defaults.num_recurrences,
+        "guidance_scale": defaults.guidance_scale,
+        "regularisers": defaults.regularisers(y.shape[-1]),
+        "cond": cond,
+        **kw,
+    }
+    passes, info = ld_rps(job.prior, op, y, on_pass=lambda r, x, st: states.update(last=st), **kw)
+    with torch.no_grad():
+        psi = op.psi((passes[-1] + 1) / 2, states["last"]) * 2 - 1  # ψ(x̂) on [-1, 1]: what y should look like
+    return passes[-1], {"passes": passes, "psi": psi, "costs": info}
 
 
 def _latino_timesteps(job: Job) -> tuple[int, ...]:
@@ -615,6 +700,11 @@ def _write_outputs(job: Job, batch: list[Item], y, mean, std, extras) -> None:
             save_image(2 * std01 - 1, paths["std"], bits=16)
         if "cond" in extras:
             _save_condition(job, extras["cond"], i, item)
+        if "passes" in extras:  # LD-RPS: every pass of sample 0 and ψ's output on it (docs/method.md §13.3)
+            k = i * job.options.num_samples
+            for r, x_r in enumerate(extras["passes"][:-1]):
+                save_image(x_r[k], job.options.output_dir / f"{item.stem}_pass{r}.png")
+            save_image(extras["psi"][k], job.options.output_dir / f"{item.stem}_psi.png")
         if "mask" in extras:  # white = observed, as --operator's mask files
             mask = extras["mask"]
             save_image(2 * mask[i if mask.shape[0] > 1 else 0] - 1, job.options.output_dir / f"{item.stem}_mask.png")

@@ -37,7 +37,7 @@ RUN_KEYS = (
     "dtype",
 )
 #: settings compared on the recorded options (``metrics.json`` → ``run.options``), with their defaults resolved
-OPTION_KEYS = ("num_steps", "eta", "solver_options", "model_options", "tv_lambda", "crop")
+OPTION_KEYS = ("num_steps", "eta", "solver_options", "model_options", "tv_lambda", "crop", "captions")
 #: methods that load no model and take no step count
 MODEL_FREE = ("tikhonov", "tv", "wiener", "lift")
 
@@ -87,6 +87,8 @@ def _applies(job: Job, key: str) -> bool:
         return job.method == "tv"
     if key == "crop":
         return job.options.simulate
+    if key == "captions":
+        return job.method == "ld_rps"
     if key == "eta":
         return job.method in ("dps", "ud2m")
     if key in ("num_steps", "model_options"):

@@ -19,7 +19,7 @@ from jsonargparse import auto_cli
 from ud2m.cli.errors import run_command, strip_debug
 from ud2m.cli.restore import Options, restore
 
-Method = Literal["latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m"]
+Method = Literal["latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m", "ld_rps"]
 
 
 def sample(
@@ -37,6 +37,8 @@ def sample(
     crop: int | None = None,
     prompt: str = "a photo of",
     calibrate_prompt: bool = False,
+    task: Literal["low-light", "haze", "noise", "colour"] | None = None,
+    captions: str | None = None,
     seed: int = 0,
     num_samples: int = 1,
     batch_size: int = 1,
@@ -68,6 +70,9 @@ def sample(
         crop: central square crop of simulated inputs; None: the preset's image_size if smaller; 0: no crop.
         prompt: text prompt of latent models (LATINO-PRO's initial prompt, starting with "a photo of").
         calibrate_prompt: calibrate the prompt by empirical Bayes (LATINO-PRO); implies ``method=latino_pro``.
+        task: LD-RPS blind restoration (no ``--operator``; the degradation is learned per image, docs/blind.md):
+            ``low-light``, ``haze``, ``noise`` or ``colour``; implies ``method=ld_rps`` and ``--simulate false``.
+        captions: LD-RPS with a text-conditioned prior: a folder of ``<stem>.txt`` captions (default: ``--prompt``).
         seed: base seed; sample s of image i uses hash(seed, i, s), its simulated noise hash(seed, i).
         num_samples: posterior samples per image: the restored image is their mean, ``_std.png`` their std.
         batch_size: images per solver call (each with ``num_samples`` chains).
