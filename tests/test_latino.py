@@ -513,3 +513,22 @@ def test_preset_tables_are_rule_instances():
         assert callable(inner) and callable(final)
     sr16 = LATINO_WEIGHTS["latino/sr_x16"]
     assert (sr16.c_hi, sr16.c_lo, sr16.t_switch, sr16.adaptive) == (0.3, 0.2, 300, True)
+
+
+def test_prompt_ascent_adam_first_step_is_lr_times_the_sign():
+    """optimizer="adam" (torch.optim.Adam on -sum_i l_i): Adam's first step is lr·sign(-G) on every free row (m̂/√v̂
+    = G/|G|), frozen rows stay at c0, and the ball projection keeps every token within the radius."""
+    from ud2m.solvers.latino_algorithms import PromptAscent
+
+    g = torch.Generator().manual_seed(0)
+    c0 = torch.randn(2, 6, 4, generator=g)
+    grads = [torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)]
+    ascent = PromptAscent(c0, optimizer="adam", adam_lr=0.02, frozen_tokens=2, radius=1e3)
+    c1 = ascent.update(0, grads)
+    G = -(grads[0] + grads[1])
+    torch.testing.assert_close(c1[:, 2:], c0[:, 2:] - 0.02 * G[:, 2:].sign(), rtol=0, atol=1e-6)
+    assert torch.equal(c1[:, :2], c0[:, :2])
+    tight = PromptAscent(c0, optimizer="adam", adam_lr=5.0, frozen_tokens=0, radius=0.5)
+    c = tight.update(0, grads)
+    assert (c - c0).norm(dim=-1).max() <= 0.5 + 1e-5
+    assert not torch.equal(tight.update(1, grads), c)  # moments carry over: the next step moves again

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import LinearOperator, Operator
 from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior
 from ud2m.schedules import quadratic_skip_grid, uniform_grid
@@ -32,7 +32,6 @@ from ud2m.solvers.steps import data_consistency, ddim_step, renoise, wiener_init
 from ud2m.solvers.tv import data_step_pdhg
 from ud2m.utils import Generator, append_dims, batch_scalar, randn
 
-Operator = LinearOperator | NonlinearOperator
 Callback = Callable[[dict[str, Any]], None] | None
 STEP_RULES = ("norm", "squared")
 ZETA_SCALINGS = ("none", "steps")

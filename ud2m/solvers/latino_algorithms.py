@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import Operator
 from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior, TextCondition
 from ud2m.schedules import DMD2_4, LATINO_SDXL
@@ -35,7 +35,6 @@ from ud2m.utils import Generator, Welford, append_dims, batch_scalar
 
 logger = logging.getLogger(__name__)
 
-Operator = LinearOperator | NonlinearOperator
 WeightRule = Callable[..., torch.Tensor]  # rule(k, t, u, y, op, sigma_n, prior) -> gamma (B,)
 Callback = Callable[[dict[str, Any]], None] | None
 
@@ -413,12 +412,13 @@ class PromptAscent:
         self.c = self.c0.clone()
         self.steps = dict(step0=step0, decay=decay, decay_after=decay_after, floor=step_floor)
         self.radius, self.direction, self.optimizer = radius, direction, optimizer
-        self.adam = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps)
         self.mask = torch.ones_like(self.c0[:1, :, :1])  # (1, L, 1)
         self.mask[:, :frozen_tokens] = 0
-        self.h = torch.zeros_like(self.c0)  # SAPG direction, or Adam's first moment
-        self.v = torch.zeros_like(self.c0)  # Adam's second moment
-        self.num_updates = 0
+        self.h = torch.zeros_like(self.c0)  # the SAPG direction
+        self.adam = None
+        if optimizer == "adam":  # on a leaf copy of c; frozen rows get zero gradients, so their moments stay 0
+            self._leaf = self.c0.clone().requires_grad_(True)
+            self.adam = torch.optim.Adam([self._leaf], lr=adam_lr, betas=adam_betas, eps=adam_eps)
 
     def update(self, j: int, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Apply outer iteration ``j``'s update from the transition gradients :math:`g_i`; returns the new ``c``."""
@@ -434,14 +434,14 @@ class PromptAscent:
         return self.c
 
     def _adam(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        r"""One Adam step on :math:`-\sum_i \ell_i` (gradient :math:`-\sum_i g_i`), frozen rows masked."""
+        r"""One ``torch.optim.Adam`` step on :math:`-\sum_i \ell_i` (gradient :math:`-\sum_i g_i`), frozen rows
+        masked, then the projection onto the balls."""
         G = -torch.stack(grads).sum(0) * self.mask if grads else torch.zeros_like(self.c)
-        (b1, b2), self.num_updates = self.adam["betas"], self.num_updates + 1
-        self.h = b1 * self.h + (1 - b1) * G
-        self.v = b2 * self.v + (1 - b2) * G.square()
-        m_hat, v_hat = self.h / (1 - b1**self.num_updates), self.v / (1 - b2**self.num_updates)
-        c = self.c - self.adam["lr"] * m_hat / (v_hat.sqrt() + self.adam["eps"])
-        self.c = project_to_balls(c, self.c0, self.radius)
+        self._leaf.grad = G.to(self._leaf.dtype)
+        self.adam.step()
+        with torch.no_grad():
+            self._leaf.copy_(project_to_balls(self._leaf, self.c0, self.radius))
+        self.c = self._leaf.detach().clone()
         return self.c
 
 

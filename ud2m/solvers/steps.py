@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import LinearOperator, Operator
 from ud2m.priors.base import Prior
 from ud2m.utils import Generator, append_dims, batch_scalar, randn
-
-Operator = LinearOperator | NonlinearOperator
 
 
 def wiener_init(op: Operator, y: torch.Tensor, sigma_n: float | torch.Tensor, s0: float = 0.5) -> torch.Tensor:

@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import LinearOperator, Operator
 from ud2m.priors.base import Prior
 from ud2m.utils import batch_norm_sq, batch_scalar
-
-Operator = LinearOperator | NonlinearOperator
 
 
 def nu_of_t(prior: Prior, t: torch.Tensor) -> torch.Tensor:

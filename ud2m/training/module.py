@@ -34,7 +34,7 @@ from ud2m.losses import (
     make_lpips,
 )
 from ud2m.metrics import psnr, ssim
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import Operator
 from ud2m.operators.noise import measure
 from ud2m.operators.random import OperatorGenerator, sample_sigma_y
 from ud2m.training.lightning_compat import cli_hyperparameters
@@ -43,7 +43,6 @@ from ud2m.utils import rand, randn
 
 logger = logging.getLogger(__name__)
 
-Operator = LinearOperator | NonlinearOperator
 T_MIN, T_MAX = 1, 999  # §7.6 step 1: t ~ U{1, ..., 999} per sample
 
 
