@@ -21,13 +21,9 @@ from diffusers import DDPMPipeline, DiffusionPipeline, LCMScheduler
 from ud2m.priors.base import cm_boundary_scalings
 from ud2m.priors.pixel import PixelDiffusionPrior
 from ud2m.priors.tiny import tiny_pixel_unet
+from ud2m.schedules import consistency_grid
 from ud2m.solvers.steps import consistency_sampling
-from ud2m.training.consistency_module import (
-    ConsistencyDistillation,
-    consistency_grid,
-    lcm_timesteps,
-    pseudo_huber,
-)
+from ud2m.training.consistency_module import ConsistencyDistillation, lcm_timesteps, pseudo_huber
 from ud2m.training.prior_module import DiffusionPriorTraining
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +49,7 @@ def perturbed(module: ConsistencyDistillation, scale: float = 0.02) -> Consisten
 
 
 def test_grid_is_diffusers_lcm_grid():
-    grid = consistency_grid(50, 1000)
+    grid = torch.tensor(consistency_grid(50, 1000))
     assert grid[0] == 0 and grid[1] == 19 and grid[-1] == 999 and len(grid) == 51
     assert (grid[2:] - grid[1:-1] == 20).all()
     scheduler = LCMScheduler(original_inference_steps=50)

@@ -1,7 +1,8 @@
-"""Timestep grids of the solvers (docs/method.md §4.2, §5.3, §8), as pure functions of native time.
+"""Timestep grids of the solvers (docs/method.md §4.2, §5.3, §8, §13.3, §3.3), as pure functions of native time.
 
 Every solver receives native timesteps (the networks are conditioned on them); the conversions to (a_t, b_t) and
-s_t live in the prior's schedule, never here.
+s_t live in the prior's schedule, never here. :func:`time_grid` is the one entry point by name; the named constants
+are the papers' fixed grids.
 """
 
 from __future__ import annotations
@@ -74,3 +75,62 @@ def quadratic_skip_grid(num_steps: int, num_train_timesteps: int = 1000) -> tupl
     if any(t1 >= t0 for t0, t1 in itertools.pairwise(grid)):
         raise ValueError(f"quadratic_skip_grid: {num_steps} steps repeat timesteps of a {T}-step schedule")
     return grid
+
+
+def ddim_grid(num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    r"""diffusers' DDIM spacings (docs/method.md §13.3), decreasing: ``"leading"`` [ref]
+    :math:`\tau_i = (N - i)\lfloor T/N\rfloor + 1` (``steps_offset=1``); ``"trailing"``
+    :math:`\mathrm{round}(T - (i-1)T/N) - 1`, which starts at T − 1.
+
+    >>> ddim_grid(450)[:3], ddim_grid(450)[-1], ddim_grid(4, "trailing")
+    ((899, 897, 895), 1, (999, 749, 499, 249))
+    """
+    if spacing not in DDIM_SPACINGS:
+        raise ValueError(f"spacing: expected one of {DDIM_SPACINGS}, got {spacing!r}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps: expected 1..{num_train_timesteps}, got {num_steps}")
+    T, N = num_train_timesteps, num_steps
+    if spacing == "leading":
+        return tuple((N - i) * (T // N) + 1 for i in range(1, N + 1))
+    return tuple(round(T - i * T / N) - 1 for i in range(N))
+
+
+def consistency_grid(num_points: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    r"""Skip-step grid of consistency distillation (docs/method.md §3.3), *increasing*: ``(0, k-1, 2k-1, ..., Nk-1)``
+    with :math:`k = T/N`. The non-zero points are the times diffusers' ``LCMScheduler`` samples on with
+    ``original_inference_steps=N`` (N = 50 of T = 1000: 19, 39, ..., 999); 0 is the boundary, f(z, 0) = z.
+
+    >>> consistency_grid(4)
+    (0, 249, 499, 749, 999)
+    """
+    if not 1 <= num_points <= num_train_timesteps or num_train_timesteps % num_points:
+        raise ValueError(
+            f"num_points: expected a divisor of num_train_timesteps={num_train_timesteps}, got {num_points}"
+        )
+    k = num_train_timesteps // num_points
+    return (0, *(n * k - 1 for n in range(1, num_points + 1)))
+
+
+DDIM_SPACINGS = ("leading", "trailing")
+#: The decreasing sampling grids by name (:func:`time_grid`).
+TIME_GRIDS = ("uniform", "quadratic", "quad", *DDIM_SPACINGS)
+
+
+def time_grid(kind: str, num_steps: int, *, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """``num_steps`` decreasing native times of the named grid: ``"uniform"`` (:func:`uniform_grid`),
+    ``"quadratic"`` (UD2M's sampler, :func:`quadratic_grid`), ``"quad"`` (DiffPIR, :func:`quadratic_skip_grid`),
+    ``"leading"`` / ``"trailing"`` (DDIM, :func:`ddim_grid`).
+
+    >>> time_grid("quadratic", 3), time_grid("uniform", 4)
+    ((999, 444, 111), (999, 749, 499, 249))
+    """
+    T = num_train_timesteps
+    if kind == "uniform":
+        return uniform_grid(num_steps, t_max=T - 1)
+    if kind == "quadratic":
+        return quadratic_grid(num_steps, T)
+    if kind == "quad":
+        return quadratic_skip_grid(num_steps, T)
+    if kind in DDIM_SPACINGS:
+        return ddim_grid(num_steps, kind, T)
+    raise ValueError(f"grid: expected one of {TIME_GRIDS}, got {kind!r}")

@@ -27,7 +27,7 @@ import torch
 from ud2m.operators.base import LinearOperator, Operator
 from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior
-from ud2m.schedules import quadratic_skip_grid, uniform_grid
+from ud2m.schedules import time_grid
 from ud2m.solvers.steps import data_consistency, ddim_step, renoise, wiener_init
 from ud2m.solvers.tv import data_step_pdhg
 from ud2m.utils import Generator, append_dims, batch_scalar, randn
@@ -53,7 +53,7 @@ def _grid(timesteps: Sequence[float] | None, num_steps: int, kind: str = "unifor
     if kind not in GRIDS:
         raise ValueError(f"grid: expected one of {GRIDS}, got {kind!r}")
     if timesteps is None:
-        timesteps = uniform_grid(num_steps) if kind == "uniform" else quadratic_skip_grid(num_steps)
+        timesteps = time_grid(kind, num_steps)
     grid = tuple(timesteps)
     if len(grid) == 0 or any(float(t1) >= float(t0) for t0, t1 in itertools.pairwise(grid)):
         raise ValueError(f"timesteps: expected a non-empty, strictly decreasing sequence, got {grid}")

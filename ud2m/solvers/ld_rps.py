@@ -27,32 +27,21 @@ import torch.nn.functional as F
 from ud2m.operators.learned import LearnedDegradation
 from ud2m.priors.base import Prior
 from ud2m.priors.vp import VPSchedule, make_betas
+from ud2m.schedules import DDIM_SPACINGS, ddim_grid
 from ud2m.utils import Generator, append_dims, randn
 
 Regulariser = tuple[Callable[[torch.Tensor], torch.Tensor], float, float]  # (Q_j, w_j, t_j): w_j·Q_j(x̂⁺)·1[t < t_j]
 Threshold = tuple[str, float, float, float] | None  # (kind, ratio, s_min, s_max)
 DEFAULT_THRESHOLD = ("clip_quantile", 0.995, 1.0, 100.0)
 REFERENCE_PIXELS = 786_432  # 3·512²: "sum" normalisation s̃ = s / 786,432 (§13.3)
-SPACINGS, ZHAT_FROM = ("leading", "trailing"), ("z_next", "z_t")
+SPACINGS, ZHAT_FROM = DDIM_SPACINGS, ("z_next", "z_t")
 GUIDANCE_NORMS, GUIDANCE_STEPS = ("mean", "sum"), ("latent", "x0")
 
 
 # ---------------------------------------------------------------------------------------------------- grids
 def timestep_grid(num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000) -> list[int]:
-    r"""τ_1 > … > τ_N (docs/method.md §13.3). ``"leading"`` [ref]: τ_i = (N − i)·⌊T/N⌋ + 1 (diffusers DDIM,
-    ``steps_offset=1``); ``"trailing"`` [ours]: round(T − (i − 1)T/N) − 1, which starts at T − 1.
-
-    >>> timestep_grid(450)[:3], timestep_grid(450)[-1]
-    ([899, 897, 895], 1)
-    """
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps: expected 1..{num_train_timesteps}, got {num_steps}")
-    T, N = num_train_timesteps, num_steps
-    if spacing == "leading":
-        return [(N - i) * (T // N) + 1 for i in range(1, N + 1)]
-    return [round(T - i * T / N) - 1 for i in range(N)]
+    """τ_1 > … > τ_N (docs/method.md §13.3): :func:`ud2m.schedules.ddim_grid` as a list."""
+    return list(ddim_grid(num_steps, spacing, num_train_timesteps))
 
 
 def restart_index(num_steps: int, gamma: float) -> int:

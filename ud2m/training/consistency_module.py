@@ -50,6 +50,7 @@ from diffusers import DDPMPipeline, LCMScheduler
 
 from ud2m.priors.base import cm_boundary_scalings, x0_from_prediction
 from ud2m.priors.pixel import PixelDiffusionPrior
+from ud2m.schedules import consistency_grid
 from ud2m.solvers.steps import consistency_sampling, ddim_step
 from ud2m.training.base_cli import ModuleCLI
 from ud2m.training.callbacks import EMA
@@ -61,21 +62,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ pure math
-def consistency_grid(num_points: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    r"""Skip-step grid ``[0, k-1, 2k-1, ..., Nk-1]`` with :math:`k = T/N` (``N + 1`` times, increasing).
-
-    The non-zero points are exactly the times diffusers' ``LCMScheduler`` samples on with
-    ``original_inference_steps=N`` (e.g. N = 50 of T = 1000: 19, 39, ..., 999); 0 is the boundary, where
-    :math:`f(z, 0) = z`.
-    """
-    if not 1 <= num_points <= num_train_timesteps or num_train_timesteps % num_points:
-        raise ValueError(
-            f"num_points: expected a divisor of num_train_timesteps={num_train_timesteps}, got {num_points}"
-        )
-    k = num_train_timesteps // num_points
-    return torch.tensor([0] + [n * k - 1 for n in range(1, num_points + 1)])
-
-
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     r"""Per-sample pseudo-Huber distance :math:`\sqrt{\lVert a-b\rVert_2^2 + c^2} - c` ``(B,)`` (Song & Dhariwal
     2023, §3.3): L2-like for large errors, a squared error near 0; exactly 0 when ``a == b``."""
@@ -161,7 +147,7 @@ class ConsistencyDistillation(AdamWWarmup, pl.LightningModule):
         self.teacher = PixelDiffusionPrior.from_pretrained(teacher)  # frozen, eval mode (the prior contract)
         if self.teacher.boundary != "none":
             raise ValueError(f"{teacher}: the teacher is already a consistency model (LCMScheduler config)")
-        self.grid = consistency_grid(num_points, self.teacher.schedule.num_train_timesteps)
+        self.grid = torch.tensor(consistency_grid(num_points, self.teacher.schedule.num_train_timesteps))
         self.unet = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # student, initialised as teacher
         use_ema_target = method == "cd" and target == "ema"
         self.target_unet = copy.deepcopy(self.unet).requires_grad_(False).eval() if use_ema_target else None
