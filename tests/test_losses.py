@@ -19,16 +19,16 @@ from torch import nn
 
 from ud2m.discriminator import ConditionalDiscriminator, block_channels, default_num_blocks
 from ud2m.losses import (
-    BACKBONE_FILES,
-    backbone_path,
+    UD2MLoss,
     discriminator_loss,
+    energy_score,
     generator_adversarial,
     gradient_penalty,
     l2_consistency,
     l2_weight,
     lpips_loss,
-    make_lpips,
 )
+from ud2m.perceptual import BACKBONE_FILES, backbone_path, make_lpips
 from ud2m.utils import rand
 
 LOG2 = math.log(2.0)
@@ -199,7 +199,7 @@ def test_make_lpips_without_weights_raises_naming_the_file(offline):
 
 
 def test_random_backbone_is_flagged_and_warned(offline, caplog):
-    with caplog.at_level(logging.WARNING, logger="ud2m.losses"):
+    with caplog.at_level(logging.WARNING, logger="ud2m.perceptual"):
         p = seeded_random_lpips("squeeze")
     assert p.random_backbone is True and p.backbone == "squeeze"
     assert "RANDOM backbone" in caplog.text
@@ -323,3 +323,33 @@ def test_spectral_norm_discriminator_runs_and_gp_trains_it(rng, device):
             assert p.grad is None
             continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ud2m_loss_is_the_weighted_sum_of_its_terms():
+    """UD2MLoss (§7.5) = ω_l2·L_cons + ω_ps·LPIPS + ω_adv·softplus(−D), batch means, each term as its function gives
+    it; the weighting multiplies the L2 per sample and its square root the energy score."""
+    import functools
+
+    g = torch.Generator().manual_seed(0)
+    x0, a, b = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1 for _ in range(3))
+    alpha_bar, logits = torch.tensor([0.9, 0.5, 0.1]), torch.randn(3, generator=g)
+
+    def lpips_stub(u, v):
+        return (u - v).abs().flatten(1).mean(1)
+
+    weighting = functools.partial(l2_weight, kind="min_snr")
+    w = weighting(alpha_bar)
+    loss, terms = UD2MLoss(omega_l2=2.0, omega_lpips=0.5, omega_adv=0.1, weighting=weighting, perceptual=lpips_stub)(
+        a, b, x0, alpha_bar, logits
+    )
+    energy = energy_score(a, b, x0, w.sqrt()).mean()
+    expected = 2.0 * energy + 0.5 * lpips_loss(lpips_stub, a, x0).mean() + 0.1 * generator_adversarial(logits).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(terms["l2"], l2_consistency(a, x0, w).mean())
+    l2_loss, l2_terms = UD2MLoss("l2", omega_l2=3.0)(a, None, x0, alpha_bar)
+    torch.testing.assert_close(l2_loss, 3.0 * l2_consistency(a, x0).mean())
+    assert set(l2_terms) == {"l2", "loss_g"}
+    with pytest.raises(ValueError, match="second sample"):
+        UD2MLoss()(a, None, x0, alpha_bar)
+    with pytest.raises(ValueError, match="expected 'energy' or 'l2', got 'l1'"):
+        UD2MLoss("l1")

@@ -14,9 +14,9 @@ import torchvision
 from scipy.stats import chi2
 from skimage.metrics import structural_similarity
 
-from ud2m.losses import backbone_path, make_lpips
 from ud2m.metrics import LPIPSMetric, Welford, data_consistency, psnr, ssim, video_psnr_global
 from ud2m.operators import GaussianBlur, RandomInpainting, measure, sigma_internal
+from ud2m.perceptual import backbone_path, make_lpips
 
 
 def photos(size: int = 96) -> torch.Tensor:

@@ -1,4 +1,4 @@
-r"""UD2M training losses (docs/method.md §7.5) and the pluggable LPIPS perceptual network.
+r"""UD2M training losses (docs/method.md §7.5): per-sample loss functions and :class:`UD2MLoss`, their weighted sum.
 
 Implements the per-sample losses of the UD2M paper (Mbakam et al., unfolded distillation of diffusion models) as
 fixed by our spec: the conditional-consistency L2 in :math:`x_0` space with an optional SNR weight, LPIPS
@@ -7,34 +7,20 @@ sigmoid twice), the discriminator loss and a zero-centred gradient penalty on in
 per-sample values ``(B,)``; the LightningModule reduces and weights them (EDM ``loss.py`` convention). Losses run
 in fp32.
 
-LPIPS needs torchvision's ImageNet backbone, which torchvision downloads into ``$TORCH_HOME/hub/checkpoints``.
-:func:`make_lpips` never downloads: it uses a file already there, or a local ``weights`` path, and otherwise raises
-(or, only when asked, builds a random backbone flagged ``random_backbone = True`` that metrics refuse to report).
+The LPIPS network itself (building it offline from local backbone weights) lives in :mod:`ud2m.perceptual`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ud2m.utils import Generator, append_dims, rand
 
 logger = logging.getLogger(__name__)
-
-# torchvision weight file names, as in the ``url`` of ``VGG16_Weights.IMAGENET1K_V1``,
-# ``AlexNet_Weights.IMAGENET1K_V1`` and ``SqueezeNet1_1_Weights.IMAGENET1K_V1`` (what lpips' ``pretrained=True`` loads).
-BACKBONE_FILES = {
-    "vgg": "vgg16-397923af.pth",
-    "alex": "alexnet-owt-7be5be79.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
 
 PerceptualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -159,100 +145,6 @@ def lpips_loss(perceptual: PerceptualFn, x0_hat: torch.Tensor, x0: torch.Tensor)
         return perceptual(x0_hat.float(), x0.float()).reshape(x0.shape[0])
 
 
-class Perceptual(nn.Module):
-    """A frozen LPIPS network ``(a, b) -> (B,)`` on [-1, 1] inputs, labelled with its backbone.
-
-    Built by :func:`make_lpips`. The wrapped ``lpips.LPIPS`` stays in eval mode even when a parent module calls
-    ``.train()`` (its linear heads carry dropout), and no parameter requires a gradient; gradients still flow to the
-    inputs.
-
-    Attributes:
-        backbone: ``"vgg"``, ``"alex"`` or ``"squeeze"``.
-        random_backbone: ``True`` when the trunk is randomly initialised: fine for plumbing, never a metric.
-    """
-
-    def __init__(self, net: nn.Module, backbone: str, random_backbone: bool) -> None:
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.backbone = backbone
-        self.random_backbone = random_backbone
-
-    def train(self, mode: bool = True) -> Perceptual:
-        """Keep the LPIPS network in eval mode whatever ``mode`` is (dropout off, deterministic)."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance per image, inputs ``(B, 3, H, W)`` on [-1, 1] (``normalize=False``); returns ``(B,)``."""
-        return self.net(a, b, normalize=False).reshape(a.shape[0])
-
-
-def backbone_path(net: str) -> Path:
-    """Where torchvision looks for the ImageNet weights of LPIPS backbone ``net`` (``$TORCH_HOME/hub/checkpoints``)."""
-    if net not in BACKBONE_FILES:
-        raise ValueError(f"LPIPS backbone must be one of {sorted(BACKBONE_FILES)}, got {net!r}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
-
-
-def make_lpips(net: str = "vgg", weights: str | os.PathLike | None = None, allow_random_backbone: bool = False):
-    """Build a frozen LPIPS :class:`Perceptual` module without any network access (environment.md, §10.2).
-
-    Backbone weights are taken, in order, from the local torchvision state dict ``weights`` (e.g. a copy of
-    ``vgg16-397923af.pth``), or from torchvision's cache ``$TORCH_HOME/hub/checkpoints/<file>`` (see
-    :data:`BACKBONE_FILES`); the LPIPS linear heads ship with the ``lpips`` package. Without either, this raises,
-    unless ``allow_random_backbone`` is set: then the trunk is random, ``random_backbone`` is ``True`` and a warning
-    is logged.
-
-    Args:
-        net: ``"vgg"`` (the UD2M loss), ``"alex"`` or ``"squeeze"``.
-        weights: optional path of a torchvision backbone state dict.
-        allow_random_backbone: build a random-trunk LPIPS instead of raising when no weights are found.
-
-    Returns:
-        :class:`Perceptual`.
-
-    Raises:
-        FileNotFoundError: naming the expected file, if no weights are found and random backbones are not allowed.
-    """
-    expected = backbone_path(net)
-    if weights is not None:
-        module = _lpips(net, pnet_rand=True)
-        _load_backbone(module.net, Path(weights))
-        return Perceptual(module, net, random_backbone=False)
-    if expected.is_file():
-        return Perceptual(_lpips(net, pnet_rand=False), net, random_backbone=False)  # torchvision reads the cache
-    if not allow_random_backbone:
-        raise FileNotFoundError(
-            f"LPIPS[{net}]: the torchvision backbone weights are missing: expected {expected} (set TORCH_HOME or copy "
-            f"{BACKBONE_FILES[net]} there from a machine with internet), or pass weights=<local path of that file>"
-        )
-    logger.warning("LPIPS[%s]: no backbone weights at %s; RANDOM backbone (not a perceptual metric)", net, expected)
-    return Perceptual(_lpips(net, pnet_rand=True), net, random_backbone=True)
-
-
-def _lpips(net: str, pnet_rand: bool) -> nn.Module:
-    import lpips  # lazy: pulls in torchvision
-
-    with warnings.catch_warnings():  # lpips uses torchvision's deprecated ``pretrained=`` argument
-        warnings.simplefilter("ignore", UserWarning)
-        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=pnet_rand, verbose=False)
-
-
-def _load_backbone(trunk: nn.Module, path: Path) -> None:
-    """Load a torchvision ``features.<i>.*`` state dict into lpips' ``slice<k>.<i>.*`` trunk (strict)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS: backbone weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    mapped = {}
-    for name in trunk.state_dict():
-        source = "features." + name.split(".", 1)[1]  # slice<k>.<i>.weight -> features.<i>.weight
-        if source not in state:
-            raise ValueError(f"LPIPS: {path} has no entry {source!r}; expected a torchvision backbone state dict")
-        mapped[name] = state[source]
-    trunk.load_state_dict(mapped, strict=True)
-
-
 # --------------------------------------------------------------------------------------------- adversarial
 
 
@@ -308,3 +200,80 @@ def gradient_penalty(
         d = discriminator(x_tilde, cond)  # (B,)
     (grad,) = torch.autograd.grad(d.sum(), x_tilde, create_graph=True)  # samples are independent: sum -> per-sample
     return grad.pow(2).flatten(1).sum(1)
+
+
+# --------------------------------------------------------------------------------------------- the UD2M loss
+Weighting = Callable[[torch.Tensor], torch.Tensor]
+
+
+class UD2MLoss:
+    r"""The generator objective of docs/method.md §7.5 as one object, batch means of per-sample terms:
+
+    .. math:: \omega_{l2}\,L_{cons} + \omega_{ps}\,L_{ps} + \omega_{adv}\,L^G_{adv},
+
+    with :math:`L_{cons}` the energy score of two samples (``consistency="energy"``, the default: minimised by the
+    conditional law) or the conditional-consistency L2 (``"l2"``: minimised by the conditional mean), each optionally
+    weighted per sample by ``weighting(alpha_bar)`` (e.g. ``functools.partial(l2_weight, kind="min_snr")``; the
+    energy score, an RMS, gets its square root).
+
+    Args:
+        consistency: ``"energy"`` or ``"l2"``.
+        omega_l2, omega_lpips, omega_adv: the weights.
+        weighting: None (uniform) or a callable ``(B,) alpha_bar -> (B,)`` weight.
+        perceptual: an LPIPS callable (:func:`ud2m.perceptual.make_lpips`) or None (no perceptual term). Held by
+            reference: it is registered (and frozen) by whoever owns it.
+    """
+
+    def __init__(
+        self,
+        consistency: str = "energy",
+        *,
+        omega_l2: float = 1.0,
+        omega_lpips: float = 0.0,
+        omega_adv: float = 0.0,
+        weighting: Weighting | None = None,
+        perceptual: PerceptualFn | None = None,
+    ) -> None:
+        if consistency not in ("energy", "l2"):
+            raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency!r}")
+        self.consistency, self.weighting, self.perceptual = consistency, weighting, perceptual
+        self.omega = {"l2": omega_l2, "lpips": omega_lpips, "adv": omega_adv}
+
+    def __call__(
+        self,
+        x0_hat: torch.Tensor,
+        x0_hat_2: torch.Tensor | None,
+        x0: torch.Tensor,
+        alpha_bar: torch.Tensor,
+        d_fake_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The loss and its terms: ``l2`` (always, of the first sample), ``energy``, ``lpips``,
+        ``lpips_random_backbone``, ``adv_g`` (when present) and ``loss_g``.
+
+        Args:
+            x0_hat, x0_hat_2: two samples of the sampler for the same (x_t, y) (``x0_hat_2`` only for the energy
+                score).
+            x0: the clean images.
+            alpha_bar: ``(B,)`` VP-equivalent ᾱ_t of each sample's time (the weighting's argument).
+            d_fake_logits: the discriminator's logits on ``x0_hat`` (None: no adversarial term).
+        """
+        weight = None if self.weighting is None else self.weighting(alpha_bar)
+        logs: dict[str, torch.Tensor | float] = {"l2": l2_consistency(x0_hat, x0, weight).mean()}
+        if self.consistency == "l2":
+            loss = self.omega["l2"] * logs["l2"]
+        else:
+            if x0_hat_2 is None:
+                raise ValueError("UD2MLoss: the energy score needs a second sample x0_hat_2")
+            root = None if weight is None else weight.sqrt()  # the energy score is an RMS: √w on it is w on squares
+            logs["energy"] = energy_score(x0_hat, x0_hat_2, x0, root).mean()
+            logs["l2"] = logs["l2"].detach()
+            loss = self.omega["l2"] * logs["energy"]
+        if self.perceptual is not None:
+            logs["lpips"] = lpips_loss(self.perceptual, x0_hat, x0).mean()
+            logs["lpips_random_backbone"] = float(getattr(self.perceptual, "random_backbone", False))
+            loss = loss + self.omega["lpips"] * logs["lpips"]
+        if d_fake_logits is not None:
+            logs["adv_g"] = generator_adversarial(d_fake_logits).mean()
+            loss = loss + self.omega["adv"] * logs["adv_g"]
+        logs["loss_g"] = loss
+        return loss, logs

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ud2m.losses import make_lpips
+from ud2m.perceptual import make_lpips
 from ud2m.utils import Welford, batch_scalar  # Welford lives in utils so solvers can use it too
 
 # ------------------------------------------------------------------------------------------------ PSNR / SSIM
@@ -140,14 +140,14 @@ def data_consistency(op, x_hat: torch.Tensor, y: torch.Tensor, sigma_n: float | 
 class LPIPSMetric(nn.Module):
     """LPIPS per image with a real (pretrained) backbone only (§10.2); inputs on [-1, 1], clamped.
 
-    The backbone comes from :func:`ud2m.losses.make_lpips` (torchvision cache or a local ``weights`` path; no
+    The backbone comes from :func:`ud2m.perceptual.make_lpips` (torchvision cache or a local ``weights`` path; no
     network). A module built elsewhere may be passed as ``perceptual``; one with ``random_backbone = True`` is refused.
     Grayscale is repeated to 3 channels; videos are scored per frame and averaged.
 
     Args:
         net: ``"vgg"`` (default), ``"alex"`` or ``"squeeze"`` (UD2M-table parity).
         weights: optional local path of the torchvision backbone state dict.
-        perceptual: optional prebuilt :class:`ud2m.losses.Perceptual`.
+        perceptual: optional prebuilt :class:`ud2m.perceptual.Perceptual`.
 
     Attributes:
         backbone: the backbone name, to record with every result.
@@ -165,7 +165,7 @@ class LPIPSMetric(nn.Module):
         if getattr(self.perceptual, "random_backbone", False):
             raise RuntimeError(
                 f"LPIPSMetric: the {self.backbone} backbone is random; random-backbone LPIPS is never reported "
-                "(provide the torchvision weights, see ud2m.losses.make_lpips)"
+                "(provide the torchvision weights, see ud2m.perceptual.make_lpips)"
             )
         return _per_frame(self._lpips, x_hat, x)
 

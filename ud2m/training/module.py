@@ -13,6 +13,7 @@ Randomness comes from generators seeded by ``(seed, global_step, rank)``; global
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,20 +24,12 @@ import torch
 from torch import nn
 
 from ud2m.discriminator import conditioning
-from ud2m.losses import (
-    discriminator_loss,
-    energy_score,
-    generator_adversarial,
-    gradient_penalty,
-    l2_consistency,
-    l2_weight,
-    lpips_loss,
-    make_lpips,
-)
+from ud2m.losses import UD2MLoss, discriminator_loss, gradient_penalty, l2_weight, lpips_loss
 from ud2m.metrics import psnr, ssim
 from ud2m.operators.base import Operator
 from ud2m.operators.noise import measure
 from ud2m.operators.random import OperatorGenerator, sample_sigma_y
+from ud2m.perceptual import make_lpips
 from ud2m.training.lightning_compat import cli_hyperparameters
 from ud2m.unfolded import UnfoldedSampler, sample_ud2m
 from ud2m.utils import rand, randn
@@ -135,8 +128,6 @@ class UnfoldedDistillation(pl.LightningModule):
         _check_sigma_y(sigma_y)
         if d_steps_per_g < 1:
             raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
-        if consistency_loss not in ("energy", "l2"):
-            raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency_loss!r}")
         self.automatic_optimization = False
         self.sampler = sampler
         self.discriminator = discriminator if omega_adv > 0 else None
@@ -146,6 +137,14 @@ class UnfoldedDistillation(pl.LightningModule):
             make_lpips(perceptual_net, perceptual_weights, allow_random_backbone=allow_random_lpips)
             if omega_lpips > 0
             else None
+        )
+        self.generator_loss = UD2MLoss(
+            consistency_loss,
+            omega_l2=omega_l2,
+            omega_lpips=omega_lpips,
+            omega_adv=omega_adv,
+            weighting=None if l2_weighting == "none" else functools.partial(l2_weight, kind=l2_weighting),
+            perceptual=self.perceptual,
         )
         self.skipped_steps = 0
         self._cond: Any = None
@@ -273,33 +272,13 @@ class UnfoldedDistillation(pl.LightningModule):
         return ok
 
     def _generator_loss(self, x0, samples, c, t, adversarial: bool, logs: dict) -> torch.Tensor:
-        r""":math:`\omega_{l2} L_{l2|es} + \omega_{ps} L_{ps} + \omega_{adv} L^G_{adv}` (§7.5), batch means.
-
-        ``samples`` is ``(x0_hat, x0_hat_2)``; the second is None with the L2 loss. ``train/l2`` is always the L2
-        of the first sample (comparable across losses); ``train/energy`` is logged with the energy score.
-        """
-        hp = self.hparams
+        r""":class:`~ud2m.losses.UD2MLoss` (§7.5) on ``samples = (x0_hat, x0_hat_2)`` (the second is None with the L2
+        loss); its terms go to ``logs``."""
         x0_hat, x0_hat_2 = samples
-        weight = None
-        if hp.l2_weighting != "none":
-            alpha_bar = 1 - self.sampler.prior.schedule.nu(t)  # VP-equivalent ᾱ_t for every family
-            weight = l2_weight(alpha_bar, hp.l2_weighting)
-        logs["l2"] = l2_consistency(x0_hat, x0, weight).mean()
-        if x0_hat_2 is None:
-            loss = hp.omega_l2 * logs["l2"]
-        else:
-            root = None if weight is None else weight.sqrt()  # the energy score is an RMS: √w on it is w on squares
-            logs["energy"] = energy_score(x0_hat, x0_hat_2, x0, root).mean()
-            logs["l2"] = logs["l2"].detach()
-            loss = hp.omega_l2 * logs["energy"]
-        if self.perceptual is not None:
-            logs["lpips"] = lpips_loss(self.perceptual, x0_hat, x0).mean()
-            logs["lpips_random_backbone"] = float(self.perceptual.random_backbone)
-            loss = loss + hp.omega_lpips * logs["lpips"]
-        if adversarial:
-            logs["adv_g"] = generator_adversarial(self._discriminator(x0_hat, c)).mean()
-            loss = loss + hp.omega_adv * logs["adv_g"]
-        logs["loss_g"] = loss
+        alpha_bar = 1 - self.sampler.prior.schedule.nu(t)  # VP-equivalent ᾱ_t for every family
+        d_fake = self._discriminator(x0_hat, c) if adversarial else None
+        loss, terms = self.generator_loss(x0_hat, x0_hat_2, x0, alpha_bar, d_fake)
+        logs.update(terms)
         return loss
 
     def _guarded_step(self, opt, loss: torch.Tensor, name: str, logs: dict, *, clip_norm, counted: bool) -> bool:
