@@ -240,11 +240,12 @@ class OracleBlocks(nn.Module):
         super().__init__()
         self.prior, self.draw = prior, draw
 
-    def forward(self, x_t, t, y, op, sigma_y, *, cond=None, generator=None, callback=None):
+    def forward(self, x_t, t, y, op, sigma_y, *, cond=None, generator=None, callback=None, return_prior=False):
         assert torch.all(t == t[0])  # one grid time: a shared (d, d) covariance
         mean, cov = self.prior.conditional_posterior(op, y, sigma_internal(sigma_y), x_t, t[0].to(F64))
         xi = randn((x_t.shape[0], cov.shape[0]), generator, dtype=F64)
-        return mean + self.draw * (xi @ sym_sqrtm(cov)).reshape(mean.shape)  # symmetric root: ξR has covariance C
+        x0 = mean + self.draw * (xi @ sym_sqrtm(cov)).reshape(mean.shape)  # symmetric root: ξR has covariance C
+        return (x0, x0) if return_prior else x0  # a pixel-space prior: the prior's space is the pixels
 
 
 def assert_law(samples, mean, cov):

@@ -24,8 +24,17 @@ from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior
 from ud2m.priors.lora import attach_lora, lora_config, trainable_parameters
 from ud2m.schedules import quadratic_grid
-from ud2m.solvers.steps import Operator, ddim_step, rho_zero, ud2m_data_step, ud2m_warm_start
-from ud2m.utils import Generator, append_dims, batch_scalar, randn
+from ud2m.solvers.steps import (
+    Operator,
+    ddim_step,
+    latent_fusion,
+    rho_zero,
+    ud2m_data_step,
+    ud2m_warm_start,
+    warm_start_gamma,
+    wiener_shrinkage,
+)
+from ud2m.utils import Generator, batch_scalar, randn
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +264,8 @@ class UnfoldedSampler(nn.Module):
         cond: Any = None,
         generator: Generator = None,
         callback: Callable[[dict], None] | None = None,
-    ) -> torch.Tensor:
+        return_prior: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r""":math:`\hat x_0 = \text{block}_{K-1} \circ \dots \circ \text{block}_0(x^{(0)})` (§7.2): K NFEs.
 
         Args:
@@ -269,18 +279,22 @@ class UnfoldedSampler(nn.Module):
             generator: a ``torch.Generator`` or a list of B generators for the re-noise ξ.
             callback: called after each block with ``dict(k, x, x_prior, z, t_z, sigma_z)`` (``x`` pixel estimate,
                 ``x_prior`` the prior-space prediction, ``z`` the data-step output).
+            return_prior: also return the last block's prior-space prediction (the latent of latent priors, which
+                the N-step sampler's DDIM step needs; the pixel estimate itself for pixel priors).
 
         Returns:
-            :math:`\hat x_0` in pixel space, unclamped, ``(B, C, H, W)``.
+            :math:`\hat x_0` in pixel space, unclamped, ``(B, C, H, W)``; with ``return_prior``, the pair
+            ``(x̂0, x̂0 in the prior's space)``.
         """
         x_t, t, a, s, sigma_n = self._setup(x_t, t, y, sigma_y)
         x = self._warm_start(x_t, t, a, s, y, op, sigma_n)  # x^(0), pixel space
+        x_prior = x
         for k in range(self.num_blocks):
             xi = randn(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)  # 6. ξ, outside the checkpoint
             x, x_prior, z, t_z, sigma_z = self._run_block(k, x_t, t, a, s, y, op, sigma_n, x, xi, cond)
             if callback is not None:
                 callback(dict(k=k, x=x, x_prior=x_prior, z=z, t_z=t_z, sigma_z=sigma_z))
-        return x
+        return (x, x_prior) if return_prior else x
 
     def warm_start(
         self, x_t: torch.Tensor, t: float | torch.Tensor, y: torch.Tensor, op: Operator, sigma_y: float | torch.Tensor
@@ -313,10 +327,10 @@ class UnfoldedSampler(nn.Module):
         if not self.latent:
             with _no_autocast(x_t):
                 return ud2m_warm_start(op, y, x_t, a=a, s=s, sigma_n=sigma_n, s0=self.s0)
-        tau2 = 1.0 / (1.0 / s**2 + 1.0 / self.s0**2)  # (B,) 1/τ0² = 1/s² + 1/s0²
-        u = self.prior.decode(append_dims(tau2 / (a * s**2), x_t.ndim) * x_t)  # latent Wiener mean, decoded
+        m0, tau2 = wiener_shrinkage(x_t, a=a, s=s, s0=self.s0)  # the latent Wiener mean, decoded
+        u = self.prior.decode(m0)
         with _no_autocast(u):
-            return op.prox_l2(u.float(), y, tau2 / sigma_n.clamp_min(1e-3) ** 2)  # σ_n floor of ud2m_warm_start
+            return op.prox_l2(u.float(), y, warm_start_gamma(tau2, sigma_n))
 
     def _run_block(self, k, x_t, t, a, s, y, op, sigma_n, x, xi, cond) -> tuple[torch.Tensor, ...]:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -346,9 +360,7 @@ class UnfoldedSampler(nn.Module):
         with _no_autocast(x):
             z_pix = op.prox_l2(x, y, rho_p**2 / (lam * sigma_n**2))  # (i) pixel prox around the decoded estimate
         zeta = self.prior.encode(z_pix.detach() if self.detach_encoder else z_pix)  # (ii) VAE mean
-        w0, n = 1.0 / rho0**2, zeta.ndim
-        # (iii) Gaussian fusion with x_t (x_t a/b² = x_t/(a s²)) in latent space
-        return (append_dims(w0, n) * zeta + x_t / append_dims(a * s**2, n)) / append_dims(w0 + 1.0 / s**2, n)
+        return latent_fusion(zeta, x_t, a=a, s=s, rho0=rho0)  # (iii) Gaussian fusion with x_t in latent space
 
     def sigma_e(self, sigma_n: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma_e` of the noise rule, ``(B,)``: ``sigma_cap`` (``"prior"``) or ``rho_sigma_scale`` · σ_n
@@ -426,7 +438,8 @@ def sample_ud2m(
     NFE = N·K.
 
     Args:
-        model: an :class:`UnfoldedSampler` (or any module with ``prior`` and the same call signature).
+        model: an :class:`UnfoldedSampler` (or any module with ``prior`` and the same call signature, including
+            ``return_prior``).
         op: forward operator.
         y: measurements ``(B, ...)``; its float dtype (fp32, or fp64 for tests) sets the state's dtype.
         sigma_y: noise std on the [0, 1] scale.
@@ -453,23 +466,16 @@ def sample_ud2m(
     for n, t_n in enumerate(grid):
         t = torch.full((z_shape[0],), float(t_n), device=device, dtype=dtype)
         blocks: list[dict] = []
-        x0_hat = model(x, t, y, op, sigma_y, cond=cond, generator=generator, callback=blocks.append)  # 3. K NFEs
+        x0_hat, x0_prior = model(
+            x, t, y, op, sigma_y, cond=cond, generator=generator, callback=blocks.append, return_prior=True
+        )  # 3. K NFEs
         if callback is not None:
             callback(dict(n=n, t=t, x=x, x0_hat=x0_hat, blocks=blocks))
         if n == len(grid) - 1:  # 4.
             break
-        z0_hat = _prior_space_estimate(prior, x0_hat, blocks, clip)  # 5.
+        z0_hat = x0_prior if is_latent_prior(prior) else (x0_hat.clamp(-1, 1) if clip else x0_hat)  # 5.
         x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
     return x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
-
-
-def _prior_space_estimate(prior: Prior, x0_hat: torch.Tensor, blocks: list[dict], clip: bool) -> torch.Tensor:
-    """The DDIM step's x̂0: clamped pixels (pixel priors) or the last block's latent prediction (latent priors)."""
-    if not is_latent_prior(prior):
-        return x0_hat.clamp(-1, 1) if clip else x0_hat
-    if not blocks or "x_prior" not in blocks[-1]:
-        raise ValueError("sample_ud2m: with a latent prior the model must report 'x_prior' through its callback")
-    return blocks[-1]["x_prior"]
 
 
 def _ddim(prior: Prior, x, z0_hat, t, t_next: float, eta: float, generator: Generator) -> torch.Tensor:

@@ -114,10 +114,37 @@ def ud2m_warm_start(
     \tau_0^2/\sigma_n^2)`. Used identically in training and sampling."""
     B = x_t.shape[0]
     sigma_n = batch_scalar(sigma_n, B, device=x_t.device, dtype=x_t.dtype, name="sigma_n")
+    m0, tau2 = wiener_shrinkage(x_t, a=a, s=s, s0=s0)
+    return op.prox_l2(m0, y, warm_start_gamma(tau2, sigma_n))
+
+
+def wiener_shrinkage(
+    x_t: torch.Tensor, *, a: torch.Tensor, s: torch.Tensor, s0: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The posterior mean of :math:`x_0 \sim N(0, s_0^2 I)` given :math:`x_t = a x_0 + b\varepsilon` alone (§7.2):
+    :math:`m_0 = \tau_0^2 x_t a/b^2 = \tau_0^2 x_t/(a s^2)` with :math:`1/\tau_0^2 = 1/s^2 + 1/s_0^2`; returns
+    ``(m0, tau0²)`` (``(B,)``). Pixel priors apply it to pixels, latent priors to the latent (then decode)."""
     tau2 = 1.0 / (1.0 / s**2 + 1.0 / s0**2)
-    m0 = append_dims(tau2 / (a * s**2), x_t.ndim) * x_t
-    # noiseless data (σ_n = 0, e.g. JPEG) would make γ infinite; the 1e-3 floor keeps every prox defined
-    return op.prox_l2(m0, y, tau2 / sigma_n.clamp_min(1e-3) ** 2)
+    return append_dims(tau2 / (a * s**2), x_t.ndim) * x_t, tau2
+
+
+def warm_start_gamma(tau2: torch.Tensor, sigma_n: torch.Tensor) -> torch.Tensor:
+    r"""The warm start's prox step :math:`\tau_0^2/\sigma_n^2` (§7.2); noiseless data (σ_n = 0, e.g. JPEG) would
+    make it infinite, so σ_n is floored at 1e-3 and every prox stays defined."""
+    return tau2 / sigma_n.clamp_min(1e-3) ** 2
+
+
+def latent_fusion(
+    zeta: torch.Tensor, x_t: torch.Tensor, *, a: torch.Tensor, s: torch.Tensor, rho0: torch.Tensor
+) -> torch.Tensor:
+    r"""Gaussian fusion in latent space of the encoded data-step output ζ (weight :math:`1/\rho_0^2`) with
+    :math:`x_t` (weight :math:`1/s^2` on :math:`x_t/a`), §7.2 (iii) [ours, heuristic]:
+
+    .. math:: \frac{\zeta/\rho_0^2 + x_t/(a s^2)}{1/\rho_0^2 + 1/s^2}.
+    """
+    n = zeta.ndim
+    w0 = 1.0 / rho0**2
+    return (append_dims(w0, n) * zeta + x_t / append_dims(a * s**2, n)) / append_dims(w0 + 1.0 / s**2, n)
 
 
 # ---------------------------------------------------------------------------------------------- DDIM step (§8)
