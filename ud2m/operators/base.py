@@ -120,9 +120,13 @@ class LinearOperator(nn.Module):
 
     def project_cg(self, z: torch.Tensor, y: torch.Tensor, *, iters: int, eps: float = 0.0) -> torch.Tensor:
         r"""LVTINO's truncated projection (§2.4): CG on :math:`(A^\top A + \epsilon I)x = A^\top y + \epsilon z`
-        from ``z``, stopped after exactly ``iters`` iterations (truncation acts as regularisation)."""
+        from ``z``, stopped after ``iters`` iterations (truncation acts as regularisation), or earlier at round-off
+        (a sample whose residual reached 10 ulp is frozen: with ε = 0, iterating past convergence diverges)."""
         b = self.A_adjoint(y) + eps * z
-        return conjugate_gradient(lambda v: self.A_adjoint_A(v) + eps * v, b, z, rtol=0.0, max_iter=iters).x
+        rtol = 10 * torch.finfo(z.dtype).eps
+        return conjugate_gradient(
+            lambda v: self.A_adjoint_A(v) + eps * v, b, z, rtol=rtol, max_iter=iters, warn=False
+        ).x
 
     def A_dagger(self, y: torch.Tensor, eps: float | torch.Tensor = 1e-3) -> torch.Tensor:
         r"""Regularised pseudo-inverse :math:`A^\top (AA^\top + \epsilon I)^{-1} y` (CG default); ``eps`` may be a

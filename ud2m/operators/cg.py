@@ -33,6 +33,7 @@ def conjugate_gradient(
     *,
     rtol: float = 1e-5,
     max_iter: int = 100,
+    warn: bool = True,
 ) -> CGResult:
     r"""Solve :math:`M x = b` for a symmetric positive (semi-)definite ``M``, one system per sample.
 
@@ -46,6 +47,8 @@ def conjugate_gradient(
         x0: warm start (default 0).
         rtol: relative residual tolerance per sample.
         max_iter: iteration cap.
+        warn: log a warning when a sample has not converged after ``max_iter`` iterations (off for intended
+            truncation, e.g. LVTINO's truncated projection).
 
     Returns:
         ``CGResult(x, iterations, converged)``.
@@ -76,7 +79,7 @@ def conjugate_gradient(
         iterations = iterations + active.long()
         active = active & (rs.sqrt() > tol) & (pMp > 0)
     converged = rs.sqrt() <= tol
-    if not bool(converged.all()):
+    if warn and not bool(converged.all()):
         worst = (rs.sqrt() / b_norm.clamp_min(1e-300)).max().item()
         logger.warning("CG stopped after %d iterations; worst relative residual %.2e > %.1e", max_iter, worst, rtol)
     return CGResult(x, iterations, converged)
