@@ -10,6 +10,7 @@ from ud2m.operators.jpeg import JPEG
 from ud2m.operators.learned import DegradationState, LearnedDegradation
 from ud2m.operators.motion import MotionBlur
 from ud2m.operators.noise import measure, sigma_internal
+from ud2m.operators.simulate import Grayscale, Haze, KnownDegradation, LowLight, PixelAffine, PixelScale
 from ud2m.operators.superres import SuperResolution
 from ud2m.operators.video import PerFrame, TemporalAveragePool, TemporalBlur
 
@@ -21,14 +22,20 @@ __all__ = [
     "DegradationState",
     "Denoising",
     "GaussianBlur",
+    "Grayscale",
+    "Haze",
     "Inpainting",
     "KernelBlur",
+    "KnownDegradation",
     "LearnedDegradation",
     "LinearOperator",
+    "LowLight",
     "MotionBlur",
     "NonlinearOperator",
     "Operator",
     "PerFrame",
+    "PixelAffine",
+    "PixelScale",
     "RandomInpainting",
     "SuperResolution",
     "TemporalAveragePool",
