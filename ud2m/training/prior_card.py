@@ -43,7 +43,8 @@ def wall_seconds(scalars: dict[str, list]) -> float:
 
 
 def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50, seed: int = 0) -> Path:
-    """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG.
+    """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG (a prior of
+    clips, with 3T channels, gets one row of T frames per sample).
 
     The DDIM direction uses the noise recomputed from the clipped x̂0 (diffusers' ``use_clipped_model_output=True``,
     what ``ud2m``'s own DDIM does): with the raw ε̂ next to a clipped x̂0, the first steps on a linear β schedule
@@ -57,6 +58,10 @@ def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50,
     images = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
                   use_clipped_model_output=True, output_type="np").images  # fmt: skip
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    if x.shape[1] > 3 and x.shape[1] % 3 == 0:  # a clip prior (frames stacked along channels): a strip per sample
+        strips = x.unflatten(1, (x.shape[1] // 3, 3)).permute(0, 2, 3, 1, 4).flatten(3)  # (N, 3, H, T*W)
+        save_image(make_grid(strips, nrow=1, padding=1), out)
+        return out
     save_image(make_grid(x, nrow=int(num**0.5), padding=1), out)
     return out
 
