@@ -358,3 +358,18 @@ def test_device_and_float32(device):
     x = op.prox_l2(*(t.to(device, torch.float32) for t in (z, y, gamma)))
     assert x.dtype == torch.float32 and x.device.type == device.type
     torch.testing.assert_close(x.cpu().double(), op64.prox_l2(z, y, gamma), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [lvtino_problem_a, lvtino_problem_b, lvtino_problem_c])
+def test_closed_form_prox_is_accurate_in_float32_at_large_gamma(build):
+    """The circular closed-form proxes in float32 agree with float64 at γ up to 3.5e9 (DiffPIR's first steps at
+    σ_y = 0.001): the Woodbury form z + γAᵀ(I + γAAᵀ)⁻¹(y − Az) has no cancellation (the earlier r − γAᵀ(...)Ar form
+    was off by 256 at γ = 3.5e9)."""
+    op = build(9, padding="circular") if build is not lvtino_problem_b else build(padding="circular")
+    z, x = rand((1, 3, 9, 32, 32), 0).float(), rand((1, 3, 9, 32, 32), 1).float()
+    y = op.A(x)
+    for gamma in (1.0, 1e6, 3.5e9):
+        g = torch.tensor([gamma])
+        exact = op.double().prox_l2(z.double(), y.double(), g.double())
+        got = op.float().prox_l2(z, y, g)
+        assert (got.double() - exact).abs().max() < 1e-4, gamma
