@@ -371,3 +371,36 @@ def test_latent_prior_trains_exports_and_samples(tmp_path):
         b = sample_ud2m(model.sampler.eval(), op, op.A(x), 0.01, generator=torch.Generator().manual_seed(0), **kw)
     torch.testing.assert_close(a, b)  # the export is the trained model
     assert a.shape == x.shape
+
+
+class RecordValidatedWeights(pl.Callback):
+    """Records the generator weights at every validation (after the sanity check)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen.append({k: v for k, v in trainable_state(pl_module).items() if k.startswith("sampler.")})
+
+
+def test_export_of_the_best_validation_keeps_those_weights(tmp_path, monkeypatch):
+    """ExportOnTrainEnd(best="val/psnr"): the export holds the weights of the best validation (the second of three
+    here, by a PSNR that is made to be 20, 25, 22), not the last ones, and the manifest says which step and value."""
+    import ud2m.training.module as module
+    from ud2m.export import load_checkpoint, read_manifest
+    from ud2m.training.callbacks import ExportOnTrainEnd
+
+    values = iter([20.0, 25.0, 22.0])
+    monkeypatch.setattr(module, "psnr", lambda x_hat, x0: torch.full((x0.shape[0],), next(values)))
+    probe, out = RecordValidatedWeights(), tmp_path / "export"
+    t = trainer(3, callbacks=[probe, ExportOnTrainEnd(str(out), use_ema=False, best="val/psnr")],
+                limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None)  # fmt: skip
+    t.fit(make_model(), make_data())
+    assert len(probe.seen) == 3 and not all(torch.equal(probe.seen[1][k], probe.seen[2][k]) for k in probe.seen[1])
+    manifest = read_manifest(out)
+    assert manifest["training"]["selected"] == {"metric": "val/psnr", "value": 25.0, "step": 2}
+    assert manifest["training"]["steps"] == 2
+    loaded = dict(load_checkpoint(out, tiny_pixel_prior(), allow_hash_mismatch=True).named_parameters())
+    for name, value in probe.seen[1].items():
+        torch.testing.assert_close(loaded[name.removeprefix("sampler.")].detach(), value, rtol=0, atol=0)
