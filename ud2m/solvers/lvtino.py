@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.base import LinearOperator, Operator
 from ud2m.priors.base import Prior
 from ud2m.priors.stacked import FrameWisePrior
 from ud2m.solvers.latino_algorithms import _batch_time, _noise_std, latino
@@ -46,7 +46,6 @@ from ud2m.solvers.tv import (
 )
 from ud2m.utils import Generator, append_dims, batch_norm_sq, batch_scalar, randn
 
-Operator = LinearOperator | NonlinearOperator
 Callback = Callable[[dict[str, Any]], None] | None
 
 #: Prompts of the reference (§6.2); entry points encode them with the priors' ``encode_prompt``.
