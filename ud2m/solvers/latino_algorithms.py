@@ -416,8 +416,8 @@ class PromptAscent:
         self.mask[:, :frozen_tokens] = 0
         self.h = torch.zeros_like(self.c0)  # the SAPG direction
         self.adam = None
-        if optimizer == "adam":  # on a leaf copy of c; frozen rows get zero gradients, so their moments stay 0
-            self._leaf = self.c0.clone().requires_grad_(True)
+        if optimizer == "adam":  # on a copy of c (no autograd: the gradient is given); frozen rows get zero gradients
+            self._leaf = self.c0.clone()
             self.adam = torch.optim.Adam([self._leaf], lr=adam_lr, betas=adam_betas, eps=adam_eps)
 
     def update(self, j: int, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -439,9 +439,8 @@ class PromptAscent:
         G = -torch.stack(grads).sum(0) * self.mask if grads else torch.zeros_like(self.c)
         self._leaf.grad = G.to(self._leaf.dtype)
         self.adam.step()
-        with torch.no_grad():
-            self._leaf.copy_(project_to_balls(self._leaf, self.c0, self.radius))
-        self.c = self._leaf.detach().clone()
+        self._leaf.copy_(project_to_balls(self._leaf, self.c0, self.radius))
+        self.c = self._leaf.clone()
         return self.c
 
 

@@ -281,8 +281,7 @@ def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float,
     z0_check = threshold_x0((z_next - b * eps) / a, run.threshold) if run.zhat_from == "z_next" else z0_hat  # 10.
     guided = t < t1
     z0_chk = z0_check.view(B, n, *z.shape[1:])
-    with torch.no_grad():
-        x_all = _decode01(run, z0_check)  # 11. all chains, no graph
+    x_all = _decode01(run, z0_check.detach()).detach()  # 11. all chains, no graph (the prior is frozen)
     x_hat = x_all.view(B, n, *x_all.shape[1:])  # (B, n, C, H, W)
     run.count("decoder_forwards")
     if run.adapt:
