@@ -44,3 +44,13 @@ def cli_inputs(tmp_path_factory):
     make_shards.main(["--from_digits", "--out", str(root / "shards"), "--limit", "40", "--maxcount", "8", "--quiet"])
     save_tiny_pixel_pipeline(root / "prior", tiny_pixel_prior(in_channels=1))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny FFTs are ~1000x slower with 2 threads when the cores are shared
+    (spin-wait contention). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,12 +36,7 @@ SIGMA_Y = 0.001
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny FFTs are slow on shared threads
 
 
 def gens(*seeds):

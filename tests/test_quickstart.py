@@ -26,6 +26,18 @@ def _load(name: str, attr: str):
     return getattr(module, attr)
 
 
+def assert_denoises(prior, x: torch.Tensor, margin_db: float = 3.0) -> None:
+    """At t = 100 and 300, one call of a trained denoiser beats the best estimate that ignores the prior, x_t / a
+    (same noise, same images), by ``margin_db``."""
+    g = torch.Generator().manual_seed(0)
+    for t in (100, 300):
+        x_t = prior.add_noise(x, float(t), torch.randn(x.shape, generator=g))
+        with torch.inference_mode():
+            x0_hat = prior.predict_x0(x_t, float(t))
+        a, _ = prior.scales(float(t))
+        assert psnr(x0_hat.clamp(-1, 1), x).mean() > psnr((x_t / a).clamp(-1, 1), x).mean() + margin_db
+
+
 def _held_out_photo_crops() -> torch.Tensor:
     """Eight 64x64 crops of the two photographs held out of the photos prior's training (its data card)."""
     crops = []
@@ -46,14 +58,7 @@ def test_shipped_prior_matches_its_data_card_and_denoises_held_out_images(name):
         x = torch.cat([load_image(s, channels=1) for s in digits_names("val")[:16]])  # never seen in training
     else:
         x = _held_out_photo_crops()
-    g = torch.Generator().manual_seed(0)
-    for t in (100, 300):
-        x_t = prior.add_noise(x, float(t), torch.randn(x.shape, generator=g))
-        with torch.inference_mode():
-            x0_hat = prior.predict_x0(x_t, float(t))
-        a, _ = prior.scales(float(t))
-        # a trained denoiser must beat the best estimate that ignores the prior, x_t / a (same noise, same digits)
-        assert psnr(x0_hat.clamp(-1, 1), x).mean() > psnr((x_t / a).clamp(-1, 1), x).mean() + 3.0
+    assert_denoises(prior, x)
 
 
 def test_quickstart_trains_exports_and_restores_a_held_out_digit(tmp_path):
@@ -85,10 +90,4 @@ def test_shipped_clips_prior_matches_its_card_and_denoises_held_out_clips():
     assert base_model_hash(asset) == card["sha256"]
     prior = FrameStackedPrior.from_pretrained(asset)
     x = stack_videos([read_video(name) for name in clip_names("val")[:4]])  # (4, 3, 9, 64, 64)
-    g = torch.Generator().manual_seed(0)
-    for t in (100, 300):
-        x_t = prior.add_noise(x, float(t), torch.randn(x.shape, generator=g))
-        with torch.inference_mode():
-            x0_hat = prior.predict_x0(x_t, float(t))
-        a, _ = prior.scales(float(t))
-        assert psnr(x0_hat.clamp(-1, 1), x).mean() > psnr((x_t / a).clamp(-1, 1), x).mean() + 3.0
+    assert_denoises(prior, x)

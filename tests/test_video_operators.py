@@ -30,13 +30,7 @@ TINY = (2, 1, 5, 8, 8)  # dense-matrix size; pooling x2 pads the last group (r =
 PRESETS = Path(__file__).resolve().parents[1] / "ud2m" / "assets" / "operators" / "lvtino"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny FFTs are ~1000x slower with 2 intra-op threads when the cores are shared (spin-wait contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny FFTs are slow on shared threads
 
 
 def _kernels(n, k, seed):
