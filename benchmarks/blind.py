@@ -65,7 +65,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import replace_section
+from common import mean_pm_std as _pm
+from common import write_readme_section
 from quality import HELD_OUT_PHOTOS, TIKHONOV_S0, TRAIN_PHOTOS, TV_LAMBDA, write_crops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,10 +307,6 @@ def run(args) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _pm(s: dict | None, fmt: str = ".2f") -> str:
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s else "–"
-
-
 def task_table(rows: dict) -> list[str]:
     lines = [
         "| method | PSNR (dB) | SSIM | PSNR per pass (dB) | fit ψ(x̂) vs y (dB) | fit ψ(x) vs A(x) (dB) | S_tot / S_g | "
@@ -360,12 +357,8 @@ def report(args) -> str:
     text = report_text(json.loads(path.read_text()))
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
-    if not quick and not replace_section(README, README_BEGIN, README_END, text):
-        print(
-            f"note: {README} lacks the blind-benchmark markers, so its section was not written; add these two "
-            "lines where the section belongs and run `python benchmarks/blind.py report` again:\n"
-            f"{README_BEGIN}\n{README_END}"
-        )
+    if not quick:
+        write_readme_section(README, README_BEGIN, README_END, text, "python benchmarks/blind.py report")
     return text
 
 

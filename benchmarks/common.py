@@ -4,6 +4,7 @@ generated section between two markers of the README."""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,3 +35,21 @@ def replace_section(path: Path, begin: str, end: str, text: str) -> bool:
     head, rest = body.split(begin, 1)
     path.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
     return True
+
+
+def mean_pm_std(stat: dict | None, fmt: str = ".2f") -> str:
+    """``"mean ± std"`` of a ``{"mean", "std"}`` summary, ``"–"`` when there is none."""
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if stat else "–"
+
+
+def write_readme_section(path: Path, begin: str, end: str, text: str, rerun: str) -> bool:
+    """:func:`replace_section`, and when ``path`` lacks the markers a note on stderr that names them and the command
+    to rerun once they are added. Returns whether the section was written."""
+    if replace_section(path, begin, end, text):
+        return True
+    print(
+        f"note: {path} lacks the markers of this benchmark's section, so it was not written; add these two lines "
+        f"where the section belongs and rerun `{rerun}`:\n  {begin}\n  {end}",
+        file=sys.stderr,
+    )
+    return False

@@ -73,7 +73,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import replace_section
+from common import mean_pm_std as _pm
+from common import write_readme_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -344,10 +345,6 @@ def run(args) -> dict:
     return result
 
 
-def _pm(stat: dict, fmt: str = ".2f") -> str:
-    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
-
-
 def tables(result: dict) -> str:
     """Markdown tables (one per problem) from a result JSON; every number is read from it."""
     meta = result["meta"]
@@ -385,12 +382,8 @@ def report(args) -> str:
         raise SystemExit(f"report: {path} does not exist; run `python benchmarks/video.py run{' --quick' * quick}`")
     text = tables(json.loads(path.read_text()))
     path.with_suffix(".md").write_text(text)
-    if not quick and not replace_section(README, README_BEGIN, README_END, text):
-        print(
-            f"note: {README} lacks the video markers, so its section was not written; add these two lines where the "
-            f"table belongs and rerun `python benchmarks/video.py report`:\n  {README_BEGIN}\n  {README_END}",
-            file=sys.stderr,
-        )
+    if not quick:
+        write_readme_section(README, README_BEGIN, README_END, text, "python benchmarks/video.py report")
     print(text)
     return text
 
