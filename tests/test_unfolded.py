@@ -17,6 +17,7 @@ from torch import nn
 from ud2m.operators import KernelBlur, measure, sigma_internal
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix, sym_sqrtm
 from ud2m.priors.tiny import tiny_pixel_prior
+from ud2m.solvers.posterior import posterior_sample, sample_generators
 from ud2m.solvers.steps import rho_zero
 from ud2m.unfolded import UnfoldedSampler, sample_ud2m
 from ud2m.utils import append_dims, randn
@@ -309,9 +310,15 @@ def test_propagated_law_matches_samples_of_the_model(rng, monkeypatch):
     model = UnfoldedSampler(prior, num_blocks=2).double()
     y = measure(op, prior.sample(1, rng).float(), sigma_y, rng).double()
     mean, cov = propagated_law(model, op, y, sigma_y, 2, monkeypatch)
+
+    def one_call(y_rows, generators, index):  # the posterior helper of sample.py: one generator per sample
+        shape = (len(y_rows), 1, 4, 4)
+        return sample_ud2m(model, op, y_rows, sigma_y, x_shape=shape, num_steps=2, generator=generators)
+
     with torch.no_grad():
-        out = sample_ud2m(model, op, y.expand(S, -1, -1, -1), sigma_y, x_shape=(S, 1, 4, 4), num_steps=2, generator=rng)
-    assert_law(out.flatten(1), mean, cov)
+        post = posterior_sample(one_call, y, num_samples=S, generators=sample_generators(0, [0], S), keep_samples=True)
+    assert_law(post.samples[0].flatten(1), mean, cov)
+    torch.testing.assert_close(post.mean[0].flatten(), post.samples[0].flatten(1).mean(0))
 
 
 def test_short_training_lowers_w2_to_the_posterior(rng, monkeypatch):

@@ -31,7 +31,7 @@ from ud2m.operators.noise import sigma_internal
 from ud2m.priors.base import Prior, TextCondition
 from ud2m.schedules import DMD2_4, LATINO_SDXL
 from ud2m.solvers.steps import data_consistency, renoise, sae_step, wiener_init
-from ud2m.utils import Generator, Welford, append_dims, batch_scalar
+from ud2m.utils import Generator, append_dims, batch_scalar
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +189,12 @@ def _sample_seeds(generator: Generator, B: int, S: int, device: torch.device) ->
 _PER_SAMPLE_KWARGS = ("x_init", "sigma_y", "cond")
 
 
-def _repeat_batch(v: Any, k: int, B: int) -> Any:
-    """Repeat a per-observation value (tensor or condition dataclass of batch B) k times, sample-major."""
+def _select_rows(v: Any, index: torch.Tensor, B: int) -> Any:
+    """Rows ``index`` of a per-observation value (tensor or condition dataclass of batch B); other values as given."""
     if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == B:
-        return v.repeat(k, *([1] * (v.ndim - 1)))
+        return v[index.to(v.device)]
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        fields = {f.name: _repeat_batch(getattr(v, f.name), k, B) for f in dataclasses.fields(v)}
+        fields = {f.name: _select_rows(getattr(v, f.name), index, B) for f in dataclasses.fields(v)}
         return dataclasses.replace(v, **fields)
     return v
 
@@ -221,9 +221,8 @@ def latino_posterior(
     keep_samples: bool = False,
     **latino_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    r"""S independent LATINO samples per observation (§4.2 "Posterior samples"), with the pixelwise mean
-    :math:`\bar x = \frac1S\sum_s x_s` and unbiased std :math:`\sqrt{\frac1{S-1}\sum_s (x_s - \bar x)^2}`
-    accumulated by Welford/Chan merging, so memory does not grow with S.
+    r"""S independent LATINO samples per observation (§4.2 "Posterior samples") with their pixelwise mean and
+    unbiased std: :func:`~ud2m.solvers.posterior.posterior_sample` around :func:`latino`.
 
     Sample s of image i runs with its own generator, seeded from ``generator`` (row i from generator i when a list
     of B is given), so a sample does not depend on how the work is batched. ``batch_size`` samples of every image run
@@ -242,6 +241,8 @@ def latino_posterior(
     Returns:
         ``(mean, std, samples_or_first, nfe)``; ``nfe`` = S·N network evaluations per observation (std = 0 if S = 1).
     """
+    from ud2m.solvers.posterior import posterior_sample
+
     if num_samples < 1:
         raise ValueError(f"latino_posterior: num_samples must be >= 1, got {num_samples}")
     B, S = y.shape[0], num_samples
@@ -251,20 +252,20 @@ def latino_posterior(
         logger.info("latino_posterior: %s has per-sample parameters; running one sample per call", type(op).__name__)
         k = 1
     seeds = _sample_seeds(generator, B, S, y.device)
-    stats, kept, nfe = Welford(), [], 0
-    for s0 in range(0, S, k):
-        kk = min(k, S - s0)
-        gens = [_seeded(seeds[i, s], y.device) for s in range(s0, s0 + kk) for i in range(B)]  # sample-major
-        kwargs = {n: _repeat_batch(v, kk, B) if n in _PER_SAMPLE_KWARGS else v for n, v in latino_kwargs.items()}
-        x, info = latino(prior, op, _repeat_batch(y, kk, B), generator=gens, return_info=True, **kwargs)
-        x = x.detach().reshape(kk, B, *x.shape[1:])  # (k, B, ...)
-        stats.update(x, sample_dim=0)
-        if keep_samples or s0 == 0:
-            kept.append(x)
-        nfe += kk * info["nfe"]
-    samples = torch.cat(kept).transpose(0, 1) if keep_samples else kept[0][0]
-    std = stats.std if stats.count > 1 else torch.zeros_like(stats.mean)  # one sample: no spread estimate
-    return stats.mean, std, samples, nfe
+    nfe = 0
+
+    def one_call(y_rows: torch.Tensor, gens: list[torch.Generator], index: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        kwargs = {n: _select_rows(v, index, B) if n in _PER_SAMPLE_KWARGS else v for n, v in latino_kwargs.items()}
+        x, info = latino(prior, op, y_rows, generator=gens, return_info=True, **kwargs)
+        nfe += info["nfe"] * y_rows.shape[0] // B
+        return x
+
+    gens = [_seeded(seeds[i, s], y.device) for i in range(B) for s in range(S)]
+    post = posterior_sample(one_call, y, num_samples=S, generators=gens, chunk=k, keep_samples=keep_samples)
+    samples = post.samples if keep_samples else post.samples[:, 0]
+    std = post.std if post.std is not None else torch.zeros_like(post.mean)  # one sample: no spread estimate
+    return post.mean, std, samples, nfe
 
 
 def _seeded(seed: torch.Tensor, device: torch.device) -> torch.Generator:
