@@ -226,7 +226,7 @@ def zero_shot_rows(prior, op, ys, samples: int, seed: int) -> dict:
     from ud2m.schedules import LCM_8
     from ud2m.solvers.baselines import solve_dps
     from ud2m.solvers.latino_algorithms import latino
-    from ud2m.solvers.weights import LATINO_WEIGHTS
+    from ud2m.solvers.weights import DiscrepancyWeights
 
     base = GaussianPrior(prior.mu.to(F64), prior.s.to(F64))
     rows = {"floor (exact posterior samples)": [], "LATINO, 8 NFE": [], "DPS, 1000 NFE": []}
@@ -237,7 +237,7 @@ def zero_shot_rows(prior, op, ys, samples: int, seed: int) -> dict:
         rows["floor (exact posterior samples)"].append(
             empirical_w2(sample_gaussian(pm.flatten(), pC, samples, g), pm, pC)
         )
-        x = latino(base, op, y, timesteps=LCM_8, weights=LATINO_WEIGHTS["default"], sigma_y=SIGMA_Y, generator=g)
+        x = latino(base, op, y, timesteps=LCM_8, weights=DiscrepancyWeights(), sigma_y=SIGMA_Y, generator=g)
         rows["LATINO, 8 NFE"].append(empirical_w2(x.flatten(1), pm, pC))
         x = solve_dps(base, op, y, sigma_y=SIGMA_Y, num_steps=1000, generator=g)
         rows["DPS, 1000 NFE"].append(empirical_w2(x.detach().flatten(1), pm, pC))

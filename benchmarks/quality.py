@@ -60,7 +60,7 @@ PHOTO_PROBLEMS = ("sr_x4", "deblur_gaussian", "inpaint_random", "inpaint_box")
 HELD_OUT_PHOTOS = ("coffee", "immunohistochemistry")  # configs/priors/photos.yaml's validation split
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "retina")
 TIKHONOV_S0 = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)  # prior std of Tikhonov on the [-1, 1] scale
-TV_LAMBDA = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # TV weight in likelihood units (sample.py --tv_lambda)
+TV_LAMBDA = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # TV weight in likelihood units (TotalVariation(lam))
 # Tuning grids of the diffusion baselines (each value costs one 100-step run over the 16 tuning images). DPS's zeta is
 # per 1000 steps (zeta_scaling="steps": 100 steps use 10 zeta); 0.1 is the former untuned setting (zeta = 1 per step
 # at 100 steps). DiffPIR's lambda_ is in internal units (the reference's lambda = 4 lambda_, so 1.75 is its tuned 7)
@@ -81,6 +81,9 @@ LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
 PHOTOS_LONG_STEPS = 4000  # the same question on photos (--ud2m_long; rows wherever such an export exists)
+# the long photos run validated on a training photograph (not the held-out ones) and exporting its best validation
+# (--ud2m_best; rows wherever such an export exists): does checkpoint selection recover what the long run loses?
+PHOTOS_SELECTION_SOURCE = "sklearn:flower"
 
 
 def load_entry(name: str, attr: str):
@@ -160,10 +163,54 @@ def photos_config(problem: str, max_steps: int | None = None) -> dict:
     return cfg
 
 
+def select_best(cfg: dict, val_source: str = PHOTOS_SELECTION_SOURCE, every: int = 250) -> dict:
+    """``cfg`` exporting the weights of its best validation PSNR (``ExportOnTrainEnd(best="val/psnr")``), validated
+    every ``every`` steps on 16 crops of ``val_source``, a training photograph taken out of UD2M's training set for
+    this: selecting on the held-out photographs would choose the checkpoint on the test images."""
+    cfg = copy.deepcopy(cfg)
+    data = cfg["data"]["init_args"]
+    data["val_sources"] = [val_source]
+    cfg["trainer"].update(val_check_interval=every, limit_val_batches=4)
+    for callback in cfg["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ExportOnTrainEnd"):
+            callback["init_args"].update(best="val/psnr", mode="max")
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------- rows
-def run_method(sample, name: str, out: Path, *, input: str, operator: str | None, **kw) -> dict:
-    """One method over the inputs through ``sample()`` (resumable); returns its metrics summary and folder."""
+def method_object(method: str | None, settings: dict | None = None, num_steps: int | None = None):
+    """The :mod:`ud2m.methods` object of a row: the class of ``method`` (a short name; None: UD2M with a checkpoint,
+    or sample()'s default) with the ``settings`` recorded in the results (LATINO's constant data step ``gamma`` as
+    a :class:`~ud2m.solvers.weights.ConstantGamma` rule) and ``num_steps``."""
+    from ud2m.methods import Method
+    from ud2m.solvers.weights import ConstantGamma
+
+    kw = dict(settings or {})
+    if "gamma" in kw:
+        kw["weights"] = ConstantGamma(kw.pop("gamma"))
+    if num_steps is not None:
+        kw["num_steps"] = num_steps
+    if method is None:
+        return None if not kw else Method.class_of("ud2m")(**kw)
+    return Method.class_of(method)(**kw)
+
+
+def run_method(
+    sample,
+    name: str,
+    out: Path,
+    *,
+    input: str,
+    operator: str | None,
+    method: str | None = None,
+    settings: dict | None = None,
+    num_steps: int | None = None,
+    **kw,
+) -> dict:
+    """One method over the inputs through ``sample()`` (resumable): ``method`` (a short name) with ``settings``
+    and ``num_steps`` (:func:`method_object`); returns its metrics summary and folder."""
     common = dict(seed=0, batch_size=16, lpips=None, progress=False, resume=True)
+    common["method"] = method_object(method, settings, num_steps)
     if operator is not None:
         common["operator"] = operator
     start = time.perf_counter()
@@ -221,7 +268,7 @@ def options_label(options: dict) -> str:
 
 
 def diffusion_candidates(method: str, budget: str) -> list[dict]:
-    """The ``solver_options`` tried for DPS or DiffPIR under ``--tune_budget``."""
+    """The settings tried for DPS or DiffPIR under ``--tune_budget``."""
     g = TUNE_GRIDS[budget]
     if method == "dps":
         return [{"zeta": z, "zeta_scaling": "steps"} for z in g["dps_zeta"]]
@@ -240,7 +287,7 @@ def latino_candidates() -> dict[str, dict]:
             options = {"timesteps": list(uniform_grid(8, t_max=t_max))}
             if gamma is not None:
                 options["gamma"] = gamma
-            out[f"tmax{t_max}_gamma{gamma or 'preset'}"] = {"solver_options": options}
+            out[f"tmax{t_max}_gamma{gamma or 'preset'}"] = {"settings": options}
     return out
 
 
@@ -256,8 +303,8 @@ def latino_rows(
     best, scores = tune(
         sample, work, tune_input, operator, "latino", candidates, label="latino" + suffix, model=str(model)
     )
-    options = candidates[best]["solver_options"]
-    summary = run_method(sample, "latino" + suffix, work / f"latino{suffix}_{best}", solver_options=options, **common)
+    options = candidates[best]["settings"]
+    summary = run_method(sample, "latino" + suffix, work / f"latino{suffix}_{best}", settings=options, **common)
     gamma = f"γ = {options['gamma']:g}" if "gamma" in options else "preset weights"
     name = f"LATINO, 8 steps{where}, tuned (t ≤ {options['timesteps'][0]}, {gamma})"
     rows[name] = {**summary, "solver_options": options, "tuning": scores}
@@ -266,19 +313,17 @@ def latino_rows(
 
 def classical_rows(sample, work: Path, *, test_input: str, tune_input: str, operator: str) -> dict:
     """Tikhonov and TV, each with its weight tuned on the tuning images."""
-    s0, scores = tune(
-        sample, work, tune_input, operator, "tikhonov", {v: {"solver_options": {"s0": v}} for v in TIKHONOV_S0}
-    )
+    s0, scores = tune(sample, work, tune_input, operator, "tikhonov", {v: {"settings": {"s0": v}} for v in TIKHONOV_S0})
     kw = dict(input=test_input, operator=operator)
     rows = {
         f"Tikhonov (s0 = {s0})": {
-            **run_method(sample, "tikhonov", work / "tikhonov", method="tikhonov", solver_options={"s0": s0}, **kw),
+            **run_method(sample, "tikhonov", work / "tikhonov", method="tikhonov", settings={"s0": s0}, **kw),
             "tuning": scores,
         }
     }
-    lam, scores = tune(sample, work, tune_input, operator, "tv", {v: {"tv_lambda": v} for v in TV_LAMBDA})
+    lam, scores = tune(sample, work, tune_input, operator, "tv", {v: {"settings": {"lam": v}} for v in TV_LAMBDA})
     rows[f"TV (λ = {lam})"] = {
-        **run_method(sample, "tv", work / "tv", method="tv", tv_lambda=lam, **kw),
+        **run_method(sample, "tv", work / "tv", method="tv", settings={"lam": lam}, **kw),
         "tuning": scores,
     }
     return rows
@@ -301,10 +346,10 @@ def diffusion_rows(
     rows = {}
     for method, title in (("diffpir", "DiffPIR"), ("dps", "DPS"))[: 2 if dps else 1]:
         candidates = {options_slug(o): o for o in diffusion_candidates(method, budget)}
-        runs = {k: {"solver_options": o} for k, o in candidates.items()}
+        runs = {k: {"settings": o} for k, o in candidates.items()}
         best, scores = tune(sample, work, tune_input, operator, method, runs, model=str(prior), num_steps=100)
         options = candidates[best]
-        kw = dict(input=test_input, operator=operator, method=method, model=str(prior), solver_options=options)
+        kw = dict(input=test_input, operator=operator, method=method, model=str(prior), settings=options)
         for n in (100, 1000) if method == "dps" and dps1000 else (100,):
             summary = run_method(sample, f"{method}{n}", work / f"{method}{n}_{best}", num_steps=n, **kw)
             tuned = {"tuning": scores} if n == 100 else {"tuned_at": "100 steps"}
@@ -349,7 +394,10 @@ def _steps(export: Path) -> str:
     """Distillation steps of an export (its manifest), with a thousands separator."""
     from ud2m.export import read_manifest
 
-    return f"{read_manifest(export)['training']['steps']:,}"
+    training = read_manifest(export)["training"]
+    selected = training.get("selected")
+    steps = f"{training['steps']:,} steps"
+    return steps if selected is None else f"best validation of {steps}: step {selected['step']:,}"
 
 
 def _train_seconds(export: Path) -> float | None:
@@ -366,15 +414,15 @@ def suite_digits(args) -> dict:
     quick = ensure_export(quickstart_config(3), work / "ud2m_K3")
     long = ensure_export(quickstart_config(3, max_steps=DIGITS_LONG_STEPS), work / "ud2m_K3_long")
     ud2m_rows = [
-        (f"UD2M quick start ({_steps(quick)} steps), N x K = 3 x 3", quick, {}),
-        (f"UD2M ({_steps(long)} steps), N x K = 3 x 3", long, {}),
-        (f"UD2M ({_steps(long)} steps), N x K = 4 x 3", long, {"num_steps": 4}),
+        (f"UD2M quick start ({_steps(quick)}), N x K = 3 x 3", quick, {}),
+        (f"UD2M ({_steps(long)}), N x K = 3 x 3", long, {}),
+        (f"UD2M ({_steps(long)}), N x K = 4 x 3", long, {"num_steps": 4}),
     ]
     longest = ensure_export(quickstart_config(3, max_steps=DIGITS_LONGEST_STEPS), work / "ud2m_K3_longest")
-    ud2m_rows.append((f"UD2M ({_steps(longest)} steps), N x K = 3 x 3", longest, {}))
+    ud2m_rows.append((f"UD2M ({_steps(longest)}), N x K = 3 x 3", longest, {}))
     if (PRIORS / "digits-cm").is_dir():  # the same distillation on the consistency-model base (issue [consistency])
         on_cm = ensure_export(quickstart_config(3, prior="digits-cm"), work / "ud2m_K3_cm")
-        ud2m_rows.append((f"UD2M quick start on digits-cm ({_steps(on_cm)} steps), N x K = 3 x 3", on_cm, {}))
+        ud2m_rows.append((f"UD2M quick start on digits-cm ({_steps(on_cm)}), N x K = 3 x 3", on_cm, {}))
     return {
         "sr_x4": run_problem(
             sample,
@@ -403,11 +451,15 @@ def suite_photos(args) -> dict:
         existing = (work / problem / "ud2m" / "export" / "ud2m.json").is_file()
         if not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
             export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
-            ud2m_rows = [(f"UD2M ({_steps(export)} steps), N x K = 3 x 3", export, {})]
+            ud2m_rows = [(f"UD2M ({_steps(export)}), N x K = 3 x 3", export, {})]
         long = work / problem / "ud2m_long"
         if args.ud2m_long or (long / "export" / "ud2m.json").is_file():  # does longer distillation close the gap?
             long = ensure_export(photos_config(problem, PHOTOS_LONG_STEPS), long)
-            ud2m_rows += [(f"UD2M ({_steps(long)} steps), N x K = {n} x 3", long, {"num_steps": n}) for n in (3, 4)]
+            ud2m_rows += [(f"UD2M ({_steps(long)}), N x K = {n} x 3", long, {"num_steps": n}) for n in (3, 4)]
+        best = work / problem / "ud2m_best"
+        if args.ud2m_best or (best / "export" / "ud2m.json").is_file():  # the long run's best validated weights
+            best = ensure_export(select_best(photos_config(problem, PHOTOS_LONG_STEPS)), best)
+            ud2m_rows += [(f"UD2M ({_steps(best)}), N x K = {n} x 3", best, {"num_steps": n}) for n in (3, 4)]
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -765,6 +817,12 @@ def main() -> None:
     parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
     parser.add_argument(
         "--ud2m_long", action="store_true", help=f"photos: also distil {PHOTOS_LONG_STEPS:,} steps (1 h per problem)"
+    )
+    parser.add_argument(
+        "--ud2m_best",
+        action="store_true",
+        help=f"photos: also distil {PHOTOS_LONG_STEPS:,} steps validated on {PHOTOS_SELECTION_SOURCE} and export the "
+        "best validation (1.5 h per problem)",
     )
     parser.add_argument(
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"

@@ -46,15 +46,16 @@ import torch.nn.functional as F
 
 from ud2m.operators.blur import GaussianBlur
 from ud2m.operators.noise import measure
+from ud2m.operators.presets import load_preset
 from ud2m.priors.base import TextCondition
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.schedules import LCM_8
 from ud2m.solvers.baselines import solve_diffpir, solve_dps, solve_tikhonov
 from ud2m.solvers.latino_algorithms import latino
-from ud2m.solvers.weights import LATINO_WEIGHTS
+from ud2m.solvers.weights import preset_rules
 
 SIGMA_Y = 0.01
-WEIGHTS = LATINO_WEIGHTS["latino/deblur_gaussian"]  # the σ_k < 10 table row
+WEIGHTS = preset_rules(load_preset("latino/deblur_gaussian").meta, "latino")["weights"]  # the σ_k < 10 table row
 CHILD_TAG = "ZERO_SHOT_ROW "
 METHODS = ("latino", "dps", "diffpir", "tikhonov")
 

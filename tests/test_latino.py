@@ -29,6 +29,7 @@ from ud2m.operators import (
     measure,
     sigma_internal,
 )
+from ud2m.operators.presets import list_presets, load_preset
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix
 from ud2m.schedules import DMD2_4, LATINO_SDXL, LCM_8
 from ud2m.solvers.latino_algorithms import (
@@ -47,12 +48,12 @@ from ud2m.solvers.latino_algorithms import (
 )
 from ud2m.solvers.steps import wiener_init
 from ud2m.solvers.weights import (
-    LATINO_PRO_WEIGHTS,
-    LATINO_WEIGHTS,
     ConstantGamma,
     DiscrepancyWeights,
     TableWeights,
+    WeightRule,
     has_closed_form_prox,
+    preset_rules,
 )
 
 SIGMA_Y = 0.05
@@ -338,7 +339,7 @@ def test_latino_hole_filling_init(lcm_prior):
     prior, cond = lcm_prior
     op = LATENT_OPS["inpainting"]
     _, y = _latent_problem(op)
-    rule = LATINO_WEIGHTS["latino/inpaint_band"]
+    rule = preset_rules(load_preset("latino/inpaint_band").meta, "latino")["weights"]
     x = latino(prior, op, y, timesteps=DMD2_4, cond=cond, weights=rule, sigma_y=SIGMA_Y, fill_holes_iters=20)
     assert x.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="image-shaped observed mask"):
@@ -505,14 +506,21 @@ def test_discrepancy_fallback_for_cg_and_nonlinear_operators():
         torch.testing.assert_close(gamma.double(), nu / 0.01, rtol=1e-5, atol=0)
 
 
-def test_preset_tables_are_rule_instances():
-    assert set(LATINO_PRO_WEIGHTS) <= set(LATINO_WEIGHTS)
-    for rule in LATINO_WEIGHTS.values():
-        assert callable(rule)
-    for inner, final in LATINO_PRO_WEIGHTS.values():
-        assert callable(inner) and callable(final)
-    sr16 = LATINO_WEIGHTS["latino/sr_x16"]
-    assert (sr16.c_hi, sr16.c_lo, sr16.t_switch, sr16.adaptive) == (0.3, 0.2, 300, True)
+def test_presets_carry_their_tuned_rules_as_rule_objects():
+    """The weight rules tuned for the LATINO presets live in the preset files (``solver:`` blocks) and build to
+    :class:`WeightRule` objects with the reference table's constants; LATINO-PRO's rules exist only where LATINO's
+    do; a preset without a block gives no rule (the methods then use the discrepancy rule)."""
+    for name in list_presets():
+        meta = load_preset(name).meta
+        latino_rules, pro_rules = preset_rules(meta, "latino"), preset_rules(meta, "latino_pro")
+        assert all(isinstance(r, WeightRule) for r in (*latino_rules.values(), *pro_rules.values())), name
+        assert set(latino_rules) <= {"weights"} and set(pro_rules) <= {"weights_inner", "weights_final"}, name
+        assert not pro_rules or latino_rules, name
+        assert bool(latino_rules) == name.startswith("latino/"), name
+    sr16 = preset_rules(load_preset("latino/sr_x16").meta, "latino")["weights"]
+    assert (sr16.c_hi, sr16.c_lo, sr16.t_switch, sr16.adaptive, sr16.m_ref) == (0.3, 0.2, 300, True, 3 * 64 * 64)
+    with pytest.raises(ValueError, match=r"solver\.latino: not a valid set of weight rules"):
+        preset_rules({"solver": {"latino": {"weights": {"class_path": "torch.nn.Linear"}}}}, "latino")
 
 
 def test_prompt_ascent_adam_first_step_is_lr_times_the_sign():

@@ -380,13 +380,14 @@ def test_operators_built_under_inference_mode_apply_and_follow_in_place_edits(rn
         assert torch.allclose(blur.A(x), UniformBlur(5).A(x), atol=1e-6)
 
 
-def test_every_shipped_preset_loads_from_the_package_and_every_weight_table_entry_has_one():
+def test_every_shipped_preset_loads_from_the_package_with_its_weight_rules():
     """Presets are package data (ud2m/assets/operators, read through importlib.resources, so a wheel has them);
-    each one builds its operator, and the solvers' weight tables only name presets that exist."""
+    each one builds its operator and the weight rules it declares (the rules live in the preset, not in a table
+    keyed by preset name)."""
     from importlib import resources
 
     from ud2m.operators.presets import PRESET_DIR, list_presets, load_preset
-    from ud2m.solvers.weights import LATINO_PRO_WEIGHTS, LATINO_WEIGHTS
+    from ud2m.solvers.weights import preset_rules
 
     assert PRESET_DIR == Path(str(resources.files("ud2m"))) / "assets" / "operators"
     names = list_presets()
@@ -394,5 +395,5 @@ def test_every_shipped_preset_loads_from_the_package_and_every_weight_table_entr
     for name in names:
         preset = load_preset(name)
         assert isinstance(preset.operator, torch.nn.Module) and preset.sigma_y >= 0, name
-    for table in (LATINO_WEIGHTS, LATINO_PRO_WEIGHTS):
-        assert set(table) - {"default"} <= set(names)
+        for method in preset.meta.get("solver") or {}:
+            assert preset_rules(preset.meta, method), (name, method)

@@ -129,8 +129,9 @@ def test_diffusion_baselines_are_tuned_on_training_images_only(quality, tmp_path
 
     calls = []
 
-    def fake_sample(input, output_dir, method, solver_options, num_steps, **kw):
-        o = solver_options
+    def fake_sample(input, output_dir, method, **kw):  # method: a ud2m.methods object
+        o = {k: v for k, v in vars(method).items() if v is not None and k != "num_steps"}
+        num_steps, method = method.num_steps, method.name
         calls.append(dict(input=input, output_dir=Path(output_dir), method=method, num_steps=num_steps, **o))
         psnr = 20 + o["zeta"] + o.get("lambda_", 0.0)
         nan_a = method == "diffpir" and o == {"lambda_": 1.75, "zeta": 1.0, "grid": "quad"}  # the best, diverged

@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from ud2m.io import discover_images, load_image, save_image
+from ud2m.methods import LDRPS, UD2M, Latino, LatinoPro, Method, Tikhonov, TotalVariation, Wiener
 from ud2m.priors import model_family
+from ud2m.solvers.weights import ConstantGamma
 from ud2m.utils import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,8 +228,7 @@ def test_latino_pro_calibrates_and_saves_a_reusable_prompt(latent_model, tmp_pat
         input="skimage:astronaut",
         operator="ud2m/deblur_gaussian",
         model=str(latent_model),
-        calibrate_prompt=True,
-        solver_options={"num_outer": num_outer},
+        method=LatinoPro(num_outer=num_outer),
     )
     assert result["run"]["method"] == "latino_pro"
     assert result["images"][0]["nfe"] == num_outer * 4 + 8  # inner DMD2 grid x M + final 8-step run
@@ -249,21 +250,67 @@ def test_pixel_baselines_on_a_tiny_pixel_model(method, pixel_model, tmp_path):
         tmp_path,
         input="skimage:camera",
         operator="ud2m/deblur_uniform",
-        method=method,
+        method=Method.by_name(method).__class__(num_steps=num_steps),
         model=str(pixel_model),
-        num_steps=num_steps,
     )
     assert result["images"][0]["nfe"] == num_steps
     assert (tmp_path / "camera_restored.png").is_file() and result["run"]["model"] == str(pixel_model)
 
 
-def test_latino_solver_options_set_its_grid_and_a_constant_data_step(pixel_model, tmp_path):
-    """``{"timesteps": [...], "gamma": g}``: len(timesteps) NFE, and γ → ∞ makes the output data-consistent."""
-    common = dict(input="skimage:camera", operator="ud2m/deblur_uniform", method="latino", model=str(pixel_model))
-    hard = run(tmp_path / "hard", **common, solver_options={"timesteps": [500, 250, 60], "gamma": 1e6})
-    soft = run(tmp_path / "soft", **common, solver_options={"timesteps": [500, 250, 60], "gamma": 1e-3})
+def test_latino_settings_set_its_grid_and_a_constant_data_step(pixel_model, tmp_path):
+    """``Latino(timesteps=[...], weights=ConstantGamma(g))``: len(timesteps) NFE, and γ → ∞ makes the output
+    data-consistent; the same settings as command-line options give the same run record."""
+    common = dict(input="skimage:camera", operator="ud2m/deblur_uniform", model=str(pixel_model))
+    grid = [500, 250, 60]
+    hard = run(tmp_path / "hard", **common, method=Latino(timesteps=grid, weights=ConstantGamma(1e6)))
+    soft = run(tmp_path / "soft", **common, method=Latino(timesteps=grid, weights=ConstantGamma(1e-3)))
     assert hard["images"][0]["nfe"] == soft["images"][0]["nfe"] == 3
     assert hard["images"][0]["data_consistency"] < 0.1 * soft["images"][0]["data_consistency"]
+    assert hard["run"]["settings"] == {"timesteps": grid, "weights": "ConstantGamma(1000000.0)", "fill_holes_iters": 0}
+    from ud2m.cli.sample import main
+
+    args = ["--input", "skimage:camera", "--operator", "ud2m/deblur_uniform", "--model", str(pixel_model)]
+    args += ["--method", "Latino", "--method.timesteps", "[500, 250, 60]", "--method.weights", "ConstantGamma"]
+    args += ["--method.weights.gamma", "1e6", "--output_dir", str(tmp_path / "hard"), "--crop", str(CROP)]
+    main([*args, "--lpips", "null", "--progress", "false"])  # resumes the run above: the same settings
+
+
+def test_latino_reads_the_weight_rule_of_its_preset(pixel_model, tmp_path):
+    """A preset's ``solver:`` block sets LATINO's data weights (the table rule of latino/sr_x8); an operator without
+    one uses the discrepancy rule, and a rule given to the method wins over the preset's."""
+    common = dict(input="skimage:camera", model=str(pixel_model), crop=64, method=Latino(num_steps=2))
+    tuned = run(tmp_path / "tuned", operator="latino/sr_x8", **common)
+    assert tuned["run"]["settings"]["weights"].startswith("TableWeights(c_hi=1.0, c_lo=1.0, t_switch=None")
+    plain = run(tmp_path / "plain", operator="ud2m/sr_x4", **common)
+    assert plain["run"]["settings"]["weights"].startswith("DiscrepancyWeights(")
+    common["method"] = Latino(num_steps=2, weights=ConstantGamma(3.0))
+    given = run(tmp_path / "given", operator="latino/sr_x8", **common)
+    assert given["run"]["settings"]["weights"] == "ConstantGamma(3.0)"
+
+
+def test_config_file_gives_the_method_and_operator_as_objects(tmp_path):
+    """``--config`` YAML with ``method:`` and ``operator:`` blocks (``class_path``/``init_args``, the training
+    dialect) equals the same run from Python objects."""
+    from ud2m.cli.sample import main
+    from ud2m.operators import GaussianBlur
+
+    config = tmp_path / "restore.yaml"
+    config.write_text(
+        "input: skimage:camera\n"
+        "operator:\n  class_path: ud2m.operators.blur.GaussianBlur\n  init_args: {sigma: 2.0, size: 9}\n"
+        "sigma_y: 0.02\n"
+        "method:\n  class_path: ud2m.methods.Tikhonov\n  init_args: {s0: 0.3}\n"
+        f"output_dir: {tmp_path / 'yaml'}\ncrop: {CROP}\nlpips: null\nprogress: false\n"
+    )
+    main(["--config", str(config)])
+    direct = run(tmp_path / "py", input="skimage:camera", operator=GaussianBlur(2.0, 9), sigma_y=0.02,
+                 method=Tikhonov(s0=0.3))  # fmt: skip
+    assert np.array_equal(
+        read_png(tmp_path / "yaml" / "camera_restored.png"), read_png(tmp_path / "py" / "camera_restored.png")
+    )
+    assert direct["run"]["settings"] == {"s0": 0.3} and direct["run"]["operator"].endswith("GaussianBlur")
+    with pytest.raises(ValueError, match="--sigma_y is required with an operator object"):
+        run(tmp_path / "none", input="skimage:camera", operator=GaussianBlur(2.0, 9), method=Tikhonov())
 
 
 # ---------------------------------------------------------------------------------------------- resume and errors
@@ -292,7 +339,7 @@ def test_resume_skips_finished_images_and_keeps_their_rows(photos, tmp_path):
         (dict(seed=1), "seed: 0 there, 1 now"),
         (dict(sigma_y=0.05), "sigma_y: 0.01 there, 0.05 now"),
         (dict(operator="ud2m/deblur_uniform"), "operator: 'ud2m/deblur_gaussian' there, 'ud2m/deblur_uniform' now"),
-        (dict(solver_options={"s0": 0.25}), "solver_options: {} there, {'s0': 0.25} now"),
+        (dict(method=Wiener(s0=0.25)), "settings: {'s0': 0.5} there, {'s0': 0.25} now"),
         (dict(method="tv"), "method: 'wiener' there, 'tv' now"),
     ],
 )
@@ -309,25 +356,25 @@ def test_resume_refuses_a_changed_setting_naming_it(changed, match, tmp_path):
 
 def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_export, tmp_path):
     """UD2M's unset N and eta are the manifest's (N = 2, eta = 1): stating them resumes, changing them is refused;
-    the TV weight only matters to TV."""
+    so is a changed TV weight."""
     kwargs = dict(input="skimage:camera", checkpoint=str(ud2m_export))
     run(tmp_path / "ud2m", **kwargs)
     before = snapshot(tmp_path / "ud2m")
-    run(tmp_path / "ud2m", **kwargs, num_steps=2, eta=1.0, tv_lambda=5.0)  # the same run: everything skipped
+    run(tmp_path / "ud2m", **kwargs, method=UD2M(num_steps=2, eta=1.0))  # the same run: everything skipped
     assert {k: v for k, v in snapshot(tmp_path / "ud2m").items() if k.endswith(".png")} == {
         k: v for k, v in before.items() if k.endswith(".png")
     }
     for changed, match in [
-        (dict(num_steps=3), "num_steps: 2 there, 3 now"),
-        (dict(eta=0.5), "eta: 1.0 there, 0.5 now"),
+        (dict(method=UD2M(num_steps=3)), "'num_steps': 2, 'eta': 1.0} there, {'num_steps': 3, 'eta': 1.0} now"),
+        (dict(method=UD2M(eta=0.5)), "'eta': 1.0} there, {'num_steps': 2, 'eta': 0.5} now"),
         (dict(num_samples=2), "num_samples: 1 there, 2 now"),
     ]:
         with pytest.raises(ValueError, match=re.escape(match)):
             run(tmp_path / "ud2m", **kwargs, **changed)
-    tv = dict(input="skimage:camera", operator="ud2m/deblur_gaussian", method="tv", solver_options={"iters": 5})
-    run(tmp_path / "tv", **tv)
-    with pytest.raises(ValueError, match=re.escape("tv_lambda: 20.0 there, 5.0 now")):
-        run(tmp_path / "tv", **tv, tv_lambda=5.0)
+    tv = dict(input="skimage:camera", operator="ud2m/deblur_gaussian")
+    run(tmp_path / "tv", **tv, method=TotalVariation(iters=5))
+    with pytest.raises(ValueError, match=re.escape("'lam': 20.0, 'iters': 5")):
+        run(tmp_path / "tv", **tv, method=TotalVariation(lam=5.0, iters=5))
 
 
 def _float_tiff(path: Path, shape: tuple[int, int], bad: float) -> Path:
@@ -391,8 +438,8 @@ def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_pa
     observation = tmp_path / "dark.png"
     save_image(load_image("skimage:astronaut")[..., 200:232, 200:232] * 0.5 - 0.5, observation)
     result = run(
-        tmp_path / "out", input=str(observation), simulate=False, task=task, model=str(pixel_model), num_steps=6,
-        solver_options={"free_chains": 1},
+        tmp_path / "out", input=str(observation), simulate=False, model=str(pixel_model),
+        method=LDRPS(task, num_steps=6, free_chains=1),
     )  # fmt: skip
     row = result["images"][0]
     R = task_defaults(task).num_recurrences
@@ -410,17 +457,19 @@ def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_pa
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(task="fog"), ValueError, "unknown LD-RPS task 'fog'; known tasks: low-light, haze, noise, colour"),
-        (dict(task="haze", simulate=True), ValueError, "pass --simulate false"),
-        (dict(method="ld_rps"), ValueError, "needs --task"),
-        (dict(task="haze", method="latino"), ValueError, "contradicts method='latino'"),
-        (dict(task="haze", captions="{tmp}/none"), FileNotFoundError, "no caption for image 'dark'"),
+        (dict(method="ld_rps"), ValueError, "missing 1 required positional argument: 'task'"),
+        (dict(method=LDRPS("haze"), simulate=True), ValueError, "pass --simulate false"),
+        (dict(method=LDRPS("haze"), checkpoint="x"), ValueError, "contradicts method='ld_rps'"),
+        (dict(method=LDRPS("haze", captions="{tmp}/none")), FileNotFoundError, "no caption for image 'dark'"),
     ],
 )
 def test_ld_rps_bad_input_fails_before_writing(kwargs, error, match, pixel_model, tmp_path):
     observation = tmp_path / "dark.png"
     save_image(torch.zeros(3, 32, 32), observation)
-    kwargs = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in kwargs.items()}
+    if "captions" in str(kwargs):
+        kwargs = dict(method=LDRPS("haze", captions=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="unknown LD-RPS task 'fog'; known tasks: low-light, haze, noise, colour"):
+        LDRPS("fog")
     with pytest.raises(error, match=re.escape(match)):
         run(tmp_path / "out", **{"input": str(observation), "simulate": False, "model": str(pixel_model), **kwargs})
     assert not (tmp_path / "out").exists()
@@ -507,7 +556,7 @@ def test_ud2m_checkpoint_restores_with_n_times_k_evaluations(ud2m_export, tmp_pa
     row = result["images"][0]
     assert row["nfe"] == 2 * 2  # N·K with the manifest's N = 2 and K = 2
     assert (tmp_path / "out" / "camera_std.png").is_file()
-    again = run(tmp_path / "n3", input="skimage:camera", checkpoint=str(ud2m_export), num_steps=3, eta=0.5)
+    again = run(tmp_path / "n3", input="skimage:camera", checkpoint=str(ud2m_export), method=UD2M(3, eta=0.5))
     assert again["images"][0]["nfe"] == 3 * 2
 
 

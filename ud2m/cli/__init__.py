@@ -4,6 +4,6 @@ This is the top layer of the package (like ``ud2m.training``): it may import eve
 it. The scripts themselves stay thin (house-style K).
 """
 
-from ud2m.cli.restore import METHODS, Options, restore
+from ud2m.cli.restore import Options, restore
 
-__all__ = ["METHODS", "Options", "restore"]
+__all__ = ["Options", "restore"]

@@ -37,18 +37,16 @@ from ud2m.io import (
     source_stem,
     write_results,
 )
-from ud2m.metrics import LPIPSMetric, Welford, data_consistency, psnr, ssim
+from ud2m.methods import LDRPS, UD2M, Latino, Method, Problem, Wiener
+from ud2m.metrics import LPIPSMetric, data_consistency, psnr, ssim
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
 from ud2m.operators.presets import instantiate_operator, load_preset
 from ud2m.priors.loading import load_prior, model_family
+from ud2m.solvers.posterior import posterior_sample, sample_generators
 from ud2m.utils import seed_for
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("latino", "latino_pro", "dps", "diffpir", "tikhonov", "tv", "wiener", "lift", "ud2m", "ld_rps")
-NEEDS_AUTOGRAD = ("latino_pro", "dps", "ld_rps")  # §5.2: the solver enables grad locally; no inference_mode
-DETERMINISTIC = ("tikhonov", "tv", "wiener", "lift")
 
 
 @dataclass(frozen=True)
@@ -57,33 +55,43 @@ class Options:
 
     input: str
     output_dir: Path
-    method: str | None
+    method: Method | str | None
     model: str | None
     model_options: dict[str, Any] | None
     checkpoint: Path | None
     allow_hash_mismatch: bool
-    operator: str | None
+    operator: Any  # a preset name or YAML path, or an operator object
     sigma_y: float | None
     simulate: bool
     reference: str | None
     crop: int | None
     prompt: str
-    calibrate_prompt: bool
-    task: str | None
-    captions: str | None
     seed: int
     num_samples: int
     batch_size: int
-    num_steps: int | None
-    eta: float | None
     dtype: str
     device: str
     lpips: str | None
     lpips_weights: Path | None
-    tv_lambda: float
-    solver_options: dict[str, Any] | None
     resume: bool
     progress: bool
+
+    def record(self) -> dict[str, Any]:
+        """The options as ``metrics.json`` stores them (paths as strings, objects as ``class_path`` and settings)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Method):
+                value = {"class_path": _class_path(value), "init_args": value.settings()}
+            elif value is not None and not isinstance(value, (str, int, float, bool, dict, list)):
+                value = _class_path(value)  # an operator object
+            out[key] = value
+        return out
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class Job:
     """Everything :func:`prepare` resolved and validated."""
 
     options: Options
-    method: str
+    method: Method
     op: Any
     operator_name: str
     sigma_y: float
@@ -117,8 +125,15 @@ class Job:
     lpips_note: str = "disabled"
     preset_size: int | None = None
     sigma_data: float | None = None  # noise level of the data term (JPEG presets: sigma_eff, §2.6); None: sigma_y
+    preset: dict[str, Any] = field(default_factory=dict)  # the preset's metadata (its solver: block of weight rules)
     run: dict[str, Any] = field(default_factory=dict)
     sized_ops: dict[tuple[int, int], Any] = field(default_factory=dict)  # operator_at's cache
+
+
+def problem_of(job: Job, op: Any, x_shape: tuple[int, int, int], captions: list[str] | None = None) -> Problem:
+    """The :class:`~ud2m.methods.Problem` of the job's images of shape ``x_shape`` (C, H, W) under ``op``."""
+    sigma = job.sigma_y if job.sigma_data is None else job.sigma_data
+    return Problem(op, sigma, x_shape, job.prior, job.cond, job.model, job.manifest, job.preset, captions)
 
 
 def operator_at(job: Job, hw: tuple[int, int]) -> Any:
@@ -154,12 +169,12 @@ def prepare(options: Options) -> Job:
     method = resolve_method(options)
     _check_numbers(options, method)
     sources = discover_images(options.input)
-    manifest = _read_manifest(options.checkpoint) if method == "ud2m" else None
-    op, sigma_y, operator_name, preset_size, sigma_data = resolve_operator(options, manifest)
+    manifest = _read_manifest(options.checkpoint) if isinstance(method, UD2M) else None
+    op, sigma_y, operator_name, preset, sigma_data = resolve_operator(options, method, manifest)
     device = resolve_device(options.device)
-    job = Job(options, method, op.to(device), operator_name, sigma_y, [], device, manifest=manifest)
-    job.preset_size, job.sigma_data = preset_size, sigma_data
-    if method not in DETERMINISTIC:
+    job = Job(options, method, op.to(device), operator_name, sigma_y, [], device, manifest=manifest, preset=preset)
+    job.preset_size, job.sigma_data = _square_size(preset), sigma_data
+    if method.needs_model:
         _load_models(job)
     job.items = plan_items(job, sources)
     job.run = run_record(job)
@@ -168,49 +183,28 @@ def prepare(options: Options) -> Job:
     return job
 
 
-def resolve_method(options: Options) -> str:
-    """The method to run: ``ud2m`` with a checkpoint, ``latino_pro`` with ``calibrate_prompt``, else the option;
-    unset: ``latino`` with a model and ``wiener`` without (clear errors for contradictions)."""
-    method = options.method
-    if method is not None and method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if options.task is not None or method == "ld_rps":
-        if method not in (None, "ld_rps"):
-            raise ValueError(f"--task is LD-RPS's blind restoration task; it contradicts method={method!r}")
-        from ud2m.solvers.ld_rps import TASK_DEFAULTS, task_defaults
-
-        if options.task is None:
-            raise ValueError(f"method 'ld_rps' needs --task (one of {', '.join(TASK_DEFAULTS)})")
-        task_defaults(options.task)  # an unknown task is refused here, naming the known ones
-        if options.checkpoint is not None or (options.operator is not None and not options.simulate):
-            raise ValueError("method 'ld_rps' restores without a known operator: drop --checkpoint / --operator")
-        return "ld_rps"
-    if options.captions is not None:
-        raise ValueError("--captions are LD-RPS's (--task); other methods take one --prompt")
+def resolve_method(options: Options) -> Method:
+    """The method to run (:mod:`ud2m.methods`): the option (an object, or a short name with its defaults); unset:
+    UD2M with a checkpoint, LATINO with a model and the Wiener filter without (clear errors for contradictions)."""
+    method = Method.by_name(options.method) if isinstance(options.method, str) else options.method
     if options.checkpoint is not None:
-        if method not in (None, "ud2m"):
-            raise ValueError(f"--checkpoint restores with the UD2M sampler; it contradicts method={method!r}")
-        return "ud2m"
-    if method == "ud2m":
+        if method is not None and not isinstance(method, UD2M):
+            raise ValueError(f"--checkpoint restores with the UD2M sampler; it contradicts method={method.name!r}")
+        return method or UD2M()
+    if isinstance(method, UD2M):
         raise ValueError("method 'ud2m' needs --checkpoint EXPORTED_DIR (an exported UD2M model folder)")
-    if options.calibrate_prompt:
-        if method not in (None, "latino", "latino_pro"):
-            raise ValueError(f"--calibrate_prompt is LATINO-PRO's prompt calibration; it contradicts {method!r}")
-        return "latino_pro"
+    if isinstance(method, LDRPS) and options.operator is not None and not options.simulate:
+        raise ValueError("method 'ld_rps' restores without a known operator: drop --operator")
     if method is None:
-        return "latino" if options.model is not None else "wiener"
+        return Latino() if options.model is not None else Wiener()
     return method
 
 
-def _check_numbers(options: Options, method: str) -> None:
+def _check_numbers(options: Options, method: Method) -> None:
     if options.num_samples < 1 or options.batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {options.num_samples} and {options.batch_size}")
-    if options.num_samples > 1 and method in DETERMINISTIC:
-        raise ValueError(f"num_samples={options.num_samples}: method {method!r} is deterministic (use 1)")
-    if options.num_steps is not None and options.num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {options.num_steps}")
-    if options.eta is not None and method not in ("dps", "ud2m"):
-        raise ValueError(f"eta is the DDIM stochasticity of dps and ud2m; method {method!r} has none")
+    if options.num_samples > 1 and method.deterministic:
+        raise ValueError(f"num_samples={options.num_samples}: method {method.name!r} is deterministic (use 1)")
     if options.crop is not None and options.crop < 0:
         raise ValueError(f"crop must be >= 0 (0 keeps the whole image), got {options.crop}")
     if options.reference is not None and options.simulate:
@@ -232,13 +226,15 @@ def resolve_dtype(dtype: str) -> torch.dtype | None:
     return names[dtype]
 
 
-def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, float, str, int | None, float | None]:
-    """``(operator, sigma_y, name, size, sigma_data)`` from ``--operator`` (preset name or YAML) or the checkpoint's
-    manifest; ``size`` is the preset's square ``image_size`` (None when it has none or it is not square), ``name``
-    the shipped preset's name when the file is one (so the solvers' weight tables find it), ``sigma_data`` the
+def resolve_operator(
+    options: Options, method: Method, manifest: dict | None
+) -> tuple[Any, float, str, dict[str, Any], float | None]:
+    """``(operator, sigma_y, name, preset, sigma_data)`` from ``--operator`` (preset name, YAML file or operator
+    object) or the checkpoint's manifest; ``preset`` is the preset file's metadata (its ``image_size`` and tuned
+    ``solver:`` rules; empty otherwise), ``name`` the shipped preset's name when the file is one, ``sigma_data`` the
     data-term noise level when it differs from the simulation's (``sigma_eff`` of JPEG presets, §2.6)."""
-    size, sigma_data = None, None
-    if options.task is not None and options.operator is None:  # LD-RPS: the degradation is learned, y has x's shape
+    preset, sigma_data = {}, None
+    if isinstance(method, LDRPS) and options.operator is None:  # the degradation is learned, y has x's shape
         if options.simulate:
             raise ValueError(
                 "method 'ld_rps' restores degraded images as they are: pass --simulate false (the inputs are the "
@@ -246,13 +242,15 @@ def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, floa
             )
         from ud2m.operators.inpainting import Denoising
 
-        return Denoising().eval(), float(options.sigma_y or 0.0), f"ld_rps:{options.task}", None, None
-    if options.operator is not None:
-        preset = load_preset(options.operator)
-        op, sigma_y, name = preset.operator, preset.sigma_y, preset_name(options.operator)
-        hw = preset.meta.get("image_size")
-        size = int(hw[0]) if isinstance(hw, (list, tuple)) and len(hw) == 2 and hw[0] == hw[1] else None
-        sigma_data = preset.meta.get("sigma_eff")
+        return Denoising().eval(), float(options.sigma_y or 0.0), f"ld_rps:{method.task}", {}, None
+    if isinstance(options.operator, (str, Path)):
+        loaded = load_preset(options.operator)
+        op, sigma_y, name, preset = loaded.operator, loaded.sigma_y, preset_name(options.operator), loaded.meta
+        sigma_data = preset.get("sigma_eff")
+    elif options.operator is not None:  # an operator object (--operator.class_path ... / a YAML operator: block)
+        if options.sigma_y is None:
+            raise ValueError(f"--sigma_y is required with an operator object ({type(options.operator).__name__})")
+        op, sigma_y, name = options.operator, options.sigma_y, _class_path(options.operator)
     elif manifest is not None:
         op, sigma_y, name = _manifest_operator(manifest, options)
     else:
@@ -265,7 +263,13 @@ def resolve_operator(options: Options, manifest: dict | None) -> tuple[Any, floa
             f"sigma_y = {sigma_y}: the UD2M sampler of {options.checkpoint} needs a positive noise level (its data "
             "step divides by it); for noiseless data give the effective noise of the operator (sigma_eff, §2.6)"
         )
-    return op.float().eval(), sigma_y, name, size, None if sigma_data is None else float(sigma_data)
+    return op.float().eval(), sigma_y, name, preset, None if sigma_data is None else float(sigma_data)
+
+
+def _square_size(preset: dict[str, Any]) -> int | None:
+    """The preset's square ``image_size`` (None when it has none or it is not square)."""
+    hw = preset.get("image_size")
+    return int(hw[0]) if isinstance(hw, (list, tuple)) and len(hw) == 2 and hw[0] == hw[1] else None
 
 
 def preset_name(operator: str | Path) -> str:
@@ -302,18 +306,18 @@ def _load_models(job: Job) -> None:
     """Load the prior (and, for UD2M, the exported model) and encode the prompt once."""
     options, method = job.options, job.method
     source = options.model or (job.manifest or {}).get("base_model", {}).get("id_or_path")
-    if source is None and method == "ud2m":
+    if source is None and isinstance(method, UD2M):
         raise ValueError(
             f"{options.checkpoint}: the manifest names no base model (base_model.id_or_path = null); pass it with "
             "--model (the base model's folder or hub id), or re-export the checkpoint with `train.py export`"
         )
     if source is None:
-        raise ValueError(f"method {method!r} needs --model (a local diffusers folder or a hub id)")
+        raise ValueError(f"method {method.name!r} needs --model (a local diffusers folder or a hub id)")
     family = model_family(str(source))
     kwargs = dict(options.model_options or {})
     job.prior = load_prior(str(source), family=family, dtype=resolve_dtype(options.dtype), device=job.device, **kwargs)
     job.run["model"] = str(source)
-    if method == "ud2m":
+    if isinstance(method, UD2M):
         from ud2m.export import load_checkpoint
 
         base_path = source if Path(str(source)).expanduser().exists() else None  # hashed against the manifest
@@ -322,7 +326,7 @@ def _load_models(job: Job) -> None:
         )
     if family == "latent":
         prompt = options.prompt
-        if method == "ud2m":  # the prompt the adapter was trained with (training uses "" for None)
+        if isinstance(method, UD2M):  # the prompt the adapter was trained with (training uses "" for None)
             prompt = job.manifest["training"].get("prompt") or ""
         job.cond = _condition(job.prior, prompt, job.device)
 
@@ -366,17 +370,18 @@ def plan_items(job: Job, sources: list[str]) -> list[Item]:
 def _caption(job: Job, stem: str) -> str | None:
     """LD-RPS: the caption of image ``stem``: ``<captions>/<stem>.txt`` (a missing file is an error naming it), or
     ``--prompt`` without ``--captions``; None for other methods and for tasks that use no caption (§13.4)."""
-    if job.method != "ld_rps":
+    method = job.method
+    if not isinstance(method, LDRPS):
         return None
     from ud2m.solvers.ld_rps import task_defaults
 
-    if not task_defaults(job.options.task).use_caption:
+    if not task_defaults(method.task).use_caption:
         return ""
-    if job.options.captions is None:
+    if method.captions is None:
         return job.options.prompt
-    path = Path(job.options.captions) / f"{stem}.txt"
+    path = Path(method.captions) / f"{stem}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no caption for image {stem!r} (--captions {job.options.captions})")
+        raise FileNotFoundError(f"{path}: no caption for image {stem!r} (--method.captions {method.captions})")
     return path.read_text().strip()
 
 
@@ -513,11 +518,10 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def _generators(job: Job, batch: list[Item], stream: int) -> list[torch.Generator]:
-    """Per-chain generators: stream 0 = solver (one per image x sample), stream 1 = simulated noise (one per image)."""
-    S = job.options.num_samples if stream == 0 else 1
-    keys = [(stream, it.index, s) for it in batch for s in range(S)]
-    return [torch.Generator(job.device).manual_seed(seed_for(job.options.seed, *k)) for k in keys]
+def _noise_generators(job: Job, batch: list[Item]) -> list[torch.Generator]:
+    """The simulated noise of image i: stream 1 of §1.5, ``hash(seed, 1, i, 0)`` (the solver's are stream 0,
+    :func:`~ud2m.solvers.posterior.sample_generators`)."""
+    return [torch.Generator(job.device).manual_seed(seed_for(job.options.seed, 1, it.index, 0)) for it in batch]
 
 
 def load_batch(job: Job, batch: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -525,7 +529,7 @@ def load_batch(job: Job, batch: list[Item]) -> tuple[torch.Tensor | None, torch.
     x_shape = batch[0].x_shape
     if job.options.simulate:
         x = torch.cat([_load(it.source, x_shape) for it in batch]).to(job.device)  # (B, C, H, W)
-        return x, measure(job.op, x, job.sigma_y, _generators(job, batch, stream=1))
+        return x, measure(job.op, x, job.sigma_y, _noise_generators(job, batch))
     y01 = (torch.cat([load_image(it.source, channels=x_shape[0]) for it in batch]).to(job.device) + 1) / 2
     y = observation_to_internal(job.op, y01, (len(batch), *x_shape))
     if batch[0].reference is None:
@@ -549,9 +553,10 @@ def _load(source: str, x_shape: tuple[int, int, int]) -> torch.Tensor:
     return x[..., top : top + H, left : left + W]
 
 
-def grad_mode(method: str):
-    """``inference_mode`` everywhere except LATINO-PRO and DPS, which need autograd inside the solver (§5.2)."""
-    return torch.no_grad() if method in NEEDS_AUTOGRAD else torch.inference_mode()
+def grad_mode(method: Method):
+    """``inference_mode`` everywhere except the methods that need autograd inside the solver (LATINO-PRO, DPS,
+    LD-RPS: §5.2), which run under ``no_grad``."""
+    return torch.no_grad() if method.needs_autograd else torch.inference_mode()
 
 
 def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
@@ -560,22 +565,21 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
     preset_op = job.op
     job = dataclasses.replace(job, op=operator_at(job, batch[0].x_shape[1:]))  # this batch's image size
     x, y = load_batch(job, batch)
-    x_shape = (len(batch) * S, *batch[0].x_shape)
-    generators = _generators(job, batch, stream=0)
+    problem = problem_of(job, job.op, batch[0].x_shape, [it.caption for it in batch])
+    generators = sample_generators(job.options.seed, [it.index for it in batch], S, job.device)
     nfe0 = getattr(job.prior, "nfe", 0)
     _reset_peak_memory(job.device)
     t0 = time.perf_counter()
     with grad_mode(job.method):
-        captions = [it.caption for it in batch for _ in range(S)]
-        samples, extras = solve(job, y.repeat_interleave(S, dim=0), x_shape, generators, captions)
+        restore = lambda y_rows, gens, index: job.method.restore(problem, y_rows, gens, index)  # noqa: E731
+        post = posterior_sample(restore, y, num_samples=S, generators=generators)
     _synchronize(job.device)
     seconds = (time.perf_counter() - t0) / len(batch)
     nfe = getattr(job.prior, "nfe", 0) - nfe0
+    extras = post.extras
     with torch.inference_mode():
-        stats = Welford(torch.float64)
-        stats.update(samples.detach().double().reshape(len(batch), S, *samples.shape[1:]), sample_dim=1)
-        mean, std = stats.mean.float(), (stats.std.float() if S > 1 else None)
-        rows = _metric_rows(job, batch, x, y, mean, samples[::S].detach().float())
+        mean, std = post.mean.float(), (post.std.float() if post.std is not None else None)
+        rows = _metric_rows(job, batch, x, y, mean, post.samples[:, 0].float())
         if job.op is not preset_op and job.op.observed_mask(y) is not None:  # drawn for this size: kept with y
             extras = {**extras, "mask": job.op.observed_mask(y)}
         _write_outputs(job, batch, y, mean, std, extras)
@@ -586,96 +590,6 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
             row.update({f"cost_{k}": v for k, v in extras["costs"].items()})
             row["psi_fit_psnr"] = psnr(extras["psi"][i * S : i * S + 1].float(), y[i : i + 1].float()).item()
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- methods
-def solve(
-    job: Job,
-    y: torch.Tensor,
-    x_shape: tuple[int, ...],
-    generators: list[torch.Generator],
-    batch_captions: list[str | None] | None = None,
-):
-    """Run the job's method on ``y`` ``(B·S, ...)`` (``num_steps``, ``eta`` and ``solver_options`` passed on when
-    given; every other default is the solver's); returns ``(samples (B·S, C, H, W), extras)``."""
-    from ud2m.solvers import baselines, latino_algorithms, steps, weights
-
-    o, op = job.options, job.op
-    sigma_data = job.sigma_y if job.sigma_data is None else job.sigma_data
-    kw: dict[str, Any] = dict(sigma_y=sigma_data, **(o.solver_options or {}))
-    if job.method == "lift":  # no inversion: Aᵀy (bilinear upsampling for SR), the naive baseline
-        return op.lift(y).clamp(-1, 1), {}
-    if job.method == "wiener":
-        return steps.wiener_init(op, y, sigma_internal(sigma_data), **(o.solver_options or {})), {}
-    if job.method == "tikhonov":
-        return baselines.solve_tikhonov(op, y, **kw).clamp(-1, 1), {}
-    if job.method == "tv":
-        return baselines.solve_total_variation(op, y, **{"lam": o.tv_lambda, **kw}), {}
-    kw.update(cond=job.cond, generator=generators)
-    if job.method == "latino":  # solver_options: timesteps (a list) and gamma (a constant step) are JSON-friendly
-        timesteps = tuple(kw.pop("timesteps", None) or _latino_timesteps(job))
-        gamma = kw.pop("gamma", None)
-        rule = weights.LATINO_WEIGHTS.get(job.operator_name, weights.LATINO_WEIGHTS["default"])
-        rule = weights.ConstantGamma(float(gamma)) if gamma is not None else rule
-        return latino_algorithms.latino(job.prior, op, y, timesteps=timesteps, **{"weights": rule, **kw}), {}
-    if job.method == "latino_pro":
-        inner, final = weights.LATINO_PRO_WEIGHTS.get(job.operator_name, weights.LATINO_PRO_WEIGHTS["default"])
-        kw = {"weights_inner": inner, "weights_final": final, "final_timesteps": _latino_timesteps(job), **kw}
-        x, cond = latino_algorithms.latino_pro(job.prior, op, y, **kw)
-        return x, {"cond": cond}  # one calibrated condition per chain: S independent LATINO-PRO runs per image
-    if job.method == "ld_rps":
-        return _solve_ld_rps(job, y, batch_captions, kw)
-    steps_eta = {k: v for k, v in (("num_steps", o.num_steps), ("eta", o.eta)) if v is not None}
-    if job.method == "ud2m":
-        return _sample_ud2m(job, y, x_shape, {**steps_eta, **kw}), {}
-    solver = baselines.solve_dps if job.method == "dps" else baselines.solve_diffpir
-    return solver(job.prior, op, y, **{**steps_eta, **kw}), {}
-
-
-def _solve_ld_rps(job: Job, y: torch.Tensor, captions: list[str | None] | None, kw: dict[str, Any]):
-    """LD-RPS (docs/method.md §13.3) with the task's defaults (§13.4; ``solver_options`` override the solver's
-    keywords, ``num_steps`` N): returns the last pass, and as extras every pass, ψ's output on the result and the
-    §13.5 cost counters."""
-    from ud2m.solvers.ld_rps import CFGCondition, ld_rps, learned_degradation, task_defaults
-
-    defaults = task_defaults(job.options.task)
-    kw = {k: v for k, v in kw.items() if k not in ("sigma_y", "cond")}
-    if job.options.num_steps is not None:
-        kw["num_steps"] = job.options.num_steps
-    op = learned_degradation(job.options.task).to(y.device)
-    cond = None
-    if getattr(job.prior, "vae", None) is not None and captions is not None:  # text-conditioned latent prior
-        uncond = job.prior.encode_prompt([""] * len(captions))
-        cond = uncond if all(not c for c in captions) else CFGCondition(job.prior.encode_prompt(captions), uncond)
-    states = {}
-    kw = {
-        "num_recurrences": defaults.num_recurrences,
-        "guidance_scale": defaults.guidance_scale,
-        "regularisers": defaults.regularisers(y.shape[-1]),
-        "cond": cond,
-        **kw,
-    }
-    passes, info = ld_rps(job.prior, op, y, on_pass=lambda r, x, st: states.update(last=st), **kw)
-    with torch.no_grad():
-        psi = op.psi((passes[-1] + 1) / 2, states["last"]) * 2 - 1  # ψ(x̂) on [-1, 1]: what y should look like
-    return passes[-1], {"passes": passes, "psi": psi, "costs": info}
-
-
-def _latino_timesteps(job: Job) -> tuple[int, ...]:
-    """A uniform grid of ``num_steps`` when given; else SDXL/DMD2's 8-step grid for SDXL UNets, LCM's otherwise."""
-    from ud2m.schedules import LATINO_SDXL, LCM_8, uniform_grid
-
-    if job.options.num_steps is not None:
-        return uniform_grid(job.options.num_steps)
-    return LATINO_SDXL if getattr(job.prior, "is_sdxl", False) else LCM_8
-
-
-def _sample_ud2m(job: Job, y: torch.Tensor, x_shape: tuple[int, ...], kw: dict[str, Any]) -> torch.Tensor:
-    """The N-step UD2M sampler (§8) with the manifest's N and eta unless overridden."""
-    from ud2m.unfolded import sample_ud2m
-
-    kw = {"num_steps": job.manifest["sampler"]["num_steps"], "eta": job.manifest["sampler"]["eta"], **kw}
-    return sample_ud2m(job.model, job.op, y, kw.pop("sigma_y"), x_shape=x_shape, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- outputs and metrics
@@ -774,8 +688,8 @@ def write_metrics(job: Job, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write ``metrics.json`` / ``metrics.csv`` with the rows in input order (earlier rows of a resumed run kept)."""
     order = {it.stem: it.index for it in job.items}
     ordered = sorted(rows.values(), key=lambda r: (order.get(r["image"], math.inf), r["image"]))
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.options).items()}
-    return write_results(job.options.output_dir, {**job.run, "lpips": job.lpips_note, "options": options}, ordered)
+    record = {**job.run, "lpips": job.lpips_note, "options": job.options.record()}
+    return write_results(job.options.output_dir, record, ordered)
 
 
-__all__ = ["METHODS", "Item", "Job", "Options", "prepare", "restore", "run"]
+__all__ = ["Item", "Job", "Options", "prepare", "problem_of", "restore", "run"]

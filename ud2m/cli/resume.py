@@ -2,17 +2,15 @@
 with the same settings (issue [api]).
 
 Resuming skips every image whose outputs exist and rewrites ``metrics.json`` with the new run record, so a re-run
-into the same folder with any setting that changes the restored images (method, operator, σ_y, seed, S, model,
-checkpoint, mode, prompt, dtype, N, η, solver options, TV weight, crop, model options) would label the old rows with
-the new settings. :func:`check_resume_compatible` refuses such a run before anything is written, naming each setting
-with its earlier and new value. Defaults are compared by value: ``--num_steps`` unset and ``--num_steps 100`` agree
-for DPS, whose default is 100.
+into the same folder with any setting that changes the restored images (method and its settings, operator, σ_y,
+seed, S, model, checkpoint, mode, prompt, dtype, crop, model options) would label the old rows with the new settings.
+:func:`check_resume_compatible` refuses such a run before anything is written, naming each setting with its earlier
+and new value. A method's settings are compared as resolved (:meth:`ud2m.methods.Method.settings`): an unset
+``num_steps`` and ``num_steps: 100`` agree for DPS, whose default is 100.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +24,7 @@ if TYPE_CHECKING:
 #: resolved settings compared on the run record (``metrics.json`` → ``run``)
 RUN_KEYS = (
     "method",
+    "settings",
     "operator",
     "sigma_y",
     "seed",
@@ -37,18 +36,20 @@ RUN_KEYS = (
     "dtype",
 )
 #: settings compared on the recorded options (``metrics.json`` → ``run.options``), with their defaults resolved
-OPTION_KEYS = ("num_steps", "eta", "solver_options", "model_options", "tv_lambda", "crop", "captions")
-#: methods that load no model and take no step count
-MODEL_FREE = ("tikhonov", "tv", "wiener", "lift")
+OPTION_KEYS = ("model_options", "crop")
 
 
 def run_record(job: Job) -> dict[str, Any]:
     """The ``run`` entry of ``metrics.json`` (the options are added when it is written)."""
+    from ud2m.cli.restore import problem_of
+
     o, latent = job.options, getattr(job.prior, "vae", None) is not None
-    record = dict(method=job.method, operator=job.operator_name, sigma_y=job.sigma_y, seed=o.seed, input=o.input)
-    record.update(num_samples=o.num_samples, model=job.run.get("model"), simulate=o.simulate, device=str(job.device))
+    settings = job.method.settings(problem_of(job, job.op, (0, 0, 0)))
+    record = dict(method=job.method.name, settings=_json(settings), operator=job.operator_name, sigma_y=job.sigma_y)
+    record.update(seed=o.seed, input=o.input, num_samples=o.num_samples, model=job.run.get("model"))
+    record.update(simulate=o.simulate, device=str(job.device))
     record.update(checkpoint=None if o.checkpoint is None else str(o.checkpoint), prompt=o.prompt if latent else None)
-    record.update(num_steps=o.num_steps, eta=o.eta, dtype=str(getattr(job.prior, "dtype", torch.float32)))
+    record.update(dtype=str(getattr(job.prior, "dtype", torch.float32)))
     return record
 
 
@@ -62,7 +63,7 @@ def check_resume_compatible(job: Job) -> None:
     if not earlier:
         return
     diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and earlier[k] != _json(job.run[k])}
-    old_options, new_options = earlier.get("options") or {}, _json(dataclasses.asdict(job.options))
+    old_options, new_options = earlier.get("options") or {}, _json(job.options.record())
     for key in OPTION_KEYS:
         if key in old_options and _applies(job, key):
             old, new = _effective(job, key, old_options[key]), _effective(job, key, new_options[key])
@@ -83,32 +84,11 @@ def _json(value: Any) -> Any:
 
 def _applies(job: Job, key: str) -> bool:
     """Settings that only some methods or modes read are compared only there."""
-    if key == "tv_lambda":
-        return job.method == "tv"
     if key == "crop":
         return job.options.simulate
-    if key == "captions":
-        return job.method == "ld_rps"
-    if key == "eta":
-        return job.method in ("dps", "ud2m")
-    if key in ("num_steps", "model_options"):
-        return job.method not in MODEL_FREE
-    return True
+    return job.method.needs_model  # model_options
 
 
 def _effective(job: Job, key: str, value: Any) -> Any:
-    """The value a run used: an unset ``num_steps``/``eta`` is the manifest's (UD2M) or the solver's default; unset
-    option dicts are empty."""
-    if key in ("solver_options", "model_options"):
-        return value or {}
-    if key not in ("num_steps", "eta") or value is not None:
-        return value
-    if job.method == "ud2m":
-        return job.manifest["sampler"][key]
-    if job.method in ("dps", "diffpir"):
-        from ud2m.solvers import baselines
-
-        solver = baselines.solve_dps if job.method == "dps" else baselines.solve_diffpir
-        parameter = inspect.signature(solver).parameters.get(key)
-        return None if parameter is None else parameter.default
-    return value
+    """The value a run used: unset option dicts are empty."""
+    return value or {} if key == "model_options" else value

@@ -12,8 +12,10 @@ step per sample, ``inf`` meaning projection onto :math:`\{Ax = y\}`):
   without a tuned table;
 * :class:`ConstantGamma`: a fixed :math:`\gamma` (tests, ablations).
 
-The preset tables (:data:`LATINO_WEIGHTS`, :data:`LATINO_PRO_WEIGHTS`) are plain data: dicts from a preset name
-(the operator preset it was tuned for, e.g. ``"latino/deblur_gaussian"``) to rule instances.
+All three are :class:`WeightRule` subclasses, so a config chooses one by ``class_path``/``init_args``. The rules
+tuned for an operator preset live IN the preset file (its ``solver:`` block, e.g. ``ud2m/assets/operators/latino/
+deblur_gaussian.yaml``), not in a table keyed by preset name: :func:`preset_rules` reads them, and an operator
+without tuned rules uses :class:`DiscrepancyWeights`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ def _gamma_from_delta(delta: torch.Tensor, sigma_n: torch.Tensor) -> torch.Tenso
     return torch.where(sigma_n > 0, delta / sigma_n.clamp_min(1e-300) ** 2, inf)
 
 
-class TableWeights:
+class WeightRule:
+    """A data-weight rule: ``rule(k, t, u, y, op, sigma_n, prior) -> gamma`` ``(B,)`` (the module docstring)."""
+
+    def __call__(self, k: int, t, u, y, op, sigma_n, prior) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TableWeights(WeightRule):
     r"""The reference's table rule (docs/method.md §4.3):
 
     .. math:: \delta_k = c(t_k)\,\nu_{t_k}\,R_k\,\sqrt{m_\text{ref}/m}\;[/\sigma_n],\qquad
@@ -113,7 +122,7 @@ class TableWeights:
         )
 
 
-class DiscrepancyWeights:
+class DiscrepancyWeights(WeightRule):
     r"""Discrepancy rule [ours] (docs/method.md §4.3): per sample, the :math:`\gamma` for which the prox output meets
     Morozov's discrepancy principle
 
@@ -177,7 +186,7 @@ class DiscrepancyWeights:
         return f"DiscrepancyWeights(tau={self.tau}, iters={self.iters}, bounds={self.bounds})"
 
 
-class ConstantGamma:
+class ConstantGamma(WeightRule):
     r"""Fixed step :math:`\gamma_k = \gamma` for every k and sample (``inf``: projection onto :math:`Ax = y`).
 
     Args:
@@ -195,59 +204,36 @@ class ConstantGamma:
         return f"ConstantGamma({self.gamma})"
 
 
-# ---------------------------------------------------------------------------------------------------- preset tables
-#: Measurement sizes of the reference presets (1024² RGB; SR outputs 64² and 32²; SD1.5 at 512²).
-M_1024 = 3 * 1024 * 1024
-M_SR16 = 3 * 64 * 64
-M_SR32 = 3 * 32 * 32
-M_512 = 3 * 512 * 512
+# ---------------------------------------------------------------------------------------------------- presets
+def preset_rules(meta: dict[str, Any], method: str) -> dict[str, WeightRule]:
+    """The weight rules a preset file declares for ``method`` (``latino``: ``{"weights": rule}``; ``latino_pro``:
+    ``{"weights_inner": rule, "weights_final": rule}``), built from its ``solver: {method: {name: {class_path,
+    init_args}}}`` block; ``{}`` when it declares none.
 
-_NON_ADAPTIVE_ONE = TableWeights(1.0, 1.0, None, adaptive=False)
-_INPAINT_BAND = TableWeights(1.0, 0.5, 500, adaptive=False)
+    Args:
+        meta: the preset's metadata (:attr:`ud2m.operators.presets.Preset.meta`).
+        method: the method's name.
+    """
+    from jsonargparse import ArgumentParser
 
-#: LATINO (8 steps, SDXL/DMD2 at 1024², σ_n = 2σ_y), docs/method.md §4.3. ``deblur_gaussian`` is the σ_k < 10
-#: row, ``deblur_gaussian_wide`` the σ_k ≥ 10 row; ``sd15_deblur_motion`` is LCM-LoRA SD1.5 at 512² (t_switch
-#: unverified); ``default`` is the discrepancy rule used for every operator without a table.
-LATINO_WEIGHTS: dict[str, Any] = {
-    "latino/deblur_gaussian": TableWeights(5e-4, 2e-4, 400, adaptive=True, m_ref=M_1024),
-    "latino/deblur_gaussian_wide": TableWeights(7e-4, 3e-4, 400, adaptive=True, m_ref=M_1024),
-    "latino/deblur_motion": TableWeights(4e-4, 2e-4, 400, adaptive=True, m_ref=M_1024),
-    "latino/inpaint_band": _INPAINT_BAND,
-    "latino/sr_x16": TableWeights(0.3, 0.2, 300, adaptive=True, m_ref=M_SR16),
-    "latino/sr_x32": TableWeights(0.15, 0.3, 300, adaptive=True, m_ref=M_SR32),
-    "latino/sr_x4": _NON_ADAPTIVE_ONE,  # [ours]: the reference crashes (no branch)
-    "latino/sr_x8": _NON_ADAPTIVE_ONE,
-    "latino/sd15_deblur_motion": TableWeights(8e-4, 7e-4, 400, adaptive=True, m_ref=M_512),
-    "default": DiscrepancyWeights(),
-}
+    specs = (meta.get("solver") or {}).get(method) or {}
+    parser = ArgumentParser(exit_on_error=False)
+    for name in specs:
+        parser.add_argument(f"--{name}", type=WeightRule)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    try:
+        return vars(instantiate(parser.parse_object(specs)))
+    except Exception as err:  # jsonargparse's own errors name the key
+        raise ValueError(f"solver.{method}: not a valid set of weight rules ({err})") from err
 
-#: LATINO-PRO (docs/method.md §5.3): preset name -> ``(weights_inner, weights_final)`` for the 4-step chains and the
-#: final 8-step run. ``inpaint_band`` is [ours] (the reference has no branch).
-LATINO_PRO_WEIGHTS: dict[str, tuple[Any, Any]] = {
-    "latino/deblur_gaussian": (
-        TableWeights(4e-3, 2e-3, 500, adaptive=True, m_ref=M_1024),
-        TableWeights(4e-4, 4e-4, None, adaptive=True, m_ref=M_1024),
-    ),
-    "latino/deblur_gaussian_wide": (TableWeights(2e-2, 2e-3, 400, adaptive=True, m_ref=M_1024),) * 2,
-    "latino/deblur_motion": (
-        TableWeights(4e-4, 5e-4, 500, adaptive=True, m_ref=M_1024),
-        TableWeights(5e-4, 9e-4, 400, adaptive=True, m_ref=M_1024),
-    ),
-    "latino/sr_x16": (TableWeights(6e-4, 9e-4, 300, adaptive=True, per_sigma=True, m_ref=M_SR16),) * 2,
-    "latino/sr_x32": (TableWeights(0.015, 9e-3, 300, adaptive=True, per_sigma=True, m_ref=M_SR32),) * 2,
-    "latino/sr_x4": (_NON_ADAPTIVE_ONE, _NON_ADAPTIVE_ONE),
-    "latino/sr_x8": (_NON_ADAPTIVE_ONE, _NON_ADAPTIVE_ONE),
-    "latino/inpaint_band": (_INPAINT_BAND, _INPAINT_BAND),
-    "default": (DiscrepancyWeights(), DiscrepancyWeights()),
-}
 
 __all__ = [
-    "LATINO_PRO_WEIGHTS",
-    "LATINO_WEIGHTS",
     "ConstantGamma",
     "DiscrepancyWeights",
     "TableWeights",
+    "WeightRule",
     "has_closed_form_prox",
     "nu_of_t",
+    "preset_rules",
     "residual_norm",
 ]
