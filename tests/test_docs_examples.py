@@ -39,7 +39,7 @@ def test_custom_operator_example_runs_on_a_real_photo(capsys):
     assert "prox output (1, 3, 512, 512)" in out
 
 
-def test_python_api_example_restores_digits_with_both_priors():
+def test_python_api_example_restores_digits_with_both_priors(tmp_path):
     """docs/examples/python_api.py (the README's Python API page) runs offline, and LATINO on either shipped prior
     (the DDPM and its consistency model) is far better than the bilinear lift of the measurement."""
     spec = importlib.util.spec_from_file_location("python_api_example", EXAMPLE.parent / "python_api.py")
@@ -49,3 +49,6 @@ def test_python_api_example_restores_digits_with_both_priors():
     assert set(result) == {"A^T y (bilinear lift)", "LATINO-8 on digits", "LATINO-8 on digits-cm"}
     for name in ("LATINO-8 on digits", "LATINO-8 on digits-cm"):
         assert result[name] > result["A^T y (bilinear lift)"] + 3, name
+    files = module.restore_files(tmp_path / "out")  # the sample.py job with a typed method object
+    assert files["run"]["method"] == "latino" and len(files["run"]["settings"]["timesteps"]) == 8
+    assert files["images"][0]["nfe"] == 8 and (tmp_path / "out" / "camera_std.png").is_file()

@@ -1,7 +1,8 @@
 """The Python API on one page (README "Python API"): restore held-out digits with LATINO on the shipped DDPM prior and
-on its consistency model, then load a UD2M export and sample with it. Runs offline on the CPU in seconds.
+on its consistency model, then load a UD2M export and sample with it; and the whole ``sample.py`` job as one call
+with a typed method object. Runs offline on the CPU in seconds.
 
-    python docs/examples/python_api.py [--export outputs/quickstart/export]
+    python docs/examples/python_api.py [--export outputs/quickstart/export] [--output_dir outputs/python_api]
 """
 
 from __future__ import annotations
@@ -47,7 +48,21 @@ def main(export: str | None = None) -> dict[str, float]:
     return result
 
 
+def restore_files(output_dir: str) -> dict:
+    """``sample.py``'s job from Python: files in, restored PNGs, std maps and metrics.json out; the method is an
+    object of :mod:`ud2m.methods` (what ``--method Latino --method.num_steps 8`` builds)."""
+    from ud2m.cli.sample import sample
+    from ud2m.methods import Latino
+
+    problem = dict(input="skimage:camera", operator="ud2m/mnist_sr_x4", model=str(PRIORS / "digits"), crop=32)
+    return sample(**problem, method=Latino(num_steps=8), num_samples=2, output_dir=Path(output_dir), lpips=None)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", default=None)
-    main(parser.parse_args().export)
+    parser.add_argument("--output_dir", default=None)
+    args = parser.parse_args()
+    main(args.export)
+    if args.output_dir is not None:
+        print(restore_files(args.output_dir)["summary"])

@@ -498,7 +498,7 @@ def run(job: Job) -> dict[str, Any]:
         logger.info("resume: %d of %d image(s) already done", len(job.items) - len(pending), len(job.items))
     options.output_dir.mkdir(parents=True, exist_ok=True)
     rows = {row["image"]: row for row in read_results(options.output_dir).get("images", [])}
-    with tqdm(total=len(pending), desc=job.method, unit="img", disable=not options.progress) as bar:
+    with tqdm(total=len(pending), desc=job.method.name, unit="img", disable=not options.progress) as bar:
         for batch in batches(pending, options.batch_size):
             for row in restore_batch(job, batch):
                 rows[row["image"]] = row
