@@ -1,5 +1,7 @@
 """The restoration job of ``sample.py`` (issues [zero-shot] and [ud2m]): input discovery, model and operator
-loading, batching of images x posterior samples, resume, outputs and metrics (docs/method.md §4.2, §5.3, §8, §10).
+loading, batching of images x posterior samples (:func:`~ud2m.solvers.posterior.posterior_sample` around the method
+of :mod:`ud2m.methods`) and resume (docs/method.md §4.2, §5.3, §8, §10); the files written are
+:mod:`ud2m.cli.outputs`'s.
 
 Every check that can fail (inputs, operator preset, model folder, image sizes against the operator and the prior)
 runs in :func:`prepare`, BEFORE anything is written; :func:`run` then only restores and writes. Outputs per image:
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +26,15 @@ from typing import Any
 
 import torch
 
+from ud2m.cli.outputs import (
+    is_done,
+    metric_rows,
+    peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
+    write_metrics,
+    write_outputs,
+)
 from ud2m.cli.resume import check_resume_compatible, run_record
 from ud2m.io import (
     check_image_values,
@@ -33,14 +42,12 @@ from ud2m.io import (
     image_size,
     load_image,
     read_results,
-    save_image,
     source_stem,
-    write_results,
 )
 from ud2m.methods import LDRPS, UD2M, Latino, Method, Problem, Wiener
-from ud2m.metrics import LPIPSMetric, data_consistency, psnr, ssim
+from ud2m.metrics import LPIPSMetric, psnr
 from ud2m.operators.base import LinearOperator
-from ud2m.operators.noise import measure, measurement_to_internal, sigma_internal
+from ud2m.operators.noise import measure, measurement_to_internal
 from ud2m.operators.presets import instantiate_operator, load_preset
 from ud2m.priors.loading import load_prior, model_family
 from ud2m.solvers.posterior import posterior_sample, sample_generators
@@ -461,21 +468,6 @@ def _check_item(job: Job, item: Item) -> None:
         raise ValueError(f"{item.source}: cannot restore an image of shape {item.x_shape}: {err}") from err
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def output_paths(job: Job, item: Item) -> dict[str, Path]:
-    """The files written for ``item`` (the std map only with several samples)."""
-    out = job.options.output_dir
-    paths = {"restored": out / f"{item.stem}_restored.png", "y": out / f"{item.stem}_y.png"}
-    if job.options.num_samples > 1:
-        paths["std"] = out / f"{item.stem}_std.png"
-    return paths
-
-
-def is_done(job: Job, item: Item) -> bool:
-    """All outputs of ``item`` exist (resume skips it)."""
-    return all(p.is_file() for p in output_paths(job, item).values())
-
-
 def _make_lpips(options: Options, device: torch.device) -> tuple[Any, str]:
     """LPIPS with a real backbone, or None and the reason (offline the backbone weights are usually missing)."""
     if options.lpips is None:
@@ -568,128 +560,28 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
     problem = problem_of(job, job.op, batch[0].x_shape, [it.caption for it in batch])
     generators = sample_generators(job.options.seed, [it.index for it in batch], S, job.device)
     nfe0 = getattr(job.prior, "nfe", 0)
-    _reset_peak_memory(job.device)
+    reset_peak_memory(job.device)
     t0 = time.perf_counter()
     with grad_mode(job.method):
         restore = lambda y_rows, gens, index: job.method.restore(problem, y_rows, gens, index)  # noqa: E731
         post = posterior_sample(restore, y, num_samples=S, generators=generators)
-    _synchronize(job.device)
+    synchronize(job.device)
     seconds = (time.perf_counter() - t0) / len(batch)
     nfe = getattr(job.prior, "nfe", 0) - nfe0
     extras = post.extras
     with torch.inference_mode():
         mean, std = post.mean.float(), (post.std.float() if post.std is not None else None)
-        rows = _metric_rows(job, batch, x, y, mean, post.samples[:, 0].float())
+        rows = metric_rows(job, batch, x, y, mean, post.samples[:, 0].float())
         if job.op is not preset_op and job.op.observed_mask(y) is not None:  # drawn for this size: kept with y
             extras = {**extras, "mask": job.op.observed_mask(y)}
-        _write_outputs(job, batch, y, mean, std, extras)
-    peak = _peak_memory_mb(job.device)
+        write_outputs(job, batch, y, mean, std, extras)
+    peak = peak_memory_mb(job.device)
     for i, row in enumerate(rows):
         row.update(nfe=nfe, seconds=seconds, **peak)
         if "costs" in extras:  # LD-RPS: the §13.5 counters (per image) and how well ψ(x̂) explains y
             row.update({f"cost_{k}": v for k, v in extras["costs"].items()})
             row["psi_fit_psnr"] = psnr(extras["psi"][i * S : i * S + 1].float(), y[i : i + 1].float()).item()
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- outputs and metrics
-def measurement_image(op, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
-    r"""The measurement as an image on [-1, 1] whose [0, 1] file reads back to ``y`` with
-    :func:`~ud2m.operators.noise.measurement_to_internal`: :math:`2y_{01} - 1 = y + A(\mathbb 1) - 1` (§1.1)."""
-    if not isinstance(op, LinearOperator):
-        return y
-    return y + op.A(torch.ones(x_shape, device=y.device, dtype=y.dtype)) - 1
-
-
-def _write_outputs(job: Job, batch: list[Item], y, mean, std, extras) -> None:
-    """y first, then the std map, then the restored image (its existence marks the item done)."""
-    y_img = measurement_image(job.op, y, (len(batch), *batch[0].x_shape))
-    for i, item in enumerate(batch):
-        paths = output_paths(job, item)
-        if job.options.simulate or not _same_file(paths["y"], item.source):  # never overwrite the input
-            save_image(y_img[i], paths["y"])
-        if std is not None:
-            # RMS over channels of the std on the [0, 1] scale (= std/2), stored linearly in 16 bits
-            std01 = (std[i] / 2).pow(2).mean(0, keepdim=True).sqrt()
-            save_image(2 * std01 - 1, paths["std"], bits=16)
-        if "cond" in extras:
-            _save_condition(job, extras["cond"], i, item)
-        if "passes" in extras:  # LD-RPS: every pass of sample 0 and ψ's output on it (docs/method.md §13.3)
-            k = i * job.options.num_samples
-            for r, x_r in enumerate(extras["passes"][:-1]):
-                save_image(x_r[k], job.options.output_dir / f"{item.stem}_pass{r}.png")
-            save_image(extras["psi"][k], job.options.output_dir / f"{item.stem}_psi.png")
-        if "mask" in extras:  # white = observed, as --operator's mask files
-            mask = extras["mask"]
-            save_image(2 * mask[i if mask.shape[0] > 1 else 0] - 1, job.options.output_dir / f"{item.stem}_mask.png")
-        save_image(mean[i], paths["restored"])
-
-
-def _same_file(path: Path, source: str) -> bool:
-    return path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve()
-
-
-def _save_condition(job: Job, cond, i: int, item: Item) -> None:
-    """``<stem>_cond.safetensors``: the calibrated condition of sample 0 (reusable as ``--prompt FILE``)."""
-    from ud2m.solvers.latino_algorithms import save_condition
-
-    k = i * job.options.num_samples
-    row = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
-    row = {name: None if v is None else v[k : k + 1] for name, v in row.items()}
-    save_condition(dataclasses.replace(cond, **row), job.options.output_dir / f"{item.stem}_cond.safetensors")
-
-
-def _metric_rows(job: Job, batch: list[Item], x, y, mean, first) -> list[dict[str, Any]]:
-    """Per-image PSNR / SSIM / LPIPS on the posterior mean (and PSNR of sample 0) when a reference exists, and the
-    data-consistency ratio :math:`\\|A\\hat x - y\\|/(\\sqrt m\\,\\sigma_n)` (§10.1)."""
-    sigma_n = sigma_internal(job.sigma_y if job.sigma_data is None else job.sigma_data)
-    dc = data_consistency(job.op, mean, y, sigma_n).tolist() if sigma_n > 0 else [None] * len(batch)
-    values: dict[str, list] = {"data_consistency": dc}
-    if x is not None:
-        values.update(psnr=psnr(mean, x).tolist(), psnr_sample0=psnr(first, x).tolist(), ssim=_ssim(mean, x))
-        values["lpips"] = job.lpips(mean, x).tolist() if job.lpips is not None else [None] * len(batch)
-    rows = []
-    for i, item in enumerate(batch):
-        row = {
-            "image": item.stem,
-            "source": item.source,
-            "reference": item.reference,
-            "height": item.x_shape[1],
-            "width": item.x_shape[2],
-        }
-        row.update({k: v[i] for k, v in values.items()})
-        rows.append(row)
-    return rows
-
-
-def _ssim(x_hat: torch.Tensor, x: torch.Tensor) -> list[float | None]:
-    """SSIM, or None for images smaller than its 11x11 window."""
-    return ssim(x_hat, x).tolist() if min(x.shape[-2:]) >= 11 else [None] * x.shape[0]
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory_mb(device: torch.device) -> dict[str, Any]:
-    """CUDA max allocated during the batch, or the process's peak RSS on CPU (``ru_maxrss``, kB on Linux)."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory_kind": "cpu_max_rss"}
-
-
-def write_metrics(job: Job, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write ``metrics.json`` / ``metrics.csv`` with the rows in input order (earlier rows of a resumed run kept)."""
-    order = {it.stem: it.index for it in job.items}
-    ordered = sorted(rows.values(), key=lambda r: (order.get(r["image"], math.inf), r["image"]))
-    record = {**job.run, "lpips": job.lpips_note, "options": job.options.record()}
-    return write_results(job.options.output_dir, record, ordered)
 
 
 __all__ = ["Item", "Job", "Options", "prepare", "problem_of", "restore", "run"]
