@@ -53,14 +53,14 @@ class Problem:
 
 
 class Method:
-    """A restoration method (subclasses: one per method). Class attributes say how ``sample.py`` runs it.
+    """A restoration method (subclasses: one per method). Class attributes say how ``sample.py`` runs it;
+    :meth:`solver_function` is the solver whose signature holds the defaults of ``None`` settings.
 
     Attributes:
         name: the short name (``--method <name>``).
         needs_model: loads a prior (``--model``).
         needs_autograd: the solver enables grad locally, so the entry point uses ``no_grad``, not ``inference_mode``.
         deterministic: one output per observation (``num_samples`` must be 1).
-    :meth:`solver_function` is the solver whose signature holds the defaults of ``None`` settings.
     """
 
     name: ClassVar[str] = ""
