@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -106,17 +105,15 @@ SETTINGS = {
 
 # ---------------------------------------------------------------------------------------------- problems
 def make_operator(problem: str):
-    """The scaled problem (module docstring): a ``Compose(PerFrame(SR), temporal)`` with circular SR padding."""
-    from ud2m.operators import Compose, SuperResolution
-    from ud2m.operators.video import PerFrame, TemporalAveragePool, TemporalBlur
+    """The scaled problem (module docstring): the preset ``lvtino/<problem>_clips``, a ``Compose(PerFrame(SR),
+    temporal)`` with circular SR padding (the same file ``sample.py --operator lvtino/A_clips`` reads)."""
+    from ud2m.operators.presets import load_preset
 
-    if problem == "A":
-        return Compose(PerFrame(SuperResolution(2, "bicubic", padding="circular")), TemporalAveragePool(2, FRAMES))
-    if problem == "B":
-        return Compose(PerFrame(SuperResolution(4, "bicubic", padding="circular")), TemporalBlur(3, "uniform"))
-    if problem == "C":
-        return Compose(PerFrame(SuperResolution(4, "bicubic", padding="circular")), TemporalAveragePool(4, FRAMES))
-    raise ValueError(f"unknown problem {problem!r}; expected one of {sorted(PROBLEMS)}")
+    if problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; expected one of {sorted(PROBLEMS)}")
+    preset = load_preset(f"lvtino/{problem}_clips")
+    assert preset.sigma_y == SIGMA_Y and preset.meta["num_frames"] == FRAMES
+    return preset.operator
 
 
 def prox_is_stable(op, x_like: torch.Tensor, gamma: float = 1e9) -> bool:
@@ -144,37 +141,11 @@ def use_float64_prox(op) -> None:
     op.prox_l2 = prox_l2
 
 
-def mapped_schedule(problem: str, prior) -> tuple:
-    """The released schedule of ``problem`` (§6.4) with its times moved to ``prior``'s schedule at equal s_t: video
-    times from Wan's flow matching (s = t/(1000 - t)), image times from SDXL's scaled-linear VP schedule."""
-    from ud2m.priors.vp import VPSchedule, make_betas
-    from ud2m.solvers.lvtino import LVTINO_SCHEDULES
-
-    sdxl = VPSchedule.from_betas(make_betas("scaled_linear", beta_start=0.00085, beta_end=0.012))
-
-    def video_t(t: float) -> float:
-        return round(float(prior.t_of_sigma(torch.tensor(t / (1000.0 - t), dtype=torch.float64))), 1)
-
-    def image_t(t: float | None) -> float | None:
-        return None if t is None else round(float(prior.t_of_sigma(sdxl.sigma(t))), 1)
-
-    return tuple(
-        dataclasses.replace(row, t_video=video_t(row.t_video), t_image=image_t(row.t_image))
-        for row in LVTINO_SCHEDULES[problem]
-    )
-
-
 # ---------------------------------------------------------------------------------------------- measurement
 def generators(seed: int, stream: int, n: int) -> list[torch.Generator]:
     from ud2m.utils import seed_for
 
     return [torch.Generator().manual_seed(seed_for(seed, stream, i)) for i in range(n)]
-
-
-def flicker(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: mean |e_{t+1} - e_t| over pixels, channels and frame pairs, e = x̂ - x on [0, 1] (docstring)."""
-    e = (x_hat.clamp(-1, 1) - x) / 2
-    return (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -185,7 +156,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def evaluate(name: str, fn: Callable[[], tuple[torch.Tensor, dict]], x: torch.Tensor, device: torch.device) -> dict:
     """Run ``fn`` (-> restored videos and cost counters), time it and score it against ``x``."""
-    from ud2m.metrics import psnr, ssim, video_psnr_global
+    from ud2m.metrics import flicker, psnr, ssim, video_psnr_global
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,7 +202,7 @@ def run_problem(problem: str, x: torch.Tensor, video_prior, image_prior, args, d
     from ud2m.priors.stacked import FrameWisePrior
     from ud2m.schedules import uniform_grid
     from ud2m.solvers.baselines import solve_diffpir
-    from ud2m.solvers.lvtino import DataStep, data_step, lvtino
+    from ud2m.solvers.lvtino import DataStep, data_step, lvtino, map_times
     from ud2m.solvers.steps import wiener_init
 
     B, T = x.shape[0], x.shape[2]
@@ -241,7 +212,7 @@ def run_problem(problem: str, x: torch.Tensor, video_prior, image_prior, args, d
         use_float64_prox(op)
     y = measure(op, x, SIGMA_Y, generators(args.seed, 1, B))
     sigma_n = torch.full((B,), sigma_internal(SIGMA_Y), device=device)
-    schedule = mapped_schedule(problem, image_prior)
+    schedule = map_times(problem, video_prior, image_prior)  # the released times on the pixel priors' schedule
     frames = FrameWisePrior(image_prior, frame_batch=args.frame_batch)
     none = {"nfe": 0, "nfe_video": 0, "nfe_image": 0, "calls": 0}
 

@@ -72,6 +72,17 @@ def video_psnr_global(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _psnr(x_hat, x)
 
 
+def flicker(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r"""Temporal flicker of the error of videos ``(B, C, T, H, W)`` (issue [video], docs/video.md §5):
+    :math:`\operatorname{mean}|e_{t+1} - e_t|` over pixels, channels and the T - 1 frame pairs, with
+    :math:`e_t = \hat x_t - x_t` on [0, 1] (``x_hat`` clamped): 0 for an error constant in time, so it measures the
+    temporal inconsistency of the restoration, not the motion of the clip; ``(B,)``, as a fraction of the range."""
+    if x_hat.shape != x.shape or x.ndim != 5:
+        raise ValueError(f"flicker: expected two (B, C, T, H, W) videos, got {tuple(x_hat.shape)}, {tuple(x.shape)}")
+    e = (x_hat.clamp(-1, 1) - x) / 2
+    return (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1)
+
+
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Normalised 1-D Gaussian window, float64 ``(size,)`` (the separable SSIM window)."""
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -275,6 +286,7 @@ __all__ = [
     "cfid",
     "coverage",
     "data_consistency",
+    "flicker",
     "frechet_distance",
     "gaussian_window",
     "psnr",

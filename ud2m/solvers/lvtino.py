@@ -16,6 +16,7 @@ Public API:
 * :data:`LVTINO_SCHEDULES`: the released schedules of problems A, B and C (§6.4); :func:`generic_schedule`: the
   default for any other operator (η = 0.25, γ from a user δ_k, §6.4 last paragraph);
 * :func:`data_step`, :func:`data_step_adam`: the data step of §6.3 (prox, PDHG, Adam on smoothed TV3, truncated CG);
+* :func:`map_times`: a schedule's times moved to other priors' noise schedules (docs/video.md §1);
 * :func:`lvtino`: the solver; without a video prior it is frame-wise LATINO (:func:`latino` on every frame).
 
 Autograd: nothing here needs it (no gradient is taken; Adam uses the closed-form gradient of its objective), so
@@ -34,6 +35,7 @@ import torch
 from ud2m.operators.base import LinearOperator, Operator
 from ud2m.priors.base import Prior
 from ud2m.priors.stacked import FrameWisePrior
+from ud2m.priors.vp import VPSchedule, make_betas
 from ud2m.solvers.latino_algorithms import _batch_time, _noise_std, latino
 from ud2m.solvers.steps import sae_step, wiener_init
 from ud2m.solvers.tv import (
@@ -382,6 +384,35 @@ def resolve_schedule(schedule: str | Sequence[LVTINOStep] | None) -> tuple[LVTIN
     return rows
 
 
+def map_times(
+    schedule: str | Sequence[LVTINOStep], video_prior: Prior | None, image_prior: Prior
+) -> tuple[LVTINOStep, ...]:
+    r"""A schedule's times moved to the priors' own noise schedules at equal noise level :math:`s_t = b_t/a_t`
+    [ours] (docs/video.md §1): the released times (§6.4) are Wan's flow-matching times for the video prior
+    (:math:`s = t/(1000 - t)`) and SDXL's scaled-linear VP times for the image prior; each is replaced by the time
+    with the same :math:`s` under ``video_prior.t_of_sigma`` (``image_prior``'s when there is no video prior) and
+    ``image_prior.t_of_sigma``, rounded to 0.1. For Wan and an SDXL-schedule image prior it is the identity (up to
+    the rounding); on the pixel DDPMs' linear β schedule it moves 757, 522, 375, 255, 125 to 482, 275, 170, 100, 40
+    and 374, 249, 124 to 271, 193, 116, where the released times would start from almost pure noise.
+
+    Args:
+        schedule: ``"A"``, ``"B"``, ``"C"`` or rows (:func:`resolve_schedule`).
+        video_prior: the video prior, or None (frame-wise LATINO: its video times are unused).
+        image_prior: the image prior.
+    """
+    sdxl = VPSchedule.from_betas(make_betas("scaled_linear", beta_start=0.00085, beta_end=0.012))
+    video = video_prior if video_prior is not None else image_prior
+
+    def video_t(t: float) -> float:
+        return round(float(video.t_of_sigma(torch.tensor(t / (1000.0 - t), dtype=torch.float64))), 1)
+
+    def image_t(t: float | None) -> float | None:
+        return None if t is None else round(float(image_prior.t_of_sigma(sdxl.sigma(t))), 1)
+
+    rows = resolve_schedule(schedule)
+    return tuple(dataclasses.replace(r, t_video=video_t(r.t_video), t_image=image_t(r.t_image)) for r in rows)
+
+
 class ScheduleWeights:
     r"""A LATINO weight rule (``(k, t, u, y, op, sigma_n, prior) -> gamma``) reading step k's γ from the image data
     steps of a schedule: ``prox`` rows give their γ (or :math:`\delta/\sigma_n^2`), ``project_cg`` rows the exact
@@ -608,6 +639,7 @@ __all__ = [
     "generic_schedule",
     "image_sae_step",
     "lvtino",
+    "map_times",
     "pdhg_step_size_per_video",
     "resolve_schedule",
     "smoothed_tv3_grad",
