@@ -372,10 +372,12 @@ def read_results(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: malformed results file ({err})") from err
 
 
-def write_results(folder: str | Path, run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write ``metrics.json`` (``{"run", "summary", "images"}``) and ``metrics.csv`` (one row per image) in
-    ``folder``; returns the JSON content."""
-    result = {"run": run, "summary": summarize(rows), "images": rows}
+def write_results(
+    folder: str | Path, run: dict[str, Any], rows: list[dict[str, Any]], *, keys: tuple[str, ...] = SUMMARY_KEYS
+) -> dict[str, Any]:
+    """Write ``metrics.json`` (``{"run", "summary", "images"}``) and ``metrics.csv`` (one row per image or video) in
+    ``folder``; ``keys``: the columns summarised (:func:`summarize`). Returns the JSON content."""
+    result = {"run": run, "summary": summarize(rows, keys), "images": rows}
     folder = Path(folder)
     (folder / RESULTS_JSON).write_text(json.dumps(result, indent=2))
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -19,10 +19,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import sigma_internal
+from ud2m.priors.base import Prior
 from ud2m.solvers.weights import DiscrepancyWeights, WeightRule, preset_rules
 
 Task = Literal["low-light", "haze", "noise", "colour"]
+Schedule = Literal["A", "B", "C"]
 
 
 @dataclasses.dataclass
@@ -39,6 +42,7 @@ class Problem:
         manifest: UD2M: the export's manifest (its default N and eta).
         preset: the operator preset's metadata (its ``solver:`` block holds tuned weight rules).
         captions: LD-RPS: one caption per observation (None: unconditional).
+        video_prior: LVTINO: the video prior (None: frame-wise LATINO with ``prior``, the image prior).
     """
 
     op: Any
@@ -50,6 +54,7 @@ class Problem:
     manifest: dict | None = None
     preset: dict = dataclasses.field(default_factory=dict)
     captions: list[str] | None = None
+    video_prior: Any = None
 
 
 class Method:
@@ -61,12 +66,14 @@ class Method:
         needs_model: loads a prior (``--model``).
         needs_autograd: the solver enables grad locally, so the entry point uses ``no_grad``, not ``inference_mode``.
         deterministic: one output per observation (``num_samples`` must be 1).
+        video: restores videos ``(B, C, T, H, W)``: ``sample.py`` hands it to the video job (docs/cli.md "Videos").
     """
 
     name: ClassVar[str] = ""
     needs_model: ClassVar[bool] = True
     needs_autograd: ClassVar[bool] = False
     deterministic: ClassVar[bool] = False
+    video: ClassVar[bool] = False
 
     @classmethod
     def solver_function(cls) -> Callable[..., Any] | None:
@@ -496,9 +503,93 @@ class LDRPS(Method):
         return passes[-1], {"passes": passes, "psi": psi, "costs": info}
 
 
+# ============================================================================================== video
+class LVTINO(Method):
+    """LVTINO video restoration (docs/method.md §6, docs/video.md): ``--model`` is the video prior (a stacked-frame
+    pixel DDPM such as ``ud2m/assets/priors/clips``, or a Wan folder); without it the method is frame-wise LATINO
+    with the image prior only (§6.2). The released schedule's times are moved to the priors' own noise schedules
+    (:func:`~ud2m.solvers.lvtino.map_times`: the identity for Wan and SDXL-schedule priors). Prompts are the
+    reference's (``VIDEO_PROMPT``, ``IMAGE_PROMPT``) for priors with a text encoder; unconditional priors get none.
+
+    Args:
+        image_model: the image prior's folder or hub id (applied frame by frame; required).
+        schedule: ``"A"``, ``"B"`` or ``"C"``, the released rows of §6.4. None: the operator preset's
+            (``solver: {lvtino: {schedule: ...}}``, set by the ``lvtino/*`` presets for their problem), else ``"A"``.
+        frame_batch: frames per image-prior call (None: ``lvtino``'s default).
+        shared_image_noise: one image noise per video shared by its frames (None: ``lvtino``'s default, shared with
+            a video prior; frame-wise LATINO draws it per frame and refuses True).
+    """
+
+    name, video = "lvtino", True
+
+    def __init__(
+        self,
+        image_model: str,
+        schedule: Schedule | None = None,
+        frame_batch: int | None = None,
+        shared_image_noise: bool | None = None,
+    ) -> None:
+        if frame_batch is not None and frame_batch < 1:
+            raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
+        self.image_model, self.schedule = image_model, schedule
+        self.frame_batch, self.shared_image_noise = frame_batch, shared_image_noise
+
+    @classmethod
+    def solver_function(cls):
+        from ud2m.solvers.lvtino import lvtino
+
+        return lvtino
+
+    def schedule_of(self, problem: Problem | None) -> str:
+        """The schedule's name: the given one, else the preset's, else ``"A"``."""
+        preset = (((problem.preset if problem else {}).get("solver") or {}).get(self.name) or {}).get("schedule")
+        return self.schedule or preset or "A"
+
+    def check(self, problem: Problem) -> None:
+        """Refuse what the solver would refuse mid-run (before anything is written)."""
+        from ud2m.solvers.lvtino import resolve_schedule
+
+        if problem.video_prior is None and self.shared_image_noise:
+            raise ValueError("LVTINO without --model is frame-wise LATINO: its image noise is drawn per frame")
+        rows = resolve_schedule(self.schedule_of(problem))
+        steps = {r.video_step.method for r in rows} | {r.image_step.method for r in rows if r.image_step}
+        if not isinstance(problem.op, LinearOperator) and steps != {"prox"}:
+            raise ValueError(
+                f"LVTINO schedule {self.schedule_of(problem)!r} has {sorted(steps)} data steps, which need a linear "
+                f"operator; {type(problem.op).__name__} is not (schedule B uses prox steps only)"
+            )
+
+    def settings(self, problem=None):
+        out = super().settings(problem)
+        out["schedule"] = self.schedule_of(problem)
+        if problem is not None and self.shared_image_noise is None:
+            out["shared_image_noise"] = problem.video_prior is not None
+        return out
+
+    def restore(self, problem, y, generators, index):
+        """The videos, and as extras the NFE counts of ``lvtino``'s info (§6.5)."""
+        from ud2m.solvers.lvtino import IMAGE_PROMPT, VIDEO_PROMPT, lvtino, map_times
+
+        rows = map_times(self.schedule_of(problem), problem.video_prior, problem.prior)
+        kw = {k: v for k, v in self.options().items() if k in ("frame_batch", "shared_image_noise")}
+        x, info = lvtino(
+            problem.video_prior, problem.prior, problem.op, y, schedule=rows, sigma_y=problem.sigma_y,
+            cond_video=_prompt(problem.video_prior, VIDEO_PROMPT), cond_image=_prompt(problem.prior, IMAGE_PROMPT),
+            generator=generators, return_info=True, **kw,
+        )  # fmt: skip
+        counts = ("nfe", "nfe_video", "nfe_image", "calls", "calls_image")
+        return x, {"nfe": {k: info[k] for k in counts}}
+
+
+def _prompt(prior: Any, text: str) -> str | None:
+    """``text`` for a prior with a text encoder; None for unconditional priors (they refuse prompts)."""
+    return None if prior is None or type(prior).encode_prompt is Prior.encode_prompt else text
+
+
 __all__ = [
     "DPS",
     "LDRPS",
+    "LVTINO",
     "UD2M",
     "DiffPIR",
     "Latino",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,8 @@ def operator_at(job: Job, hw: tuple[int, int]) -> Any:
 
 # ============================================================================================== entry point
 def restore(options: Options) -> dict[str, Any]:
-    """Run a restoration job: validate everything, then restore every pending image and write the outputs.
+    """Run a restoration job: validate everything, then restore every pending image and write the outputs. A video
+    method (:attr:`ud2m.methods.Method.video`) hands over to :func:`ud2m.cli.restore_video.restore_video`.
 
     Args:
         options: the parsed command line (see ``sample.py``).
@@ -167,6 +169,11 @@ def restore(options: Options) -> dict[str, Any]:
     """
     checkpoint = None if options.checkpoint is None else Path(options.checkpoint)
     options = dataclasses.replace(options, output_dir=Path(options.output_dir), checkpoint=checkpoint)
+    method = resolve_method(options)
+    if method.video:  # LVTINO: the video job (same options, files and resume rules)
+        from ud2m.cli.restore_video import restore_video
+
+        return restore_video(dataclasses.replace(options, method=method))
     return run(prepare(options))
 
 
@@ -184,7 +191,7 @@ def prepare(options: Options) -> Job:
     if method.needs_model:
         _load_models(job)
     job.items = plan_items(job, sources)
-    job.run = run_record(job)
+    job.run = run_record(job, problem_of(job, job.op, (0, 0, 0)))
     check_resume_compatible(job)
     job.lpips, job.lpips_note = _make_lpips(options, device)
     return job
@@ -392,21 +399,26 @@ def _caption(job: Job, stem: str) -> str | None:
     return path.read_text().strip()
 
 
-def _stem(source: str, simulate: bool) -> str:
-    """Output stem; an observation ``<stem>_y.png`` (as a simulated run writes it) keeps ``<stem>``."""
-    stem = source_stem(source)
+def _stem(source: str, simulate: bool, stem_of: Callable[[str], str] = source_stem) -> str:
+    """Output stem; an observation ``<stem>_y.png`` (as a simulated run writes it; ``<stem>_y.mp4`` or
+    ``<stem>_y/`` for videos with ``stem_of=video_stem``) keeps ``<stem>``."""
+    stem = stem_of(source)
     return stem[:-2] if not simulate and stem.endswith("_y") and len(stem) > 2 else stem
 
 
-def _references(spec: str | None) -> dict[str, str] | None:
-    return None if spec is None else {source_stem(s): s for s in discover_images(spec)}
+def _references(
+    spec: str | None,
+    discover: Callable[[str], list[str]] = discover_images,
+    stem_of: Callable[[str], str] = source_stem,
+) -> dict[str, str] | None:
+    return None if spec is None else {stem_of(s): s for s in discover(spec)}
 
 
-def _reference(job: Job, references: dict[str, str] | None, source: str, stem: str) -> str | None:
+def _reference(job: Job, references: dict[str, str] | None, source: str, stem: str, kind: str = "image") -> str | None:
     if references is None:
         return None
     if stem not in references:
-        raise FileNotFoundError(f"{source}: no reference image with stem {stem!r} in {job.options.reference}")
+        raise FileNotFoundError(f"{source}: no reference {kind} with stem {stem!r} in {job.options.reference}")
     return references[stem]
 
 

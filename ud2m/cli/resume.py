@@ -20,6 +20,8 @@ from ud2m.io import read_results
 
 if TYPE_CHECKING:
     from ud2m.cli.restore import Job
+    from ud2m.cli.restore_video import VideoJob
+    from ud2m.methods import Problem
 
 #: resolved settings compared on the run record (``metrics.json`` → ``run``)
 RUN_KEYS = (
@@ -39,12 +41,11 @@ RUN_KEYS = (
 OPTION_KEYS = ("model_options", "crop")
 
 
-def run_record(job: Job) -> dict[str, Any]:
-    """The ``run`` entry of ``metrics.json`` (the options are added when it is written)."""
-    from ud2m.cli.restore import problem_of
-
+def run_record(job: Job | VideoJob, problem: Problem) -> dict[str, Any]:
+    """The ``run`` entry of ``metrics.json`` (the options are added when it is written); ``problem`` resolves the
+    method's settings (:meth:`ud2m.methods.Method.settings`). Image and video jobs share it."""
     o, latent = job.options, getattr(job.prior, "vae", None) is not None
-    settings = job.method.settings(problem_of(job, job.op, (0, 0, 0)))
+    settings = job.method.settings(problem)
     record = dict(method=job.method.name, settings=_json(settings), operator=job.operator_name, sigma_y=job.sigma_y)
     record.update(seed=o.seed, input=o.input, num_samples=o.num_samples, model=job.run.get("model"))
     record.update(simulate=o.simulate, device=str(job.device))
@@ -53,7 +54,7 @@ def run_record(job: Job) -> dict[str, Any]:
     return record
 
 
-def check_resume_compatible(job: Job) -> None:
+def check_resume_compatible(job: Job | VideoJob) -> None:
     """Refuse to mix outputs of a different run into an existing folder (:data:`RUN_KEYS`, :data:`OPTION_KEYS`).
 
     Raises:
@@ -82,13 +83,13 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _applies(job: Job, key: str) -> bool:
+def _applies(job: Job | VideoJob, key: str) -> bool:
     """Settings that only some methods or modes read are compared only there."""
     if key == "crop":
         return job.options.simulate
     return job.method.needs_model  # model_options
 
 
-def _effective(job: Job, key: str, value: Any) -> Any:
+def _effective(job: Job | VideoJob, key: str, value: Any) -> Any:
     """The value a run used: unset option dicts are empty."""
     return value or {} if key == "model_options" else value
