@@ -83,7 +83,7 @@ SETTINGS = {
     "full": dict(crops=4, seeds=(0,), num_steps=200, tune_crops=8),
     "quick": dict(crops=2, seeds=(0,), num_steps=20, tune_crops=2),
 }
-BLIND, BASE, KNOWN = "LD-RPS blind", "LD-RPS, true linear part", "LD-RPS, true operator (adapt off)"
+BLIND, BASE, KNOWN = "LD-RPS blind (physical ψ)", "LD-RPS, true linear part", "LD-RPS, true operator (adapt off)"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -298,6 +298,7 @@ def run(args) -> Path:
         "wall_seconds": time.perf_counter() - start,
         "prior": "photos (pixel, unconditional: no caption)",
         "feature_net": None,
+        "psi": "physical (§13.9: tone / scattering / tone, not fitted / luma); base rows: F-PAM, w_adv = 0",
     }
     path = RESULTS / ("blind_quick.json" if args.quick else "blind.json")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -334,6 +335,7 @@ def report_text(data: dict) -> str:
         f"Protocol of docs/method.md §13.8 scaled as in `benchmarks/blind.py` ({m['mode']}): "
         f"{len(m['crops'])} held-out 64×64 crops × {len(m['seeds'])} seed(s), N = {m['num_steps']} DDIM steps, "
         '§13.4 presets (`guidance_norm="sum"`, `schedule_transfer="sigma"`, no feature network, F = 1), '
+        f"ψ: {m.get('psi', 'F-PAM (§13.4)')}, "
         f"the `photos` pixel prior without caption{', guidance ×450/N' if m['guidance_scaling'] == 'steps' else ''}. "
         f"{m['threads']} thread(s), {m['wall_seconds'] / 60:.1f} min, load average {load[0]} at the start and "
         f"{load[1]} at the end. PSNR/SSIM: mean ± std over the runs; S_tot / S_g: DDIM steps / guided steps "

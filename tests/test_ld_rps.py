@@ -16,7 +16,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from ud2m.operators import Denoising, NonlinearOperator
-from ud2m.operators.learned import AdamState, LearnedDegradation, adam_step
+from ud2m.operators.learned import AdamState, LearnedDegradation, adam_step, physical_psi
+from ud2m.operators.simulate import Grayscale, PixelScale
 from ud2m.priors.tiny import tiny_pixel_prior
 from ud2m.solvers.ld_rps import (
     CFGCondition,
@@ -410,11 +411,18 @@ def test_latent_prior_with_cfg(tmp_path):
 
 def test_task_defaults_and_errors(tmp_path):
     assert task_defaults("low-light").num_recurrences == 2 and task_defaults("haze").num_recurrences == 3
-    kw = task_defaults("haze").solver_kwargs(guidance_norm="sum", image_size=64)
+    kw = task_defaults("haze").solver_kwargs(guidance_norm="sum", image_size=64, psi="fpam")
     assert kw["guidance_scale"] == pytest.approx(2.5e4 / (3 * 512**2))
     x = torch.full((1, 3, 64, 64), 0.3)  # P = 64 at 512² -> 8 at 64²: constant image gives (c − 0.5)²
     assert float(kw["regularisers"][0][0](x)) == pytest.approx(0.04)
-    assert learned_degradation("noise").w_mse == 3.0
+    assert learned_degradation("noise", psi="fpam").w_mse == 3.0
+    assert learned_degradation("haze").arch == "scattering" and learned_degradation("colour").arch == "luma"
+    assert learned_degradation("haze", base=Denoising()).w_adv == 0.0  # anchored at A₀ (§13.9)
+    x[..., :32, :] = 0.7  # physical low-light preset: one global patch, so only the image mean counts
+    (Q, _, t_j), *_ = task_defaults("low-light").solver_kwargs(image_size=64)["regularisers"]
+    assert float(Q(x)) == pytest.approx(0.0, abs=1e-8) and t_j == 999.0  # fp32 mean of 0.3, 0.7
+    with pytest.raises(ValueError, match="physical"):
+        task_defaults("haze").degradation_kwargs("cnn")
     with pytest.raises(ValueError, match="low-light, haze, noise, colour"):
         task_defaults("deblur")
     missing = tmp_path / "vgg16.pth"
@@ -434,3 +442,53 @@ def test_freeze_gives_an_operator_with_the_same_map():
     torch.testing.assert_close(frozen.prox_l2(x, y, 2.0), op.prox_l2(x, y, 2.0, state))
     state.psi.params["p"].add_(1.0)  # the frozen operator holds its own copy
     assert not torch.equal(frozen.A(x), op.A(x, state))
+
+
+# ---------------------------------------------------------------------------------------------------- §13.9 [ours]
+def test_psi_started_at_base_and_fed_the_truth_stays_there():
+    """ψ = A₀ + r, r = 0, fed the true x: the anchored preset (w_adv = 0) keeps ψ = A₀; D1's pull (w_adv of §13.4)
+    moves it although ψ(x) already explains y (the drift of §13.9)."""
+    x = measurement(20, B=2)
+    A0 = PixelScale(torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.2)
+    y = A0.A(x) + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    x01 = torch.stack([(x + 1) / 2] * 2, 1)  # both chains see the truth
+    for w_adv, stays in ((None, True), (0.8, False)):
+        kw = {} if w_adv is None else {"w_adv": w_adv}
+        op = learned_degradation("low-light", base=A0, width=8, disc_width=8, **kw)
+        state = op.init_state(y, generator=gens(0, 1))
+        for _ in range(10):
+            state, _ = op.adapt(x01, y, state, guided=True)
+        drift = float((op.A(x, state) - A0.A(x)).abs().max())
+        assert (drift < 1e-5) == stays, drift
+
+
+def test_physical_psi_identities():
+    u = torch.rand(2, 2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.9 + 0.05  # (B, n, C, H, W)
+    tone = {"log_gain": torch.zeros(2, 3), "log_gamma": torch.zeros(2, 3)}
+    torch.testing.assert_close(physical_psi("tone", u, tone, 3), u)  # starts at the identity
+    t, a = torch.tensor([0.3, 0.8]), torch.tensor([0.2, 0.9])
+    haze = {"depth": (1 / t - 1).log()[:, None, None, None].expand(2, 1, 4, 4), "airlight": a.logit()[:, None]}
+    haze["airlight"] = haze["airlight"].expand(2, 3)  # softplus⁻¹(−log t) = log(1/t − 1)
+    expected = t.view(2, 1, 1, 1, 1) * u + a.view(2, 1, 1, 1, 1) * (1 - t.view(2, 1, 1, 1, 1))
+    torch.testing.assert_close(physical_psi("scattering", u, haze, 3), expected)
+    luma = physical_psi("luma", u, {"luma": torch.zeros(2, 3)}, 3)
+    torch.testing.assert_close(luma, u.mean(2, keepdim=True).expand_as(u))
+
+
+@pytest.mark.parametrize("task", ["low-light", "colour"])
+def test_physical_psi_fitted_on_the_truth_recovers_the_degradation(task):
+    """Fed the true x (guided chain), the paired fit of the physical ψ converges to the true map; unguided steps
+    fit nothing (§13.9)."""
+    x = measurement(21, B=2, size=8)
+    x01 = (x + 1) / 2
+    truth = Grayscale(3).A(x) if task == "colour" else 2 * 0.4 * x01.clamp(1e-3).pow(2.0) - 1
+    op = learned_degradation(task)
+    state = op.init_state(truth)
+    chains = torch.stack([x01, x01.flip(-1)], 1)  # the free chain is not aligned with y
+    unguided, logs = op.adapt(chains, truth, state, guided=False)
+    assert all(torch.equal(unguided.psi.params[k], p) for k, p in state.psi.params.items())
+    assert bool(torch.isnan(logs["psi"]).all()) and bool(torch.isnan(logs["d1"]).all())
+    for _ in range(200):  # 200 adapt calls of 5 Adam steps
+        state, logs = op.adapt(chains, truth, state, guided=True)
+    err = float((op.A(x, state) - truth).abs().max())
+    assert err < 0.02, err

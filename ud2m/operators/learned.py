@@ -36,7 +36,9 @@ from ud2m.utils import Generator, append_dims, batch_scalar, randn
 logger = logging.getLogger(__name__)
 
 LEAKY_SLOPE = 0.01  # LeakyReLU slope of ψ, D1 and D2 [ref]
-ARCHS = ("fpam", "tao")
+PHYSICAL = ("tone", "scattering", "luma")  # low-dimensional, physically parametrised ψ fitted paired [ours] (§13.9)
+ARCHS = ("fpam", "tao", *PHYSICAL)
+TONE_FLOOR = 1e-3  # x ↦ max(x, 1e-3)^γ: finite γ-gradient at x ≤ 0 (x̂ is unclamped)
 Layer = tuple[str, int, int, int, int]  # (name, in_channels, out_channels, kernel, stride)
 FeatureNet = Callable[[torch.Tensor], torch.Tensor]
 
@@ -140,8 +142,8 @@ def fpam_layers(c_in: int, c_out: int, width: int, arch: str = "fpam") -> list[L
 
     ``arch="tao"`` is h2 alone on the input (the reference's plain 4-conv CNN, for ablations).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+    if arch not in ("fpam", "tao"):
+        raise ValueError(f"arch: expected 'fpam' or 'tao' for a layer table, got {arch!r}")
     h2_in = c_in if arch == "tao" else c_out
     h2 = [("h2.0", h2_in, width, 3, 1), ("h2.1", width, 2 * width, 3, 1)]
     h2 += [("h2.2", 2 * width, 4 * width, 3, 1), ("h2.3", 4 * width, c_out, 1, 1)]
@@ -211,6 +213,45 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().flatten(1).mean(1)
 
 
+# ---------------------------------------------------------------------------------------------------- physical ψ
+def init_physical(arch: str, B: int, c_in: int, c_out: int, grid: int, *, device, dtype) -> dict[str, torch.Tensor]:
+    """Parameters of a physical ψ (§13.9) at its start: the identity for ``tone``, near-clear air (t ≈ 0.98,
+    grey airlight 0.5) for ``scattering``, the channel mean for ``luma``. Nothing is random."""
+    kw = dict(device=device, dtype=dtype)
+    if arch == "tone":
+        return {"log_gain": torch.zeros(B, c_out, **kw), "log_gamma": torch.zeros(B, c_out, **kw)}
+    if arch == "scattering":
+        return {"depth": torch.full((B, 1, grid, grid), -4.0, **kw), "airlight": torch.zeros(B, c_out, **kw)}
+    if arch == "luma":
+        return {"luma": torch.zeros(B, c_in, **kw)}
+    raise ValueError(f"arch: expected one of {PHYSICAL}, got {arch!r}")
+
+
+def physical_psi(arch: str, u: torch.Tensor, phi: dict[str, torch.Tensor], c_out: int) -> torch.Tensor:
+    r"""A physical ψ on ``(B, n, C, H, W)`` [0, 1] images [ours] (§13.9); every parameter is per sample.
+
+    - ``tone``: :math:`\psi(u)_c = g_c\,\max(u_c, 10^{-3})^{\gamma_c}`, g = e^ℓ, γ = e^κ per channel: a monotone
+      pointwise tone curve (low light: g < 1, γ > 1 darken; noise: the fit stays at the identity).
+    - ``scattering``: :math:`\psi(u) = t \odot u + a(1 - t)`, t = exp(−softplus(τ)) ∈ (0, 1) with τ a
+      ``grid``×``grid`` optical-depth map upsampled bilinearly (smooth depth), a = sigmoid(α) per channel (the
+      atmospheric scattering model of haze).
+    - ``luma``: :math:`\psi(u) = (w^\top u)\mathbb 1`, w = softmax(ω) (a convex mix of the channels, grey images).
+    """
+    B, n, _, H, W = u.shape
+    if arch == "tone":
+        gain, gamma = (phi[k].exp()[:, None, :, None, None] for k in ("log_gain", "log_gamma"))
+        return gain * u.clamp(min=TONE_FLOOR).pow(gamma)
+    if arch == "scattering":
+        tau = F.interpolate(phi["depth"], size=(H, W), mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        t = torch.exp(-F.softplus(tau))[:, None]  # (B, 1, 1, H, W)
+        a = torch.sigmoid(phi["airlight"])[:, None, :, None, None]
+        return t * u + a * (1 - t)
+    if arch == "luma":
+        w = torch.softmax(phi["luma"], 1)[:, None, :, None, None]
+        return (w * u).sum(2, keepdim=True).expand(B, n, c_out, H, W)
+    raise ValueError(f"arch: expected one of {PHYSICAL}, got {arch!r}")
+
+
 # ---------------------------------------------------------------------------------------------------- features
 class ImageNetFeatures(nn.Module):
     """A frozen feature trunk on [0, 1] RGB images, ImageNet-normalised first (grey inputs repeated to RGB)."""
@@ -267,7 +308,12 @@ class LearnedDegradation(nn.Module):
     Args:
         width: F-PAM width w (64).
         disc_width: first width of D1/D2 (64).
-        arch: ``"fpam"`` or ``"tao"`` (plain 4-conv CNN, ablation).
+        arch: ``"fpam"`` [ref], ``"tao"`` (plain 4-conv CNN, ablation), or a physical ψ [ours] (§13.9):
+            ``"tone"``, ``"scattering"``, ``"luma"`` (see :func:`physical_psi`). A physical ψ is fitted *paired*,
+            S(φ) = MSE(ψ(x̂⁺), y₀₁) on the guided chain and only in guided steps, with no D1 and no identity or
+            feature term (w_mse, w_pse, w_adv are unused); it cannot take ``base``.
+        grid: control points per side of the ``"scattering"`` optical-depth map.
+        psi_iters: Adam steps of ψ per :meth:`adapt` (1 [ref]).
         w_mse, w_pse, w_adv: ψ loss weights (defaults: dehazing, §13.4).
         lambda_p, lambda_a: fidelity weights of the feature and D2 terms.
         psi_lr, psi_weight_decay, d1_lr, d2_lr: Adam settings; betas/eps shared.
@@ -284,6 +330,8 @@ class LearnedDegradation(nn.Module):
         width: int = 64,
         disc_width: int = 64,
         arch: str = "fpam",
+        grid: int = 8,
+        psi_iters: int = 1,
         w_mse: float = 0.2,
         w_pse: float = 0.5,
         w_adv: float = 0.2,
@@ -307,10 +355,13 @@ class LearnedDegradation(nn.Module):
             raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
         if base is not None and not isinstance(base, LinearOperator):
             raise TypeError(f"base: expected a LinearOperator, got {type(base).__name__}")
+        if base is not None and arch in PHYSICAL:
+            raise ValueError(f"base: a physical ψ (arch={arch!r}) takes no base operator")
         self.width, self.disc_width, self.arch = width, disc_width, arch
+        self.grid, self.psi_iters = grid, psi_iters
         self.feature_net = _feature_net(feature_net)
         has_features = self.feature_net is not None
-        self.w_mse, self.w_adv, self.lambda_a = w_mse, w_adv, lambda_a
+        self.w_mse, self.w_adv, self.lambda_a = w_mse, w_adv, (0.0 if arch in PHYSICAL else lambda_a)
         self.w_pse, self.lambda_p = (w_pse, lambda_p) if has_features else (0.0, 0.0)
         self.psi_lr, self.psi_weight_decay, self.d1_lr, self.d2_lr = psi_lr, psi_weight_decay, d1_lr, d2_lr
         self.betas, self.adam_eps = tuple(betas), adam_eps
@@ -346,7 +397,10 @@ class LearnedDegradation(nn.Module):
         kw = dict(device=y.device, dtype=dtype)
         c_psi_in = c_y if self.base is not None else c_x
         zero = ("h2.3",) if self.base is not None else ()
-        phi = init_layers(fpam_layers(c_psi_in, c_y, self.width, self.arch), B, generator, zero=zero, **kw)
+        if self.physical:
+            phi = init_physical(self.arch, B, c_x, c_y, self.grid, **kw)
+        else:
+            phi = init_layers(fpam_layers(c_psi_in, c_y, self.width, self.arch), B, generator, zero=zero, **kw)
         if self.arch == "fpam":
             phi["p"] = torch.full((B, c_y), 0.0 if self.base is not None else 1.0, **kw)
         d1 = init_layers(discriminator_layers(c_y, self.disc_width), B, generator, **kw)
@@ -355,6 +409,11 @@ class LearnedDegradation(nn.Module):
         return DegradationState(AdamState.fresh(phi), AdamState.fresh(d1), None if d2 is None else AdamState.fresh(d2))
 
     # ------------------------------------------------------------------ networks
+    @property
+    def physical(self) -> bool:
+        """Whether ψ is a physical model (§13.9) fitted paired, rather than F-PAM fitted unpaired."""
+        return self.arch in PHYSICAL
+
     def _fpam(self, u: torch.Tensor, phi: dict[str, torch.Tensor]) -> torch.Tensor:
         """F-PAM on ``(B, n, C, H, W)``: h2(h1(u)) + p ⊙ h1(u) (``"tao"``: h2(u))."""
         layers = fpam_layers(u.shape[2], phi["h2.3.bias"].shape[1], self.width, self.arch)
@@ -365,6 +424,8 @@ class LearnedDegradation(nn.Module):
 
     def psi_chains(self, x01: torch.Tensor, phi: dict[str, torch.Tensor]) -> torch.Tensor:
         """ψ_φ on ``(B, n, C, H, W)`` [0, 1] images (n chains per sample); with ``base``: u + r_φ(u), u = A₀x."""
+        if self.physical:
+            return physical_psi(self.arch, x01, phi, c_out=x01.shape[2])
         if self.base is None:
             return self._fpam(x01, phi)
         u = torch.stack([self.base.A(x01[:, j]) for j in range(x01.shape[1])], 1)  # loop over chains, not samples
@@ -427,7 +488,10 @@ class LearnedDegradation(nn.Module):
         t: float | None = None,
         guided: bool | None = None,
     ) -> tuple[DegradationState, dict[str, torch.Tensor]]:
-        """One D1 step, one ψ step, then one D2 step in the guided stage when λ_a > 0 (docs/method.md §13.1, §13.3).
+        """One D1 step, ``psi_iters`` ψ steps, then one D2 step in the guided stage when λ_a > 0 (§13.1, §13.3).
+
+        A physical ψ (§13.9) takes only its ``psi_iters`` paired steps, and only in guided steps: unguided
+        estimates are not aligned with y, so nothing is fitted to them (no D1, no D2).
 
         Args:
             x_hat: detached estimates ``(B, n, C, H, W)`` (chain 0 guided) or ``(B, C, H, W)``, on [0, 1].
@@ -437,15 +501,24 @@ class LearnedDegradation(nn.Module):
             guided: whether this is a guided step (enables the clip of the feature term and the D2 step).
 
         Returns:
-            ``(new_state, logs)`` with per-sample ``(B,)`` losses ``d1``, ``psi``, ``d2`` (NaN when no D2 step).
+            ``(new_state, logs)`` with per-sample ``(B,)`` losses ``d1``, ``psi``, ``d2`` (NaN where no step).
         """
         guided = (t is not None and t < self.t1) if guided is None else guided
         x = (x_hat if x_hat.ndim == 5 else x_hat[:, None]).detach()
         y01 = self.unit_measurement(y)[:, None].detach()
+        nan = torch.full((x.shape[0],), float("nan"), device=x.device, dtype=x.dtype)
+        if self.physical:
+            psi, loss_psi = state.psi, nan
+            with torch.enable_grad():
+                for _ in range(self.psi_iters if guided else 0):
+                    psi, loss_psi = self._paired_step(x, y01, psi)
+            return DegradationState(psi, state.d1, state.d2), {"d1": nan, "psi": loss_psi, "d2": nan}
         with torch.enable_grad():
-            d1, loss_d1 = self._d1_step(x, y01, state)
-            psi, loss_psi = self._psi_step(x, state.psi, d1, guided)
-            d2, loss_d2 = state.d2, torch.full_like(loss_d1, float("nan"))
+            d1, loss_d1 = self._d1_step(x, y01, state) if self.w_adv else (state.d1, nan)  # D1 only feeds w_adv
+            psi = state.psi
+            for _ in range(self.psi_iters):
+                psi, loss_psi = self._psi_step(x, psi, d1, guided)
+            d2, loss_d2 = state.d2, nan
             if guided and self.lambda_a and state.d2 is not None:
                 d2, loss_d2 = self._d2_step(x, y01, psi, state.d2)
         return DegradationState(psi, d1, d2), {"d1": loss_d1, "psi": loss_psi, "d2": loss_d2}
@@ -474,6 +547,13 @@ class LearnedDegradation(nn.Module):
         grads = _grads(loss, params)
         kw = dict(lr=self.psi_lr, betas=self.betas, eps=self.adam_eps, weight_decay=self.psi_weight_decay)
         return adam_step(psi, grads, **kw), loss.detach()
+
+    def _paired_step(self, x: torch.Tensor, y01: torch.Tensor, psi: AdamState) -> tuple[AdamState, torch.Tensor]:
+        """A physical ψ on S(φ) = MSE(ψ(x̂⁺), y₀₁), the guided chain against y (§13.9), with decay."""
+        params = _leaves(psi.params)
+        loss = mse(self.psi_chains(x[:, :1], params), y01)  # the free chains are not aligned with y
+        kw = dict(lr=self.psi_lr, betas=self.betas, eps=self.adam_eps, weight_decay=self.psi_weight_decay)
+        return adam_step(psi, _grads(loss, params), **kw), loss.detach()
 
     def _d2_step(
         self, x: torch.Tensor, y01: torch.Tensor, psi: AdamState, d2: AdamState

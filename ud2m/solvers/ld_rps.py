@@ -166,39 +166,72 @@ class TaskDefaults:
     colour: tuple[float, float] | None  # (weight, active t <)
     num_recurrences: int
     use_caption: bool
+    physical_arch: str = "tone"  # ψ = "physical" [ours] (§13.9): the physical model of this task
+    physical_iters: int = 5  # its paired Adam steps per adapt (0: ψ stays the identity, nothing to fit)
+    physical_exposure: tuple[float, int, float] | None = None  # Q_exp with ψ = "physical": (w, P at 512², t <)
 
-    def degradation_kwargs(self) -> dict[str, float]:
-        """Keyword arguments of :class:`LearnedDegradation` for this task."""
+    def degradation_kwargs(self, psi: str = "physical") -> dict[str, Any]:
+        """Keyword arguments of :class:`LearnedDegradation` for this task: ``psi="physical"`` [ours, default]
+        the task's physical ψ fitted paired (§13.9), ``psi="fpam"`` the reference's F-PAM and its weights."""
+        if psi == "physical":
+            return dict(arch=self.physical_arch, psi_iters=self.physical_iters, **PHYSICAL_FIT)
+        if psi != "fpam":
+            raise ValueError(f"psi: expected 'physical' or 'fpam', got {psi!r}")
         names = ("w_mse", "w_pse", "w_adv", "d1_lr", "lambda_p", "lambda_a", "d2_lr")
         return {k: getattr(self, k) for k in names}
 
-    def regularisers(self, image_size: int = 512) -> tuple[Regulariser, ...]:
-        """``(Q_j, w_j, t_j)`` for :func:`ld_rps`, Q_exp patches scaled to ``image_size`` (32 → 4 at 64²)."""
+    def regularisers(self, image_size: int = 512, psi: str = "physical") -> tuple[Regulariser, ...]:
+        """``(Q_j, w_j, t_j)`` for :func:`ld_rps`, Q_exp patches scaled to ``image_size`` (32 → 4 at 64²); with
+        ``psi="physical"`` the task's ``physical_exposure`` replaces Q_exp."""
         regs: list[Regulariser] = []
-        if self.exposure is not None:
-            w, P, t_j = self.exposure
+        exposure = self.physical_exposure if psi == "physical" else self.exposure
+        if exposure is not None:
+            w, P, t_j = exposure
             P = max(1, round(P * image_size / 512))
             regs.append((lambda x, P=P: exposure_loss(x, P), w, t_j))
         if self.colour is not None:
             regs.append((colour_loss, *self.colour))
         return tuple(regs)
 
-    def solver_kwargs(self, *, guidance_norm: str = "mean", image_size: int = 512) -> dict[str, Any]:
-        """``guidance_scale``, ``num_recurrences``, ``regularisers`` and ``guidance_norm`` for :func:`ld_rps`."""
+    def solver_kwargs(
+        self, *, guidance_norm: str = "mean", image_size: int = 512, psi: str = "physical"
+    ) -> dict[str, Any]:
+        """``guidance_scale``, ``num_recurrences``, ``regularisers`` and ``guidance_norm`` for :func:`ld_rps`
+        (``psi`` as in :meth:`degradation_kwargs`)."""
         s = self.guidance_scale if guidance_norm == "mean" else self.guidance_scale / REFERENCE_PIXELS
         return dict(
             guidance_scale=s,
             num_recurrences=self.num_recurrences,
-            regularisers=self.regularisers(image_size),
+            regularisers=self.regularisers(image_size, psi),
             guidance_norm=guidance_norm,
         )
 
 
+PHYSICAL_FIT = dict(psi_lr=2e-2, psi_weight_decay=0.0)  # a few parameters: a larger step, no decay [ours] (§13.9)
+GLOBAL_EXPOSURE = (1e-2, 512, 999.0)  # Q_exp on the whole image (P = H), every guided step [ours] (§13.9)
 TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "low-light": TaskDefaults(8e4, 0.02, 0.3, 0.8, 4e-5, 2e-3, 5e-5, 4e-5, (1e-2, 32, 100), (1e-2, 100), 2, True),
-    "haze": TaskDefaults(2.5e4, 0.2, 0.5, 0.2, 1e-4, 5e-3, 0.0, 4e-5, (1e-2, 64, 150), (1e-3, 150), 3, True),
-    "noise": TaskDefaults(4e4, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 1, False),
-    "colour": TaskDefaults(2.5e4, 0.2, 0.5, 0.2, 1e-4, 5e-3, 0.0, 4e-5, None, None, 1, True),
+    "low-light": TaskDefaults(
+        8e4, 0.02, 0.3, 0.8, 4e-5, 2e-3, 5e-5, 4e-5, (1e-2, 32, 100), (1e-2, 100), 2, True, "tone", 5, GLOBAL_EXPOSURE
+    ),
+    "haze": TaskDefaults(
+        2.5e4,
+        0.2,
+        0.5,
+        0.2,
+        1e-4,
+        5e-3,
+        0.0,
+        4e-5,
+        (1e-2, 64, 150),
+        (1e-3, 150),
+        3,
+        True,
+        "scattering",
+        5,
+        (1e-2, 64, 150),
+    ),
+    "noise": TaskDefaults(4e4, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 1, False, "tone", 0, None),
+    "colour": TaskDefaults(2.5e4, 0.2, 0.5, 0.2, 1e-4, 5e-3, 0.0, 4e-5, None, None, 1, True, "luma", 5, None),
 }
 
 
@@ -213,9 +246,16 @@ def task_defaults(task: str) -> TaskDefaults:
     return TASK_DEFAULTS[task]
 
 
-def learned_degradation(task: str, **overrides: Any) -> LearnedDegradation:
-    """A :class:`LearnedDegradation` with ``task``'s loss weights and learning rates (overrides win)."""
-    return LearnedDegradation(**{**task_defaults(task).degradation_kwargs(), **overrides})
+def learned_degradation(task: str, *, psi: str | None = None, **overrides: Any) -> LearnedDegradation:
+    """A :class:`LearnedDegradation` for ``task`` (overrides win).
+
+    ``psi="physical"`` [ours, the default without ``base``] gives the task's physical ψ fitted paired (§13.9);
+    ``psi="fpam"`` [ref, the default with ``base``] the F-PAM ψ with the task's §13.4 loss weights and learning rates;
+    with ``base`` the adversarial weight w_adv defaults to 0 [ours]: D1's pull moved ψ off a correct A₀ (§13.9).
+    """
+    psi = psi or ("fpam" if "base" in overrides or "arch" in overrides else "physical")
+    anchored = {"w_adv": 0.0} if "base" in overrides else {}
+    return LearnedDegradation(**{**task_defaults(task).degradation_kwargs(psi), **anchored, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------------- the solver
@@ -286,9 +326,9 @@ def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float,
     run.count("decoder_forwards")
     if run.adapt:
         state, logs = run.op.adapt(x_hat, run.y, state, t=t, guided=guided)  # 12.
-        run.count("adapt_calls")
-        if "d2" in logs and not bool(torch.isnan(logs["d2"]).all()):
-            run.count("d2_steps")
+        for key in ("psi", "d1", "d2"):  # optimiser steps actually taken (a physical ψ skips D1, D2, unguided ψ)
+            if key in logs and not bool(torch.isnan(logs[key]).all()):
+                run.count(f"{key}_steps", getattr(run.op, "psi_iters", 1) if key == "psi" else 1)
     g = torch.zeros_like(z_next).view(B, n, *z.shape[1:])
     if guided:  # 13.-16.
         g_plus = _guidance(run, z0_chk[:, 0], t, t_reg, state)
@@ -400,7 +440,7 @@ def _image_shape(op: Any, y: torch.Tensor) -> tuple[int, ...]:
 def _info(run: _Run, nfe: int) -> dict[str, Any]:
     """§13.5 cost accounting per image, counted as the loop ran."""
     counts, cfg = run.counts, isinstance(run.cond, CFGCondition)
-    steps, adapt_calls = counts.get("decoder_forwards", 0), counts.get("adapt_calls", 0)
+    steps = counts.get("decoder_forwards", 0)
     return dict(
         steps=steps,
         guided_steps=counts.get("guided_steps", 0),
@@ -411,8 +451,8 @@ def _info(run: _Run, nfe: int) -> dict[str, Any]:
         decoder_forwards=steps,
         decoder_vjps=counts.get("decoder_vjps", 0),
         output_decodes=counts.get("output_decodes", 0),
-        psi_steps=adapt_calls,
-        d1_steps=adapt_calls,
+        psi_steps=counts.get("psi_steps", 0),
+        d1_steps=counts.get("d1_steps", 0),
         d2_steps=counts.get("d2_steps", 0),
     )
 
