@@ -326,9 +326,10 @@ def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float,
     run.count("decoder_forwards")
     if run.adapt:
         state, logs = run.op.adapt(x_hat, run.y, state, t=t, guided=guided)  # 12.
-        for key in ("psi", "d1", "d2"):  # optimiser steps actually taken (a physical ψ skips D1, D2, unguided ψ)
+        run.count("psi_steps")  # adapt calls (§13.5's S_tot ψ updates; a physical ψ fits only in guided ones)
+        for key in ("d1", "d2"):  # optimiser steps actually taken (no D1 when w_adv = 0, no D2 when λ_a = 0)
             if key in logs and not bool(torch.isnan(logs[key]).all()):
-                run.count(f"{key}_steps", getattr(run.op, "psi_iters", 1) if key == "psi" else 1)
+                run.count(f"{key}_steps")
     g = torch.zeros_like(z_next).view(B, n, *z.shape[1:])
     if guided:  # 13.-16.
         g_plus = _guidance(run, z0_chk[:, 0], t, t_reg, state)
