@@ -514,7 +514,7 @@ class LVTINO(Method):
     Args:
         image_model: the image prior's folder or hub id (applied frame by frame; required).
         schedule: ``"A"``, ``"B"`` or ``"C"``, the released rows of §6.4. None: the operator preset's
-            (``solver: {lvtino: {schedule: ...}}``, set by the ``lvtino/*`` presets for their problem), else ``"A"``.
+            (its ``schedule:`` key, set by the ``lvtino/*`` presets for their problem), else ``"A"``.
         frame_batch: frames per image-prior call (None: ``lvtino``'s default).
         shared_image_noise: one image noise per video shared by its frames (None: ``lvtino``'s default, shared with
             a video prior; frame-wise LATINO draws it per frame and refuses True).
@@ -542,8 +542,7 @@ class LVTINO(Method):
 
     def schedule_of(self, problem: Problem | None) -> str:
         """The schedule's name: the given one, else the preset's, else ``"A"``."""
-        preset = (((problem.preset if problem else {}).get("solver") or {}).get(self.name) or {}).get("schedule")
-        return self.schedule or preset or "A"
+        return self.schedule or (problem.preset if problem else {}).get("schedule") or "A"
 
     def check(self, problem: Problem) -> None:
         """Refuse what the solver would refuse mid-run (before anything is written)."""
