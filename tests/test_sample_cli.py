@@ -452,6 +452,19 @@ def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_pa
         ["dark_restored.png", "dark_y.png", "dark_psi.png", *passes, "metrics.csv", "metrics.json"]
     )
     assert result["run"]["method"] == "ld_rps" and result["run"]["operator"] == f"ld_rps:{task}"
+    assert result["run"]["settings"]["psi"] == "physical" and row["cost_d1_steps"] == 0  # paired fit: no D1
+
+
+def test_ld_rps_reference_psi_is_a_setting(pixel_model, tmp_path):
+    """``LDRPS(psi="fpam")`` restores with the reference's F-PAM ψ and its adversarial D1 (counted), and the run
+    record tells it from the default physical ψ, so resuming one into the other's folder is refused."""
+    observation = tmp_path / "hazy.png"
+    save_image(load_image("skimage:astronaut")[..., 200:232, 200:232] * 0.5 + 0.4, observation)
+    common = dict(input=str(observation), simulate=False, model=str(pixel_model))
+    result = run(tmp_path / "out", **common, method=LDRPS("haze", num_steps=4, psi="fpam"))
+    assert result["run"]["settings"]["psi"] == "fpam" and result["images"][0]["cost_d1_steps"] > 0
+    with pytest.raises(ValueError, match=re.escape("'psi': 'fpam'} there")):
+        run(tmp_path / "out", **common, method=LDRPS("haze", num_steps=4))
 
 
 @pytest.mark.parametrize(

@@ -460,17 +460,28 @@ class LDRPS(Method):
         captions: a folder of ``<stem>.txt`` captions for text-conditioned priors (None: ``--prompt``).
         num_steps: DDIM steps N (None: the solver's default).
         free_chains: free chains F (None: the solver's default).
+        psi: the learned degradation: ``"physical"`` (the task's physical ψ fitted paired, §13.9 [ours]; the
+            default) or ``"fpam"`` (the reference's F-PAM network with its adversarial loss, §13.2).
     """
 
     name, needs_autograd = "ld_rps", True
 
     def __init__(
-        self, task: Task, captions: str | None = None, num_steps: int | None = None, free_chains: int | None = None
+        self,
+        task: Task,
+        captions: str | None = None,
+        num_steps: int | None = None,
+        free_chains: int | None = None,
+        psi: Literal["physical", "fpam"] | None = None,
     ) -> None:
         from ud2m.solvers.ld_rps import task_defaults
 
         task_defaults(task)  # an unknown task is refused here, naming the known ones
         self.task, self.captions, self.num_steps, self.free_chains = task, captions, num_steps, free_chains
+        self.psi = psi
+
+    def settings(self, problem=None):
+        return {**super().settings(problem), "psi": self.psi or "physical"}
 
     @classmethod
     def solver_function(cls):
@@ -482,8 +493,8 @@ class LDRPS(Method):
         """The last pass, and as extras every pass, ψ's output on the result and the §13.5 cost counters."""
         from ud2m.solvers.ld_rps import CFGCondition, ld_rps, learned_degradation, task_defaults
 
-        defaults = task_defaults(self.task)
-        op = learned_degradation(self.task).to(y.device)
+        defaults, psi = task_defaults(self.task), self.psi or "physical"
+        op = learned_degradation(self.task, psi=psi).to(y.device)
         captions = None if problem.captions is None else [problem.captions[i] for i in index.tolist()]
         cond = None
         if getattr(problem.prior, "vae", None) is not None and captions is not None:  # text-conditioned latent prior
@@ -496,7 +507,7 @@ class LDRPS(Method):
         kw.update(num_recurrences=defaults.num_recurrences, guidance_scale=defaults.guidance_scale, cond=cond)
         states = {}
         passes, info = ld_rps(
-            problem.prior, op, y, regularisers=defaults.regularisers(y.shape[-1]), generator=generators,
+            problem.prior, op, y, regularisers=defaults.regularisers(y.shape[-1], psi=psi), generator=generators,
             on_pass=lambda r, x, st: states.update(last=st), **kw,
         )  # fmt: skip
         psi = op.psi((passes[-1].detach() + 1) / 2, states["last"]).detach() * 2 - 1  # ψ(x̂) on [-1, 1]: y's look
