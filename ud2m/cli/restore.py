@@ -366,15 +366,15 @@ def _read_manifest(checkpoint: Path) -> dict:
 def plan_items(job: Job, sources: list[str]) -> list[Item]:
     """One :class:`Item` per source, each checked against the operator and the prior (shape errors name the file)."""
     stems: dict[str, str] = {}
-    references = _references(job.options.reference)
+    references = references_by_stem(job.options.reference)
     items = []
     for index, source in enumerate(sources):
-        stem = _stem(source, job.options.simulate)
+        stem = output_stem(source, job.options.simulate)
         if stem in stems:
             raise ValueError(f"two inputs give the same output name {stem!r}: {stems[stem]} and {source}")
         stems[stem] = source
         item = Item(
-            index, source, stem, _x_shape(job, source), _reference(job, references, source, stem), _caption(job, stem)
+            index, source, stem, _x_shape(job, source), reference_of(job, references, source, stem), _caption(job, stem)
         )
         _check_item(job, item)
         items.append(item)
@@ -399,14 +399,14 @@ def _caption(job: Job, stem: str) -> str | None:
     return path.read_text().strip()
 
 
-def _stem(source: str, simulate: bool, stem_of: Callable[[str], str] = source_stem) -> str:
+def output_stem(source: str, simulate: bool, stem_of: Callable[[str], str] = source_stem) -> str:
     """Output stem; an observation ``<stem>_y.png`` (as a simulated run writes it; ``<stem>_y.mp4`` or
     ``<stem>_y/`` for videos with ``stem_of=video_stem``) keeps ``<stem>``."""
     stem = stem_of(source)
     return stem[:-2] if not simulate and stem.endswith("_y") and len(stem) > 2 else stem
 
 
-def _references(
+def references_by_stem(
     spec: str | None,
     discover: Callable[[str], list[str]] = discover_images,
     stem_of: Callable[[str], str] = source_stem,
@@ -414,7 +414,9 @@ def _references(
     return None if spec is None else {stem_of(s): s for s in discover(spec)}
 
 
-def _reference(job: Job, references: dict[str, str] | None, source: str, stem: str, kind: str = "image") -> str | None:
+def reference_of(
+    job: Job, references: dict[str, str] | None, source: str, stem: str, kind: str = "image"
+) -> str | None:
     if references is None:
         return None
     if stem not in references:
@@ -422,7 +424,7 @@ def _reference(job: Job, references: dict[str, str] | None, source: str, stem: s
     return references[stem]
 
 
-def _image_channels(job: Job) -> int:
+def image_channels(job: Job) -> int:
     """Channels of the restored image: the model's (VAE input or pixel UNet), 3 without a model."""
     prior = job.prior
     if prior is None:
@@ -443,7 +445,7 @@ def _crop_size(job: Job, H: int, W: int) -> int | None:
 def _x_shape(job: Job, source: str) -> tuple[int, int, int]:
     """(C, H, W) of the restored image: the (cropped) input, or the operator's preimage of an observation."""
     H, W = image_size(source)
-    C = _image_channels(job)
+    C = image_channels(job)
     if job.options.simulate:
         size = _crop_size(job, H, W)
         if size is not None and size > min(H, W):
@@ -522,7 +524,7 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def _noise_generators(job: Job, batch: list[Item]) -> list[torch.Generator]:
+def noise_generators(job: Job, batch: list[Item]) -> list[torch.Generator]:
     """The simulated noise of image i: stream 1 of §1.5, ``hash(seed, 1, i, 0)`` (the solver's are stream 0,
     :func:`~ud2m.solvers.posterior.sample_generators`)."""
     return [torch.Generator(job.device).manual_seed(seed_for(job.options.seed, 1, it.index, 0)) for it in batch]
@@ -533,7 +535,7 @@ def load_batch(job: Job, batch: list[Item]) -> tuple[torch.Tensor | None, torch.
     x_shape = batch[0].x_shape
     if job.options.simulate:
         x = torch.cat([_load(it.source, x_shape) for it in batch]).to(job.device)  # (B, C, H, W)
-        return x, measure(job.op, x, job.sigma_y, _noise_generators(job, batch))
+        return x, measure(job.op, x, job.sigma_y, noise_generators(job, batch))
     y01 = (torch.cat([load_image(it.source, channels=x_shape[0]) for it in batch]).to(job.device) + 1) / 2
     y = observation_to_internal(job.op, y01, (len(batch), *x_shape))
     if batch[0].reference is None:

@@ -28,14 +28,14 @@ import torch
 from ud2m.cli.outputs import measurement_image, peak_memory_mb, reset_peak_memory, synchronize
 from ud2m.cli.restore import (
     Options,
-    _image_channels,
-    _noise_generators,
-    _reference,
-    _references,
-    _stem,
     batches,
     grad_mode,
+    image_channels,
+    noise_generators,
     observation_to_internal,
+    output_stem,
+    reference_of,
+    references_by_stem,
     resolve_device,
     resolve_dtype,
     resolve_operator,
@@ -47,7 +47,7 @@ from ud2m.metrics import data_consistency, flicker, psnr, ssim, video_psnr_globa
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.noise import measure, sigma_internal
 from ud2m.priors.latent import default_dtype
-from ud2m.priors.loading import _model_json, load_prior, model_family
+from ud2m.priors.loading import load_prior, model_family, model_json
 from ud2m.priors.stacked import FrameStackedPrior, FrameWisePrior
 from ud2m.solvers.posterior import sample_generators
 from ud2m.video_io import discover_videos, read_video, stack_videos, video_stem, write_video
@@ -145,7 +145,7 @@ def load_video_prior(source: str, *, dtype: torch.dtype | None, device: torch.de
     (:class:`~ud2m.priors.video.VideoFlowPrior`; ``--model_options`` such as ``transformer_weights``) or a pixel
     DDPM over stacked frames (:class:`~ud2m.priors.stacked.FrameStackedPrior`, e.g. ``ud2m/assets/priors/clips``)."""
     dtype = dtype or default_dtype(device, sdxl=False)
-    index = _model_json(source, "model_index.json") or {}
+    index = model_json(source, "model_index.json") or {}
     if "transformer" in index:
         from ud2m.priors.video import VideoFlowPrior
 
@@ -170,15 +170,15 @@ def _load_priors(job: VideoJob) -> None:
 
 def plan_videos(job: VideoJob, sources: list[str]) -> list[Video]:
     """One :class:`Video` per source, each read and checked against the operator and the priors (errors name it)."""
-    references = _references(job.options.reference, discover_videos, video_stem)
+    references = references_by_stem(job.options.reference, discover_videos, video_stem)
     stems: dict[str, str] = {}
     items = []
     for index, source in enumerate(sources):
-        stem = _stem(source, job.options.simulate, video_stem)
+        stem = output_stem(source, job.options.simulate, video_stem)
         if stem in stems:
             raise ValueError(f"two inputs give the same output name {stem!r}: {stems[stem]} and {source}")
         stems[stem] = source
-        reference = _reference(job, references, source, stem, "video")
+        reference = reference_of(job, references, source, stem, "video")
         item = Video(index, source, stem, _x_shape(job, source, read_frames(job, source)), reference)
         _check_video(job, item)
         items.append(item)
@@ -187,7 +187,7 @@ def plan_videos(job: VideoJob, sources: list[str]) -> list[Video]:
 
 def read_frames(job: VideoJob, source: str) -> torch.Tensor:
     """``(T, C, H, W)`` on [-1, 1] with the image prior's C channels (gray frames replicated, colour averaged)."""
-    frames, C = read_video(source), _image_channels(job)
+    frames, C = read_video(source), image_channels(job)
     if frames.shape[1] == C:
         return frames
     return frames.expand(-1, C, -1, -1) if frames.shape[1] == 1 else frames.mean(1, keepdim=True)
@@ -272,7 +272,7 @@ def load_batch(job: VideoJob, batch: list[Video]) -> tuple[torch.Tensor | None, 
     """``(x, y)``: references (None when there are none) ``(B, C, T, H, W)`` and measurements, internal scale."""
     videos = stack_videos([read_frames(job, v.source) for v in batch]).to(job.device)
     if job.options.simulate:
-        return videos, measure(job.op, videos, job.sigma_y, _noise_generators(job, batch))
+        return videos, measure(job.op, videos, job.sigma_y, noise_generators(job, batch))
     y = observation_to_internal(job.op, (videos + 1) / 2, (len(batch), *batch[0].x_shape))
     if batch[0].reference is None:
         return None, y

@@ -25,7 +25,7 @@ def model_family(source: str) -> str:
     Raises:
         FileNotFoundError: for a missing folder (or an unreachable hub id) and a folder that is not a diffusers model.
     """
-    index = _model_json(source, "model_index.json")
+    index = model_json(source, "model_index.json")
     if index is not None:
         unet = index.get("unet", [None, None])
         if "vae" in index or unet[1] == "UNet2DConditionModel":
@@ -33,7 +33,7 @@ def model_family(source: str) -> str:
         if unet[1] == "UNet2DModel":
             return "pixel"
     for name in ("unet/config.json", "config.json"):
-        config = _model_json(source, name)
+        config = model_json(source, name)
         if config is not None and config.get("_class_name") in ("UNet2DModel", "UNet2DConditionModel"):
             return "pixel" if config["_class_name"] == "UNet2DModel" else "latent"
     raise FileNotFoundError(
@@ -41,7 +41,7 @@ def model_family(source: str) -> str:
     )
 
 
-def _model_json(source: str, name: str) -> dict | None:
+def model_json(source: str, name: str) -> dict | None:
     """A JSON file of a local model folder or hub repository, None when it does not exist there."""
     root = Path(source).expanduser()
     if root.exists():
