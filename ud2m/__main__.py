@@ -1,4 +1,5 @@
-"""``python -m ud2m train ...`` / ``python -m ud2m sample ...``: the two entry points without the scripts."""
+"""``python -m ud2m train ...`` / ``python -m ud2m sample ...`` / ``python -m ud2m app ...``: the entry points without
+the scripts."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``train`` and ``sample`` (the rest of the words go to that command)."""
+    """Dispatch ``train``, ``sample`` and ``app`` (the rest of the words go to that command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = ("train", "sample")
+    commands = ("train", "sample", "app")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m ud2m {{{','.join(commands)}}} [options]   (e.g. python -m ud2m sample --help)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
@@ -18,6 +19,11 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = [f"{sys.argv[0]} train", *rest]  # LightningCLI reads sys.argv itself
         train_cli()
+        return
+    if command == "app":
+        from ud2m.app.page import main as app_main
+
+        app_main(rest)
         return
     from ud2m.cli.sample import cli as sample_cli
 
