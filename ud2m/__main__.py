@@ -9,9 +9,10 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``train``, ``sample`` and ``app`` (the rest of the words go to that command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = ("train", "sample", "app")
-    if not argv or argv[0] not in commands:
+    commands = ("train", "sample")
+    if not argv or argv[0] not in (*commands, "app"):
         print(f"usage: python -m ud2m {{{','.join(commands)}}} [options]   (e.g. python -m ud2m sample --help)")
+        print('       python -m ud2m app [options]   (the restoration web page; pip install -e ".[app]")')
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     command, rest = argv[0], argv[1:]
     if command == "train":

@@ -85,6 +85,12 @@ def _method_column(gr) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- events
+def _defaults(prior: str, degradation: str, method: str) -> tuple[int, float]:
+    """The form's steps and weight for a choice (weight 0: LATINO's preset rule, the field's convention)."""
+    steps, weight = jobs.method_defaults(prior, degradation, method)
+    return steps, 0.0 if weight is None else weight
+
+
 def form_of(values: dict[str, Any]) -> Form:
     """The :class:`~ud2m.app.jobs.Form` of the page's values (the mask editor's layers become a bool mask)."""
     values = dict(values)
@@ -112,7 +118,7 @@ def run_page(root: Path, values: dict[str, Any]) -> tuple:
 def _on_prior(gr, choices, prior: str, method: str):
     choice = choices[prior]
     degradation = choice.presets[0]
-    steps, weight = jobs.method_defaults(prior, degradation, method)
+    steps, weight = _defaults(prior, degradation, method)
     return (
         gr.update(choices=list(choice.builtins), value=choice.builtins[0][1]),
         gr.update(choices=[*choice.presets, *KINDS], value=degradation),
@@ -123,13 +129,13 @@ def _on_prior(gr, choices, prior: str, method: str):
 
 
 def _on_degradation(gr, prior: str, degradation: str, method: str):
-    steps, weight = jobs.method_defaults(prior, degradation, method)
+    steps, weight = _defaults(prior, degradation, method)
     sigma = jobs.preset_sigma_y(degradation)
     return gr.update() if sigma is None else sigma, gr.update(visible=degradation == "drawn mask"), steps, weight
 
 
 def _on_method(gr, prior: str, degradation: str, method: str):
-    steps, weight = jobs.method_defaults(prior, degradation, method)
+    steps, weight = _defaults(prior, degradation, method)
     return steps, weight, gr.update(visible=method == "UD2M")
 
 
