@@ -200,6 +200,7 @@ def test_command_line_method_with_its_settings(priors, clip, tmp_path, capsys):
     args = [
         "--input", str(clip), "--operator", str(config), "--model", priors["video"], "--method", "LVTINO",
         "--method.schedule", "A", "--method.image_model", priors["image"], "--method.frame_batch", "5",
+        "--method.time_scale", "0.5",
         "--output_dir", str(tmp_path / "cli"), "--progress", "false", "--lpips", "null", "--device", "cpu",
     ]  # fmt: skip
     main(args)
@@ -207,5 +208,18 @@ def test_command_line_method_with_its_settings(priors, clip, tmp_path, capsys):
     assert summary["num_images"] == 1 and summary["nfe"]["mean"] == 9 and "flicker" in summary
     record = json.loads((tmp_path / "cli" / "metrics.json").read_text())["run"]
     assert record["settings"] == {"image_model": priors["image"], "schedule": "A", "frame_batch": 5,
-                                  "shared_image_noise": True}  # fmt: skip
+                                  "shared_image_noise": True, "time_scale": 0.5}  # fmt: skip
     assert Method.class_of("lvtino") is LVTINO and LVTINO.video and not Method.video
+
+
+def test_map_times_scales_the_mapped_times(priors):
+    """``time_scale`` multiplies every mapped time (rounded to 0.1) and keeps the data steps; 1 is the mapping
+    itself, and a factor outside (0, 1] is refused."""
+    video = FrameStackedPrior.from_pretrained(priors["video"])
+    image = PixelDiffusionPrior.from_pretrained(priors["image"])
+    full, half = map_times("A", video, image), map_times("A", video, image, 0.5)
+    assert [r.video_step for r in half] == [r.video_step for r in full]
+    assert [r.t_video for r in half] == [round(r.t_video * 0.5, 1) for r in full]
+    assert [r.t_image for r in half] == [None if r.t_image is None else round(r.t_image * 0.5, 1) for r in full]
+    with pytest.raises(ValueError, match="time_scale must lie in"):
+        map_times("A", video, image, 1.5)

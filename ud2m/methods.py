@@ -529,6 +529,8 @@ class LVTINO(Method):
         frame_batch: frames per image-prior call (None: ``lvtino``'s default).
         shared_image_noise: one image noise per video shared by its frames (None: ``lvtino``'s default, shared with
             a video prior; frame-wise LATINO draws it per frame and refuses True).
+        time_scale: factor on every (mapped) schedule time [ours] (:func:`~ud2m.solvers.lvtino.map_times`); the
+            offline clips benchmark tunes it on training clips (docs/video.md).
     """
 
     name, video = "lvtino", True
@@ -539,11 +541,14 @@ class LVTINO(Method):
         schedule: Schedule | None = None,
         frame_batch: int | None = None,
         shared_image_noise: bool | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         if frame_batch is not None and frame_batch < 1:
             raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
+        if not 0 < time_scale <= 1:
+            raise ValueError(f"time_scale must lie in (0, 1], got {time_scale}")
         self.image_model, self.schedule = image_model, schedule
-        self.frame_batch, self.shared_image_noise = frame_batch, shared_image_noise
+        self.frame_batch, self.shared_image_noise, self.time_scale = frame_batch, shared_image_noise, time_scale
 
     @classmethod
     def solver_function(cls):
@@ -580,7 +585,7 @@ class LVTINO(Method):
         """The videos, and as extras the NFE counts of ``lvtino``'s info (§6.5)."""
         from ud2m.solvers.lvtino import IMAGE_PROMPT, VIDEO_PROMPT, lvtino, map_times
 
-        rows = map_times(self.schedule_of(problem), problem.video_prior, problem.prior)
+        rows = map_times(self.schedule_of(problem), problem.video_prior, problem.prior, self.time_scale)
         kw = {k: v for k, v in self.options().items() if k in ("frame_batch", "shared_image_noise")}
         x, info = lvtino(
             problem.video_prior, problem.prior, problem.op, y, schedule=rows, sigma_y=problem.sigma_y,

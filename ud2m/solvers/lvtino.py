@@ -385,7 +385,7 @@ def resolve_schedule(schedule: str | Sequence[LVTINOStep] | None) -> tuple[LVTIN
 
 
 def map_times(
-    schedule: str | Sequence[LVTINOStep], video_prior: Prior | None, image_prior: Prior
+    schedule: str | Sequence[LVTINOStep], video_prior: Prior | None, image_prior: Prior, time_scale: float = 1.0
 ) -> tuple[LVTINOStep, ...]:
     r"""A schedule's times moved to the priors' own noise schedules at equal noise level :math:`s_t = b_t/a_t`
     [ours] (docs/video.md §1): the released times (§6.4) are Wan's flow-matching times for the video prior
@@ -395,11 +395,18 @@ def map_times(
     the rounding); on the pixel DDPMs' linear β schedule it moves 757, 522, 375, 255, 125 to 482, 275, 170, 100, 40
     and 374, 249, 124 to 271, 193, 116, where the released times would start from almost pure noise.
 
+    ``time_scale`` then multiplies every mapped time [ours]: the released times were tuned for Wan2.1 + SDXL at
+    768×1280, and on the offline 64×64 clips with the pixel priors a later start (0.2–0.35) is better on the tuning
+    clips (benchmarks/video.py tunes it there, as the image benchmark tunes LATINO's t_max).
+
     Args:
         schedule: ``"A"``, ``"B"``, ``"C"`` or rows (:func:`resolve_schedule`).
         video_prior: the video prior, or None (frame-wise LATINO: its video times are unused).
         image_prior: the image prior.
+        time_scale: factor on every mapped time, in (0, 1].
     """
+    if not 0 < time_scale <= 1:
+        raise ValueError(f"map_times: time_scale must lie in (0, 1], got {time_scale}")
     sdxl = VPSchedule.from_betas(make_betas("scaled_linear", beta_start=0.00085, beta_end=0.012))
     video = video_prior if video_prior is not None else image_prior
 
@@ -409,8 +416,13 @@ def map_times(
     def image_t(t: float | None) -> float | None:
         return None if t is None else round(float(image_prior.t_of_sigma(sdxl.sigma(t))), 1)
 
+    def scaled(t: float | None) -> float | None:
+        return None if t is None else round(t * time_scale, 1)
+
     rows = resolve_schedule(schedule)
-    return tuple(dataclasses.replace(r, t_video=video_t(r.t_video), t_image=image_t(r.t_image)) for r in rows)
+    return tuple(
+        dataclasses.replace(r, t_video=scaled(video_t(r.t_video)), t_image=scaled(image_t(r.t_image))) for r in rows
+    )
 
 
 class ScheduleWeights:
