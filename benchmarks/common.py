@@ -53,3 +53,25 @@ def write_readme_section(path: Path, begin: str, end: str, text: str, rerun: str
         file=sys.stderr,
     )
     return False
+
+
+class CallTimer:
+    """Summed wall time and count of the calls of ``owner.name`` (an instance attribute shadows the method)."""
+
+    def __init__(self, owner: object, name: str, sync: Callable[[], None]) -> None:
+        self.seconds, self.calls = 0.0, 0
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync()
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return out
+
+        setattr(owner, name, timed)
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0

@@ -76,8 +76,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
+from common import CallTimer, write_readme_section
 from common import mean_pm_std as _pm
-from common import write_readme_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -384,6 +384,55 @@ def run(args) -> dict:
     return result
 
 
+def overhead(args) -> dict:
+    """Solver overhead of LVTINO on the shipped priors (the tiny-model target of issue [video]): wall time of whole
+    ``lvtino`` runs over the summed time of the video and image UNet forwards (``CallTimer`` on each ``net``),
+    median of ``--repeats`` runs after one warm-up, per problem, on ``--clips`` held-out clips in one batch; written
+    to ``results/video_overhead.json``."""
+    import statistics
+
+    from ud2m.priors.pixel import PixelDiffusionPrior
+    from ud2m.priors.stacked import FrameStackedPrior, FrameWisePrior
+    from ud2m.solvers.lvtino import lvtino, map_times
+    from ud2m.video_io import read_video, stack_videos
+
+    torch.set_num_threads(args.threads)
+    video = FrameStackedPrior.from_pretrained(args.prior, frames=FRAMES)
+    image = PixelDiffusionPrior.from_pretrained(args.image_prior)
+    frames = FrameWisePrior(image, frame_batch=args.frame_batch)
+    nets = {"video": CallTimer(video.pixel_prior.net, "forward", lambda: None)}
+    nets["image"] = CallTimer(image.net, "forward", lambda: None)
+    x = stack_videos([read_video(f"clips:val:{i}", expected_frames=FRAMES) for i in range(args.clips)])
+    rows = {}
+    for problem in args.problems:
+        op, y, _, _ = observe(problem, x, args.seed, torch.device("cpu"))
+        schedule = map_times(problem, video, image)
+
+        def once(op=op, y=y, schedule=schedule) -> tuple[float, float]:
+            for timer in nets.values():
+                timer.reset()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                lvtino(video, frames, op, y, schedule=schedule, sigma_y=SIGMA_Y, generator=generators(0, 0, len(x)))
+            return time.perf_counter() - start, sum(t.seconds for t in nets.values())
+
+        once()  # warm-up
+        runs = [once() for _ in range(args.repeats)]
+        wall, net = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        rows[problem] = {"wall_s": wall, "network_s": net, "overhead": wall / net, "runs": runs}
+        print(f"problem {problem}: wall {wall:.2f} s, network {net:.2f} s, overhead {wall / net:.3f}", flush=True)
+    result = {
+        "clips": args.clips,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "problems": rows,
+    }
+    (RESULTS / "video_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def tables(result: dict) -> str:
     """Markdown tables (one per problem) from a result JSON; every number is read from it."""
     meta = result["meta"]
@@ -440,7 +489,7 @@ def report(args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("command", choices=["run", "report", "overhead"])
     parser.add_argument("--quick", action="store_true", help="2 clips, problem A, DiffPIR 40 steps; video_quick.*")
     parser.add_argument("--prior", default=str(PRIORS / "clips"), help="the video prior (stacked-frame pixel DDPM)")
     parser.add_argument("--image_prior", default=str(PRIORS / "photos"))
@@ -455,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tv_iters", type=int, default=300)
     parser.add_argument("--frame_batch", type=int, default=32, help="frames per image-prior call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="overhead: timed runs after one warm-up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--note", default=None, help="a line printed above the tables (e.g. which prior)")
@@ -463,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.command == "overhead":
+        overhead(args)
+        return
     if args.command == "run":
         run(args)
     report(args)

@@ -54,6 +54,9 @@ from ud2m.solvers.baselines import solve_diffpir, solve_dps, solve_tikhonov
 from ud2m.solvers.latino_algorithms import latino
 from ud2m.solvers.weights import preset_rules
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import CallTimer
+
 SIGMA_Y = 0.01
 WEIGHTS = preset_rules(load_preset("latino/deblur_gaussian").meta, "latino")["weights"]  # the σ_k < 10 table row
 CHILD_TAG = "ZERO_SHOT_ROW "
@@ -63,28 +66,6 @@ METHODS = ("latino", "dps", "diffpir", "tikhonov")
 # ---------------------------------------------------------------------------------------------------- measurement
 def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-class CallTimer:
-    """Summed wall time and count of the calls of ``owner.name`` (an instance attribute shadows the method)."""
-
-    def __init__(self, owner: object, name: str, sync: Callable[[], None]) -> None:
-        self.seconds, self.calls = 0.0, 0
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            sync()
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
-            return out
-
-        setattr(owner, name, timed)
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
 
 
 def _proc_kib(field: str) -> int:
