@@ -217,10 +217,12 @@ def _wire(gr, form, choices, root, run, shown, metrics, status, download, export
     find.click(lambda f: _find_exports(gr, f), folder, [form["export"], status])
     form["upload"].upload(lambda: "upload", None, form["input_kind"])
     form["upload"].clear(lambda: "built-in", None, form["input_kind"])
-    canvas_inputs = [form[k] for k in ("degradation", "builtin", "upload", "input_kind", "crop", "observation")]
     canvas_fields = [n for n in names if n != "mask"]
-    for component in canvas_inputs:
-        component.change(
+    # The crop listens to the user's edits only: a prior change sets it in the same update as the built-in list,
+    # and its change event would send the old built-in value against the new choices (gradio's "not in the list").
+    canvas_events = [form[k].change for k in ("degradation", "builtin", "upload", "input_kind", "observation")]
+    for event in [*canvas_events, form["crop"].input]:
+        event(
             lambda values: _mask_canvas(gr, {n: values[form[n]] for n in canvas_fields}),
             set(form[n] for n in canvas_fields),
             form["mask"],
