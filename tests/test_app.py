@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,17 @@ from PIL import Image
 from ud2m.app import jobs
 from ud2m.app.jobs import Form
 from ud2m.cli.sample import sample
-from ud2m.methods import DPS, DiffPIR, Latino, TotalVariation
+from ud2m.methods import DPS, LVTINO, DiffPIR, Latino, TotalVariation
 from ud2m.operators.base import LinearOperator
 from ud2m.operators.presets import load_preset
 from ud2m.schedules import uniform_grid
 from ud2m.solvers.weights import ConstantGamma
+from ud2m.video_io import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")  # the Debian package's browser
 DIGITS = str(jobs.PRIOR_DIR / "digits")
+CLIPS, PHOTOS = str(jobs.PRIOR_DIR / "clips"), str(jobs.PRIOR_DIR / "photos")
 
 
 # ---------------------------------------------------------------------------------------------- form -> job
@@ -64,6 +67,35 @@ def test_tuned_settings_are_the_quality_benchmarks_choices(prior):
         assert f"λ = {table['tv']}" in tv
         dps = [v for k, v in chosen.items() if k.startswith("DPS")]
         assert all(v["zeta"] == table["dps"] for v in dps)
+
+
+def test_video_defaults_are_the_video_benchmarks_tuned_time_scales():
+    """VIDEO_TUNED holds the time scales benchmarks/video.py chose on training clips, per problem."""
+    problems = json.loads((REPO / "benchmarks/results/video.json").read_text())["problems"]
+    assert set(problems) == set(jobs.CLIP_PROBLEMS.values()) and jobs.priors()["clips"].presets == tuple(
+        jobs.CLIP_PROBLEMS
+    )
+    for preset, problem in jobs.CLIP_PROBLEMS.items():
+        tuned = problems[problem]["tuned"]
+        assert jobs.method_defaults("clips", preset, "LVTINO") == (0, tuned["lvtino_time_scale"])
+        assert jobs.method_defaults("clips", preset, "LATINO (frame-wise)") == (0, tuned["latino_time_scale"])
+
+
+def test_a_clip_form_is_sample_pys_video_job():
+    form = Form(prior="clips", builtin="clips:val:3", degradation="lvtino/B_clips", sigma_y=0.001, method="LVTINO")
+    kw = jobs.sample_kwargs(replace(form, weight=0.35), Path("out"))
+    assert repr(kw.pop("method")) == repr(LVTINO(image_model=PHOTOS, time_scale=0.35))
+    # no crop: videos are restored at their own size
+    assert kw == dict(
+        input="clips:val:3", output_dir=Path("out"), operator="lvtino/B_clips", sigma_y=0.001, simulate=True,
+        seed=0, num_samples=1, lpips=None, resume=False, model=CLIPS,
+    )  # fmt: skip
+    framewise = jobs.sample_kwargs(replace(form, method="LATINO (frame-wise)", weight=None), Path("out"))
+    assert "model" not in framewise and framewise["method"].time_scale == 1.0  # no video prior; released times
+    with pytest.raises(ValueError, match="restores with LVTINO or LATINO \\(frame-wise\\), not LATINO"):
+        jobs.sample_kwargs(replace(form, method="LATINO"), Path("out"))
+    with pytest.raises(ValueError, match="the digits prior restores with LATINO or DiffPIR"):
+        jobs.sample_kwargs(Form(method="LVTINO"), Path("out"))
 
 
 @pytest.mark.parametrize("method", jobs.METHODS[:4])
@@ -148,6 +180,34 @@ def test_a_bad_upload_is_a_readable_message_and_writes_nothing(tmp_path):
         with pytest.raises(ValueError, match=message) as err:
             jobs.run_form(Form(input_kind="upload", upload=str(path), crop=crop), tmp_path / "runs")
         assert jobs.error_message(err.value).startswith("**Cannot run:**")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_clip_run_shows_the_video_jobs_files_and_numbers(tmp_path):
+    form = Form(prior="clips", builtin="clips:val:1", degradation="lvtino/C_clips", sigma_y=0.001)
+    result = jobs.run_form(replace(form, method="LATINO (frame-wise)", weight=0.2), tmp_path)
+    written = json.loads((result.folder / "metrics.json").read_text())["images"][0]
+    assert isinstance(result, jobs.VideoResult) and result.row == written
+    assert {p.name for p in (result.y, result.restored, result.truth)} == {
+        f"clip_val_1_{k}.mp4" for k in ("y", "restored", "truth")
+    }
+    table = jobs.metrics_markdown(result, form)
+    for label, key in (("PSNR (per frame, averaged)", "psnr"), ("global PSNR", "psnr_global"), ("flicker", "flicker")):
+        assert re.search(rf"\| {re.escape(label)}[^|]*\| {written[key]:.2f}", table), (label, table)
+    assert f"| NFE | {written['nfe']} (0 video + {written['nfe_image']} image sweeps) |" in table
+    with zipfile.ZipFile(result.archive) as archive:
+        assert {"metrics.json", "clip_val_1_restored.mp4", "clip_val_1_y.mp4", "clip_val_1_truth.mp4"} <= set(
+            archive.namelist()
+        )
+
+
+def test_a_clip_that_does_not_fit_the_operator_is_a_readable_message(tmp_path):
+    frames = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    short = write_video(frames, tmp_path / "short.gif")  # 8 frames; problem A pools 9
+    form = Form(prior="clips", input_kind="upload", upload=str(short), degradation="lvtino/A_clips", sigma_y=0.001)
+    with pytest.raises(ValueError, match="cannot restore a video of 8 frames of 64x64") as err:
+        jobs.run_form(replace(form, method="LATINO (frame-wise)", weight=0.2), tmp_path / "runs")
+    assert jobs.error_message(err.value).startswith("**Cannot run:** ") and "short.gif" in str(err.value)
     assert not (tmp_path / "runs").exists()
 
 
@@ -258,9 +318,57 @@ def test_the_page_in_headless_chromium(served, tmp_path):
     assert seconds < 120, f"the browser test took {seconds:.0f} s"
 
 
-def _screenshot_path() -> Path | None:
-    """``UD2M_APP_SCREENSHOT=docs/app.png`` writes the page's screenshot there (docs/app.md)."""
+@pytest.mark.browser
+def test_a_clip_on_the_page_in_headless_chromium(served, tmp_path):
+    """Pick the video prior (its tuned defaults fill the form), upload a clip whose frame count does not fit problem
+    A (the job's message), then restore held-out clip 0 with LVTINO: the page plays the MP4s and shows
+    ``sample()``'s PSNR for the same options and seed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = served
+    frames = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    short = write_video(frames, tmp_path / "short.gif")
+    t0 = time.perf_counter()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_label("clips (video)", exact=True).check()
+        expect(page.locator("#weight input")).to_have_value("0.2")  # A's tuned time scale
+        expect(page.get_by_label("LVTINO", exact=True)).to_be_checked()
+        page.locator("#upload input[type=file]").set_input_files(str(short))
+        page.get_by_label("upload", exact=True).wait_for()
+        time.sleep(0.5)  # the upload event switches the input to "upload"
+        assert not page.locator(".toast-body").all_inner_texts()  # the prior change raised no error in any event
+        page.locator("#run").click()
+        message = _text_when(page, "#status", r"cannot restore")
+        page.get_by_label("built-in", exact=True).check()
+        page.locator("#run").click()
+        shown = _text_when(page, "#metrics", r"global PSNR")
+        playable = "v => v.readyState >= 2 && v.videoWidth > 0"
+        for i in ("y_video", "restored_video", "truth_video"):
+            page.locator(f"#{i} video").wait_for()
+            page.wait_for_function(f"() => ({playable})(document.querySelector('#{i} video'))", timeout=20_000)
+        if shot := _screenshot_path("UD2M_APP_VIDEO_SCREENSHOT"):
+            page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    seconds = time.perf_counter() - t0
+
+    expected = sample(
+        input="clips:val:0", output_dir=tmp_path / "cli", model=CLIPS, operator="lvtino/A_clips", sigma_y=0.001,
+        method=LVTINO(image_model=PHOTOS, time_scale=0.2), seed=0, lpips=None, progress=False,
+    )["images"][0]  # fmt: skip
+    assert "short.gif: cannot restore a video of 8 frames of 64x64 with operator lvtino/A_clips" in message
+    psnr = float(re.search(r"PSNR \(per frame, averaged\)\s+([0-9.]+) dB", shown).group(1))
+    assert psnr == round(expected["psnr"], 2)
+    assert f"{expected['psnr_global']:.2f} dB" in shown and f"{expected['flicker']:.2f}" in shown
+    assert seconds < 60, f"the clip's browser test took {seconds:.0f} s"
+
+
+def _screenshot_path(variable: str = "UD2M_APP_SCREENSHOT") -> Path | None:
+    """``UD2M_APP_SCREENSHOT=docs/app.png`` writes the page's screenshot there (docs/app.md);
+    ``UD2M_APP_VIDEO_SCREENSHOT`` the clip run's."""
     import os
 
-    target = os.environ.get("UD2M_APP_SCREENSHOT")
+    target = os.environ.get(variable)
     return None if not target else Path(target)

@@ -1,7 +1,7 @@
 """The pure side of the restoration page (issue [app]): form values -> the keywords of ``sample.py``'s job
 (:func:`ud2m.cli.sample.sample`, typed methods of :mod:`ud2m.methods`), one run into a fresh folder, and that
-folder's PNGs and ``metrics.json`` -> what the page shows. Nothing here imports gradio, so it is tested without a
-browser; :mod:`ud2m.app.page` only lays the form out and calls :func:`run_form`.
+folder's PNGs (videos: MP4s, docs/video.md) and ``metrics.json`` -> what the page shows. Nothing here imports
+gradio, so it is tested without a browser; :mod:`ud2m.app.page` only lays the form out and calls :func:`run_form`.
 
 Because the page runs the CLI's own job and reads back the files it wrote, every number it shows (PSNR, SSIM, NFE,
 solver time) is ``sample.py``'s for the same options and seed.
@@ -24,6 +24,8 @@ from ud2m.io import digits_names, read_results
 
 PRIOR_DIR = Path(ud2m.__file__).parent / "assets" / "priors"
 METHODS = ("LATINO", "DiffPIR", "DPS", "TV", "UD2M")
+#: The methods of the video prior: LVTINO, and LVTINO without the video prior (frame-wise LATINO, docs/video.md §2).
+VIDEO_METHODS = ("LVTINO", "LATINO (frame-wise)")
 #: Degradations given by their parameters (the presets are listed per prior in :data:`PRIORS`).
 KINDS = ("super-resolution", "Gaussian blur", "random inpainting", "box inpainting", "drawn mask", "denoising")
 #: The family of tuned settings each degradation uses (:data:`TUNED`).
@@ -44,12 +46,20 @@ FAMILY = {
 
 @dataclass(frozen=True)
 class PriorChoice:
-    """A shipped prior: its folder, the crop of simulated inputs, its presets and built-in held-out images."""
+    """A shipped prior: its folder, the crop of simulated inputs, its presets and built-in held-out images; a video
+    prior also names the image prior LVTINO uses frame by frame (``image_prior``)."""
 
     folder: Path
     size: int
     presets: tuple[str, ...]
     builtins: tuple[tuple[str, str], ...]  # (label, source)
+    label: str = ""
+    image_prior: Path | None = None
+
+    @property
+    def video(self) -> bool:
+        """Whether this is a video prior (its runs are LVTINO's video job)."""
+        return self.image_prior is not None
 
 
 def _digit_builtins() -> tuple[tuple[str, str], ...]:
@@ -62,13 +72,23 @@ PHOTO_BUILTINS = (
 )
 
 
+#: The problems A, B, C of LVTINO scaled to 9-frame 64x64 clips (docs/video.md §1), by preset.
+CLIP_PROBLEMS = {"lvtino/A_clips": "A", "lvtino/B_clips": "B", "lvtino/C_clips": "C"}
+CLIP_BUILTINS = tuple((f"held-out clip {i} (9 frames, 64²)", f"clips:val:{i}") for i in range(8))
+
+
 def priors() -> dict[str, PriorChoice]:
-    """The two shipped priors (``digits``: 32x32 gray; ``photos``: 64x64 RGB, held-out photographs of
-    ``configs/priors/photos.yaml``'s validation split)."""
+    """The three shipped priors (``digits``: 32x32 gray; ``photos``: 64x64 RGB, held-out photographs of
+    ``configs/priors/photos.yaml``'s validation split; ``clips``: the video prior, 9 frames of 64x64 RGB, with
+    ``photos`` as LVTINO's image prior and the held-out ``clips:val`` clips)."""
     photo_presets = ("photos/sr_x4", "photos/deblur_gaussian", "photos/inpaint_random", "photos/inpaint_box")
+    clips = PriorChoice(
+        PRIOR_DIR / "clips", 64, tuple(CLIP_PROBLEMS), CLIP_BUILTINS, "clips (video)", PRIOR_DIR / "photos"
+    )
     return {
         "digits": PriorChoice(PRIOR_DIR / "digits", 32, ("ud2m/mnist_sr_x4",), _digit_builtins()),
         "photos": PriorChoice(PRIOR_DIR / "photos", 64, photo_presets, PHOTO_BUILTINS),
+        "clips": clips,
     }
 
 
@@ -85,6 +105,13 @@ TUNED: dict[tuple[str, str], dict[str, Any]] = {
     ("photos", "inpaint_box"): {"latino": (700, None), "diffpir": 1.75, "dps": 0.3, "tv": 100.0},
 }
 STEPS = {"LATINO": 8, "DiffPIR": 100, "DPS": 100, "TV": 0, "UD2M": 0}
+#: Per clip problem: the factor on LVTINO's and frame-wise LATINO's mapped schedule times (``time_scale``) that
+#: ``benchmarks/video.py`` tuned on training clips (``benchmarks/results/video.json``, problems -> tuned).
+VIDEO_TUNED: dict[str, dict[str, float]] = {
+    "A": {"lvtino": 0.2, "latino": 0.2},
+    "B": {"lvtino": 0.35, "latino": 0.35},
+    "C": {"lvtino": 0.2, "latino": 0.2},
+}
 
 
 def tuned(prior: str, degradation: str) -> dict[str, Any]:
@@ -94,8 +121,14 @@ def tuned(prior: str, degradation: str) -> dict[str, Any]:
 
 
 def method_defaults(prior: str, degradation: str, method: str) -> tuple[int, float | None]:
-    """``(steps, weight)`` the form starts from: LATINO's γ (None: the preset's rule), DiffPIR's λ, DPS's ζ, TV's λ;
-    steps 0 = the method's own (UD2M: the export's N)."""
+    """``(steps, weight)`` the form starts from: LATINO's γ (None: the preset's rule), DiffPIR's λ, DPS's ζ, TV's λ,
+    the video methods' time scale; steps 0 = the method's own (UD2M: the export's N; the video methods: their
+    schedule's)."""
+    if method in VIDEO_METHODS:
+        table = VIDEO_TUNED[CLIP_PROBLEMS.get(degradation, "A")]
+        return 0, table["lvtino" if method == "LVTINO" else "latino"]
+    if priors()[prior].video:
+        return 0, None  # an image method on the video prior: sample_kwargs refuses it
     table = tuned(prior, degradation)
     weight = {"LATINO": table["latino"][1], "DiffPIR": table["diffpir"], "DPS": table["dps"], "TV": table["tv"]}
     return STEPS[method], weight.get(method)
@@ -105,7 +138,8 @@ def method_defaults(prior: str, degradation: str, method: str) -> tuple[int, flo
 @dataclass(frozen=True)
 class Form:
     """The page's values. ``degradation`` is a preset name or one of :data:`KINDS`; ``weight`` is LATINO's γ,
-    DiffPIR's λ, DPS's ζ or TV's λ (None or 0: LATINO's preset rule); ``mask``: the drawn mask, True = missing."""
+    DiffPIR's λ, DPS's ζ, TV's λ or the video methods' time scale (None or 0: LATINO's preset rule, the video
+    methods' released times); ``mask``: the drawn mask, True = missing."""
 
     prior: str = "digits"
     input_kind: str = "built-in"
@@ -132,7 +166,7 @@ def source_of(form: Form) -> str:
     """The input: the built-in image's source, or the uploaded file (a readable message when there is none)."""
     if form.input_kind == "upload":
         if not form.upload:
-            raise ValueError("no file uploaded: upload an image, or pick a built-in one")
+            raise ValueError("no file uploaded: upload an image (a clip for the video prior), or pick a built-in one")
         return str(form.upload)
     return form.builtin
 
@@ -216,13 +250,17 @@ def preset_sigma_y(name: str) -> float | None:
 
 
 def method_of(form: Form):
-    """The typed method object (:mod:`ud2m.methods`) with the form's steps and weight."""
-    from ud2m.methods import DPS, UD2M, DiffPIR, Latino, TotalVariation
+    """The typed method object (:mod:`ud2m.methods`) with the form's steps and weight (the video methods: LVTINO
+    with the video prior's image prior and the weight as its time scale; the schedule is the preset's)."""
+    from ud2m.methods import DPS, LVTINO, UD2M, DiffPIR, Latino, TotalVariation
     from ud2m.schedules import uniform_grid
     from ud2m.solvers.weights import ConstantGamma
 
     steps = int(form.steps or 0) or None
     weight = float(form.weight) if form.weight else None
+    if form.method in VIDEO_METHODS:
+        image_prior = priors()[form.prior].image_prior or PRIOR_DIR / "photos"
+        return LVTINO(image_model=str(image_prior), time_scale=weight or 1.0)
     if form.method == "LATINO":
         t_max = tuned(form.prior, form.degradation)["latino"][0]
         grid = list(uniform_grid(steps or STEPS["LATINO"], t_max=t_max))
@@ -235,13 +273,17 @@ def method_of(form: Form):
         return TotalVariation(lam=weight or 20.0)
     if form.method == "UD2M":
         return UD2M(num_steps=steps)
-    raise ValueError(f"method: expected one of {METHODS}, got {form.method!r}")
+    raise ValueError(f"method: expected one of {METHODS + VIDEO_METHODS}, got {form.method!r}")
 
 
 def sample_kwargs(form: Form, output_dir: Path) -> dict[str, Any]:
     """The keywords of :func:`ud2m.cli.sample.sample` for the form: the same job as ``sample.py`` (LPIPS off: its
-    backbone weights are a download; no resume: every run has its own folder)."""
+    backbone weights are a download; no resume: every run has its own folder). A video prior takes the video
+    methods only, and they take it only (LVTINO's ``--model`` is the video prior; frame-wise LATINO loads none)."""
     prior = priors()[form.prior]
+    if prior.video != (form.method in VIDEO_METHODS):
+        expected = VIDEO_METHODS if prior.video else METHODS
+        raise ValueError(f"the {form.prior} prior restores with {' or '.join(expected)}, not {form.method}")
     kw: dict[str, Any] = dict(
         input=source_of(form),
         output_dir=Path(output_dir),
@@ -258,9 +300,9 @@ def sample_kwargs(form: Form, output_dir: Path) -> dict[str, Any]:
         if not form.export:
             raise ValueError("UD2M: pick an export (a folder with ud2m.json) in the folder you named")
         kw["checkpoint"] = Path(form.export)
-    elif form.method != "TV":
+    elif form.method not in ("TV", "LATINO (frame-wise)"):
         kw["model"] = str(prior.folder)
-    if not form.observation:
+    if not form.observation and not prior.video:  # videos are restored at their own size
         kw["crop"] = int(form.crop)
     return kw
 
@@ -295,7 +337,21 @@ def new_run_folder(root: str | Path) -> Path:
     return Path(root) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def run_form(form: Form, root: str | Path) -> Result:
+@dataclass
+class VideoResult:
+    """What the page shows for one video run: the MP4s (GIFs without ffmpeg) the job wrote, and the truth's."""
+
+    folder: Path
+    y: Path
+    restored: Path
+    truth: Path | None
+    row: dict[str, Any]
+    wall_seconds: float
+    device: str
+    archive: Path | None = None
+
+
+def run_form(form: Form, root: str | Path) -> Result | VideoResult:
     """Run the form's job into a fresh folder under ``root`` and read back what it wrote; bad input raises the
     job's readable ``ValueError`` / ``FileNotFoundError`` before anything is written."""
     from ud2m.cli.sample import sample
@@ -304,9 +360,42 @@ def run_form(form: Form, root: str | Path) -> Result:
     t0 = time.perf_counter()
     result = sample(**kw)
     wall = time.perf_counter() - t0
-    out = read_run(kw["output_dir"], result, wall)
+    read = read_video_run if form.method in VIDEO_METHODS else read_run
+    out = read(kw["output_dir"], result, wall)
     out.archive = Path(shutil.make_archive(str(out.folder), "zip", out.folder))
     return out
+
+
+def read_video_run(
+    folder: Path, result: dict[str, Any] | None = None, wall_seconds: float = float("nan")
+) -> VideoResult:
+    """The run's videos and its (single) metric row; a simulated run's truth (the clip the metrics compared with)
+    is written next to them as ``<stem>_truth.mp4``, the one file the page adds to the job's folder."""
+    from ud2m.cli.restore_video import FPS
+    from ud2m.video_io import read_video, write_video
+
+    folder = Path(folder)
+    result = result or read_results(folder)
+    row = result["images"][0]
+    stem = row["video"]
+    truth = None
+    if result["run"]["options"].get("simulate", True):
+        truth = write_video(read_video(row["source"]), folder / f"{stem}_truth.mp4", FPS)
+    return VideoResult(
+        folder=folder,
+        y=_written_video(folder, f"{stem}_y"),
+        restored=_written_video(folder, f"{stem}_restored"),
+        truth=truth,
+        row=row,
+        wall_seconds=wall_seconds,
+        device=str(result["run"].get("device", "")),
+    )
+
+
+def _written_video(folder: Path, name: str) -> Path:
+    """``<name>.mp4``, or the GIF :func:`~ud2m.video_io.write_video` writes instead without ffmpeg."""
+    mp4 = folder / f"{name}.mp4"
+    return mp4 if mp4.is_file() else folder / f"{name}.gif"
 
 
 def read_run(folder: Path, result: dict[str, Any] | None = None, wall_seconds: float = float("nan")) -> Result:
@@ -375,13 +464,19 @@ def display(img: np.ndarray, min_side: int = 256) -> np.ndarray:
     return np.repeat(np.repeat(img, k, axis=0), k, axis=1).astype(np.uint8)
 
 
-def metrics_markdown(result: Result, form: Form) -> str:
+def _fmt(row: dict[str, Any], key: str, unit: str = "", digits: int = 2) -> str:
+    value = row.get(key)
+    return "–" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def metrics_markdown(result: Result | VideoResult, form: Form) -> str:
     """The metrics table of the page (PSNR / SSIM only when the truth is known)."""
+    if isinstance(result, VideoResult):
+        return video_metrics_markdown(result)
     row = result.row
 
     def fmt(key: str, unit: str = "", digits: int = 2) -> str:
-        value = row.get(key)
-        return "–" if value is None else f"{value:.{digits}f}{unit}"
+        return _fmt(row, key, unit, digits)
 
     lines = ["| metric | value |", "|---|---|"]
     if row.get("psnr") is not None:
@@ -399,6 +494,30 @@ def metrics_markdown(result: Result, form: Form) -> str:
     return "\n".join(lines)
 
 
+def video_metrics_markdown(result: VideoResult) -> str:
+    """The metrics table of a video run (docs/video.md, docs/cli.md "Videos"): PSNR per frame averaged, global
+    PSNR (one MSE over the clip), SSIM, flicker, NFE in both conventions (sweeps; network calls), times."""
+    row = result.row
+    lines = ["| metric | value |", "|---|---|"]
+    if row.get("psnr") is not None:
+        lines += [
+            f"| PSNR (per frame, averaged) | {_fmt(row, 'psnr', ' dB')} |",
+            f"| global PSNR (one MSE over the clip) | {_fmt(row, 'psnr_global', ' dB')} |",
+            f"| SSIM (per frame) | {_fmt(row, 'ssim', '', 3)} |",
+            f"| flicker (mean abs Δt(x̂ − x) × 100) | {_fmt(row, 'flicker')} |",
+        ]
+    nfe = f"{row.get('nfe', 0)} ({row.get('nfe_video', 0)} video + {row.get('nfe_image', 0)} image sweeps)"
+    lines += [
+        f"| data consistency | {_fmt(row, 'data_consistency')} |",
+        f"| NFE | {nfe} |",
+        f"| network calls (one per frame) | {row.get('calls', 0)} |",
+        f"| solver time | {_fmt(row, 'seconds', ' s', 3)} |",
+        f"| wall time (loading included) | {result.wall_seconds:.1f} s on {result.device} |",
+        f"| frames | {row.get('frames')} of {row.get('height')}x{row.get('width')} |",
+    ]
+    return "\n".join(lines)
+
+
 def error_message(err: BaseException) -> str:
     """A readable message for a failed run: the job's own message for user errors (it names the file and the
     expected value), the exception type for anything else."""
@@ -412,9 +531,12 @@ __all__ = [
     "KINDS",
     "METHODS",
     "TUNED",
+    "VIDEO_METHODS",
+    "VIDEO_TUNED",
     "Form",
     "PriorChoice",
     "Result",
+    "VideoResult",
     "error_message",
     "find_exports",
     "heat_map",
@@ -424,6 +546,7 @@ __all__ = [
     "operator_of",
     "priors",
     "read_run",
+    "read_video_run",
     "run_form",
     "sample_kwargs",
 ]

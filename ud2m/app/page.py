@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ud2m.app import jobs
-from ud2m.app.jobs import KINDS, METHODS, Form
+from ud2m.app.jobs import KINDS, METHODS, VIDEO_METHODS, Form
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = 'the restoration page needs Gradio: pip install -e ".[app]"'
@@ -42,12 +42,22 @@ def theme(gr):
 def _input_column(gr, choices: dict[str, jobs.PriorChoice]) -> dict[str, Any]:
     digits = choices["digits"]
     return dict(
-        prior=gr.Radio(list(choices), value="digits", label="prior (shipped, no download)"),
+        prior=gr.Radio(
+            [(c.label or name, name) for name, c in choices.items()],
+            value="digits",
+            label="prior (shipped, no download)",
+            elem_id="prior",
+        ),
         input_kind=gr.Radio(["built-in", "upload"], value="built-in", label="input"),
         builtin=gr.Dropdown(
             list(digits.builtins), value=digits.builtins[0][1], label="built-in image", elem_id="builtin"
         ),
-        upload=gr.File(label="upload an image", file_count="single", type="filepath", elem_id="upload"),
+        upload=gr.File(
+            label="upload an image (a clip for the video prior: mp4, gif)",
+            file_count="single",
+            type="filepath",
+            elem_id="upload",
+        ),
         crop=gr.Number(digits.size, precision=0, label="centre crop of a simulated input (0: whole image)"),
         observation=gr.Checkbox(False, label="the upload is already the observation y (of the operator below)"),
     )
@@ -75,9 +85,13 @@ def _degradation_column(gr, choices: dict[str, jobs.PriorChoice]) -> dict[str, A
 def _method_column(gr) -> dict[str, Any]:
     steps, weight = jobs.method_defaults("digits", "ud2m/mnist_sr_x4", "LATINO")
     return dict(
-        method=gr.Radio(list(METHODS), value="LATINO", label="method"),
+        method=gr.Radio(list(METHODS), value="LATINO", label="method", elem_id="method"),
         steps=gr.Number(steps, precision=0, label="steps (0: the method's own)"),
-        weight=gr.Number(weight, label="weight: LATINO γ (0: preset rule) · DiffPIR λ · DPS ζ · TV λ"),
+        weight=gr.Number(
+            weight,
+            label="weight: LATINO γ (0: preset rule) · DiffPIR λ · DPS ζ · TV λ · video: time scale (0: 1)",
+            elem_id="weight",
+        ),
         export=gr.Dropdown([], value=None, label="UD2M export", allow_custom_value=True, visible=False),
         num_samples=gr.Slider(1, 16, value=1, step=1, label="S posterior samples", elem_id="num_samples"),
         seed=gr.Number(0, precision=0, label="seed"),
@@ -100,31 +114,48 @@ def form_of(values: dict[str, Any]) -> Form:
 
 
 def run_page(root: Path, values: dict[str, Any]) -> tuple:
-    """Run the form; a bad input gives a message in the status box and empty outputs, never a broken page."""
+    """Run the form; a bad input gives a message in the status box and empty outputs, never a broken page.
+    Returns the four images, the three videos, the metrics, the status and the zip."""
     form = form_of(values)
     try:
         result = jobs.run_form(form, root)
     except Exception as err:  # the page must survive anything a run raises; the message says what it was
         if not isinstance(err, jobs.USER_ERRORS):
             logger.exception("run failed")
-        return None, None, None, None, "", jobs.error_message(err), None
+        return (None,) * (len(_IMAGES) + len(_VIDEOS)) + ("", jobs.error_message(err), None)
     status = f"Done: `{result.folder}` (the same files as `sample.py`)."
-    if form.num_samples == 1:
-        status += " One sample: no std map (set S > 1)."
-    outputs = (result.y, result.restored, result.std, result.truth)
-    return (*outputs, jobs.metrics_markdown(result, form), status, str(result.archive))
+    if isinstance(result, jobs.VideoResult):
+        images, videos = (None,) * len(_IMAGES), tuple(_str(p) for p in (result.y, result.restored, result.truth))
+        if result.truth is not None:
+            status = f"Done: `{result.folder}` (the same files as `sample.py`, plus the truth's video)."
+    else:
+        images, videos = (result.y, result.restored, result.std, result.truth), (None,) * len(_VIDEOS)
+        if form.num_samples == 1:
+            status += " One sample: no std map (set S > 1)."
+    return (*images, *videos, jobs.metrics_markdown(result, form), status, str(result.archive))
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _on_prior(gr, choices, prior: str, method: str):
+    """A prior's inputs, presets (a video prior: its presets only), methods and defaults; which outputs show."""
     choice = choices[prior]
     degradation = choice.presets[0]
+    methods = VIDEO_METHODS if choice.video else METHODS
+    method = method if method in methods else methods[0]
     steps, weight = _defaults(prior, degradation, method)
     return (
         gr.update(choices=list(choice.builtins), value=choice.builtins[0][1]),
-        gr.update(choices=[*choice.presets, *KINDS], value=degradation),
+        gr.update(choices=[*choice.presets, *(() if choice.video else KINDS)], value=degradation),
         choice.size,
+        gr.update(choices=list(methods), value=method),
         steps,
         weight,
+        1 if choice.video else gr.update(),  # one restoration per video
+        gr.update(visible=not choice.video),
+        gr.update(visible=choice.video),
     )
 
 
@@ -162,8 +193,8 @@ def build_page(root: str | Path = "outputs/app"):
     root, choices = Path(root), jobs.priors()
     with gr.Blocks(title="ud2m restoration") as page:
         gr.Markdown(
-            "# ud2m: restore an image\nThe same job as `sample.py`, on the shipped priors (no download). Pick an "
-            "input, a degradation and a method, then **Restore**."
+            "# ud2m: restore an image or a clip\nThe same job as `sample.py`, on the shipped priors (no download). "
+            "Pick an input, a degradation and a method, then **Restore**."
         )
         with gr.Row():
             with gr.Column():
@@ -177,12 +208,17 @@ def build_page(root: str | Path = "outputs/app"):
                     find = gr.Button("Find exports", scale=1)
                 run = gr.Button("Restore", variant="primary", elem_id="run")
         status = gr.Markdown("", elem_id="status")
-        with gr.Row():
+        with gr.Row() as image_row:
             shown = [gr.Image(label=label, elem_id=i, interactive=False) for label, i in _IMAGES]
+        with gr.Row(visible=False) as video_row:
+            shown += [
+                gr.Video(label=label, elem_id=i, interactive=False, autoplay=True, loop=True) for label, i in _VIDEOS
+            ]
         with gr.Row():
             metrics = gr.Markdown("", elem_id="metrics")
             download = gr.File(label="download the run (zip)", elem_id="download")
-        _wire(gr, form, choices, root, run, shown, metrics, status, download, (export_row, folder, find))
+        outputs = (shown, metrics, status, download, (image_row, video_row))
+        _wire(gr, form, choices, root, run, outputs, (export_row, folder, find))
     return page
 
 
@@ -192,9 +228,15 @@ _IMAGES = (
     ("pixelwise std (heat map)", "std"),
     ("truth", "truth"),
 )
+_VIDEOS = (
+    ("observation y (video)", "y_video"),
+    ("restoration (video)", "restored_video"),
+    ("truth (video)", "truth_video"),
+)
 
 
-def _wire(gr, form, choices, root, run, shown, metrics, status, download, export) -> None:
+def _wire(gr, form, choices, root, run, outputs, export) -> None:
+    shown, metrics, status, download, rows = outputs
     export_row, folder, find = export
     names = list(form)
 
@@ -204,11 +246,8 @@ def _wire(gr, form, choices, root, run, shown, metrics, status, download, export
 
     run.click(on_run, inputs=set(form.values()), outputs=[*shown, metrics, status, download])
     pick = [form["prior"], form["degradation"], form["method"]]
-    form["prior"].change(
-        lambda p, m: _on_prior(gr, choices, p, m),
-        [form["prior"], form["method"]],
-        [form["builtin"], form["degradation"], form["crop"], form["steps"], form["weight"]],
-    )
+    on_prior = [form[k] for k in ("builtin", "degradation", "crop", "method", "steps", "weight", "num_samples")]
+    form["prior"].change(lambda p, m: _on_prior(gr, choices, p, m), [form["prior"], form["method"]], [*on_prior, *rows])
     form["degradation"].change(
         lambda *v: _on_degradation(gr, *v), pick, [form["sigma_y"], form["mask"], form["steps"], form["weight"]]
     )
