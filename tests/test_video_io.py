@@ -76,6 +76,16 @@ def test_gif_round_trip_is_exact_for_palette_frames_with_repeats(tmp_path):
     torch.testing.assert_close(out, v, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("runs", [(8,), (4, 4), (1, 3, 2)])
+def test_gif_round_trip_restores_every_merged_run(runs, tmp_path):
+    """Every run of identical frames that Pillow merges comes back at its length, including a video of one
+    constant frame (it read back as 1 frame while the shortest kept frame was taken as one frame's duration)."""
+    levels = torch.tensor([0, 51, 255, 102])[: len(runs)] / 255 * 2 - 1  # 8-bit levels: exact in a GIF
+    v = torch.cat([torch.full((n, 3, 8, 8), float(v)) for n, v in zip(runs, levels, strict=True)])
+    path = write_video(v, tmp_path / "runs.gif", fps=8)
+    torch.testing.assert_close(read_video(path, expected_frames=sum(runs)), v, atol=1e-6, rtol=0)
+
+
 def test_gray_video_round_trip(tmp_path):
     v = palette_video(T=3)[:, :1]
     write_video(v, tmp_path / "g.gif", frames_dir=tmp_path / "g")

@@ -194,8 +194,8 @@ def _read_gif(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: not a readable GIF ({err})") from err
     match = _GIF_COMMENT.search(comment if isinstance(comment, bytes) else str(comment).encode())
     if match and len(frames) < int(match.group(1)) and min(durations) > 0:
-        base = min(durations)
-        repeats = [max(1, round(d / base)) for d in durations]
+        base = sum(durations) / int(match.group(1))  # one written frame's duration (not the shortest kept frame:
+        repeats = [max(1, round(d / base)) for d in durations]  # every kept frame may stand for several)
         if sum(repeats) == int(match.group(1)):
             frames = [f for f, r in zip(frames, repeats, strict=True) for _ in range(r)]
     return _from_array(np.stack(frames), str(path))
