@@ -396,8 +396,11 @@ def _steps(export: Path) -> str:
 
     training = read_manifest(export)["training"]
     selected = training.get("selected")
-    steps = f"{training['steps']:,} steps"
-    return steps if selected is None else f"best validation of {steps}: step {selected['step']:,}"
+    if selected is None:
+        return f"{training['steps']:,} steps"
+    config = export.parent / "config.yaml"  # the run's max_steps (the manifest records the selected step)
+    total = yaml.safe_load(config.read_text())["trainer"]["max_steps"] if config.is_file() else None
+    return f"{total:,} steps, best validation at step {selected['step']:,}" if total else f"step {selected['step']:,}"
 
 
 def _train_seconds(export: Path) -> float | None:
