@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "cap 1, L2, no D": (C1, L2, None, True),
     "cap 1, energy, no D": (C1, ES, None, True),
     "cap 1, energy, D(y, x_t, t) (shipped defaults)": (C1, ES, XTT, True),
+    "cap 1, energy, D(y, x_t, t), ω_adv 0.03": (C1, dict(ES, omega_adv=0.03), XTT, True),
+    "cap 1, energy, D(y, x_t, t), ω_adv 0.01": (C1, dict(ES, omega_adv=0.01), XTT, True),
     "cap 0.35, L2, no D": (C035, L2, None, True),
     "cap 0.35, L2, D(y)": (C035, L2, ("y",), True),
     "cap 0.35, L2, D(y, x_t, t)": (C035, L2, XTT, True),
@@ -154,7 +156,7 @@ def train(model: UnfoldedSampler, prior, module_kw: dict, condition, steps: int,
 
     D = None if condition is None else ConditionalDiscriminator(1, 16, condition=condition)
     kw = dict(operator=make_operator(), sigma_y=SIGMA_Y, omega_lpips=0.0, lr_g=1e-3, lr_d=1e-3, omega_gp=0.01)
-    kw.update(omega_adv=0.1 if D is not None else 0.0, seed=seed, **module_kw)
+    kw.update({"omega_adv": 0.1 if D is not None else 0.0, "seed": seed, **module_kw})  # a variant may set omega_adv
     module = UnfoldedDistillation(model, D, **kw)
     loader = torch.utils.data.DataLoader(PriorSamples(prior, 64 * steps, seed), batch_size=64, shuffle=False)
     trainer = pl.Trainer(
