@@ -66,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
 from common import mean_pm_std as _pm
-from common import write_readme_section
+from common import write_report
 from quality import HELD_OUT_PHOTOS, TIKHONOV_S0, TRAIN_PHOTOS, TV_LAMBDA, write_crops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,15 +353,7 @@ def report_text(data: dict) -> str:
 def report(args) -> str:
     """``blind[_quick].md`` from the JSON; the full results also go into the README section between the markers."""
     quick = getattr(args, "quick", False)
-    path = RESULTS / ("blind_quick.json" if quick else "blind.json")
-    if not path.is_file():
-        raise SystemExit(f"report: {path} does not exist; run `python benchmarks/blind.py run{' --quick' * quick}`")
-    text = report_text(json.loads(path.read_text()))
-    path.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    if not quick:
-        write_readme_section(README, README_BEGIN, README_END, text, "python benchmarks/blind.py report")
-    return text
+    return write_report(RESULTS, "blind", quick, report_text, README, README_BEGIN, README_END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ generated section between two markers of the README."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -53,6 +54,22 @@ def write_readme_section(path: Path, begin: str, end: str, text: str, rerun: str
         file=sys.stderr,
     )
     return False
+
+
+def write_report(
+    results: Path, name: str, quick: bool, render: Callable[[dict], str], readme: Path, begin: str, end: str
+) -> str:
+    """The report of ``benchmarks/<name>.py``: ``<name>[_quick].md`` rendered from ``<name>[_quick].json`` in
+    ``results``, printed, and for a full run also written into the README section between ``begin`` and ``end``."""
+    path = results / (f"{name}_quick.json" if quick else f"{name}.json")
+    if not path.is_file():
+        raise SystemExit(f"report: {path} does not exist; run `python benchmarks/{name}.py run{' --quick' * quick}`")
+    text = render(json.loads(path.read_text()))
+    path.with_suffix(".md").write_text(text.rstrip("\n") + "\n")
+    print(text)
+    if not quick:
+        write_readme_section(readme, begin, end, text, f"python benchmarks/{name}.py report")
+    return text
 
 
 class CallTimer:

@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import CallTimer, write_readme_section
+from common import CallTimer, write_report
 from common import mean_pm_std as _pm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -476,15 +476,7 @@ def _tuned_value(name: str, tuned: dict) -> str:
 def report(args) -> str:
     """``video[_quick].md`` from the JSON; a full run also fills the README section between the markers."""
     quick = getattr(args, "quick", False)
-    path = RESULTS / ("video_quick.json" if quick else "video.json")
-    if not path.is_file():
-        raise SystemExit(f"report: {path} does not exist; run `python benchmarks/video.py run{' --quick' * quick}`")
-    text = tables(json.loads(path.read_text()))
-    path.with_suffix(".md").write_text(text)
-    if not quick:
-        write_readme_section(README, README_BEGIN, README_END, text, "python benchmarks/video.py report")
-    print(text)
-    return text
+    return write_report(RESULTS, "video", quick, tables, README, README_BEGIN, README_END)
 
 
 def main(argv: list[str] | None = None) -> None:
