@@ -230,12 +230,23 @@ def tv3(op, y, sigma_n, lam: float, iters: int) -> torch.Tensor:
     return data_step(op, wiener_init(op, y, sigma_n), y, step, sigma_n)
 
 
+def restore_lvtino(video, frames, op, y, rows, seed: int) -> tuple[torch.Tensor, dict]:
+    """LVTINO (``video`` given) or frame-wise LATINO (``video=None``: noise per frame) with schedule ``rows`` and
+    the solver noise of stream 0; returns the videos and lvtino's info."""
+    from ud2m.solvers.lvtino import lvtino
+
+    return lvtino(
+        video, frames, op, y, schedule=rows, sigma_y=SIGMA_Y, generator=generators(seed, 0, y.shape[0]),
+        shared_image_noise=None if video is not None else False, return_info=True,
+    )  # fmt: skip
+
+
 def tune(problem: str, x: torch.Tensor, video_prior, image_prior, args, device) -> dict:
     """TV3's weight (:data:`TV_LAMBDAS`) and the time scale (:data:`TIME_SCALES`) of LVTINO and of frame-wise LATINO
     with the best mean PSNR on the tuning clips ``x``; returns the choices and every score."""
     from ud2m.metrics import psnr
     from ud2m.priors.stacked import FrameWisePrior
-    from ud2m.solvers.lvtino import lvtino, map_times
+    from ud2m.solvers.lvtino import map_times
 
     op, y, sigma_n, _ = observe(problem, x, args.seed, device)
     frames = FrameWisePrior(image_prior, frame_batch=args.frame_batch)
@@ -244,11 +255,7 @@ def tune(problem: str, x: torch.Tensor, video_prior, image_prior, args, device) 
         scores["tv_lambda"][str(lam)] = psnr(tv3(op, y, sigma_n, lam, args.tv_iters), x).mean().item()
     for f in TIME_SCALES:
         for key, video in (("latino_time_scale", None), ("lvtino_time_scale", video_prior)):
-            rows = map_times(problem, video_prior, image_prior, f)
-            out = lvtino(
-                video, frames, op, y, schedule=rows, sigma_y=SIGMA_Y, generator=generators(args.seed, 0, x.shape[0]),
-                shared_image_noise=None if video is not None else False,
-            )  # fmt: skip
+            out, _ = restore_lvtino(video, frames, op, y, map_times(problem, video_prior, image_prior, f), args.seed)
             scores[key][str(f)] = psnr(out, x).mean().item()
     best = {k: float(max(v, key=v.get)) for k, v in scores.items()}
     print(f"problem {problem}: tuned on {x.shape[0]} training clips: {best}", flush=True)
@@ -261,7 +268,7 @@ def run_problem(problem: str, x: torch.Tensor, video_prior, image_prior, args, d
     from ud2m.priors.stacked import FrameWisePrior
     from ud2m.schedules import uniform_grid
     from ud2m.solvers.baselines import solve_diffpir
-    from ud2m.solvers.lvtino import lvtino, map_times
+    from ud2m.solvers.lvtino import map_times
     from ud2m.solvers.steps import wiener_init
 
     B, T = x.shape[0], x.shape[2]
@@ -293,10 +300,7 @@ def run_problem(problem: str, x: torch.Tensor, video_prior, image_prior, args, d
         rows = schedule if time_scale == 1.0 else map_times(problem, video_prior, image_prior, time_scale)
 
         def fn():
-            out, info = lvtino(
-                video, frames, op, y, schedule=rows, sigma_y=SIGMA_Y, generator=generators(args.seed, 0, B),
-                shared_image_noise=None if video is not None else False, return_info=True,
-            )  # fmt: skip
+            out, info = restore_lvtino(video, frames, op, y, rows, args.seed)
             return out, {k: info[k] for k in ("nfe", "nfe_video", "nfe_image", "calls")}
 
         return fn
