@@ -495,19 +495,26 @@ def _make_lpips(options: Options, device: torch.device) -> tuple[Any, str]:
 
 # ============================================================================================== running
 def run(job: Job) -> dict[str, Any]:
-    """Restore every pending item in batches and write outputs and metrics after each batch."""
+    """Restore every pending image in batches and write outputs and metrics after each batch."""
+    return run_pending(job, "image", "img", is_done, restore_batch, write_metrics)
+
+
+def run_pending(job, key: str, unit: str, is_done, restore_batch, write_metrics) -> dict[str, Any]:
+    """The resumable batch loop of the image and video jobs: items whose outputs exist are skipped (their rows in
+    ``metrics.json``, keyed by ``row[key]``, are kept), the others restored ``batch_size`` at a time, and the metrics
+    rewritten after each batch."""
     from tqdm.auto import tqdm
 
     options = job.options
     pending = [it for it in job.items if not (options.resume and is_done(job, it))]
     if len(pending) < len(job.items):
-        logger.info("resume: %d of %d image(s) already done", len(job.items) - len(pending), len(job.items))
+        logger.info("resume: %d of %d %s(s) already done", len(job.items) - len(pending), len(job.items), key)
     options.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = {row["image"]: row for row in read_results(options.output_dir).get("images", [])}
-    with tqdm(total=len(pending), desc=job.method.name, unit="img", disable=not options.progress) as bar:
+    rows = {row[key]: row for row in read_results(options.output_dir).get("images", []) if key in row}
+    with tqdm(total=len(pending), desc=job.method.name, unit=unit, disable=not options.progress) as bar:
         for batch in batches(pending, options.batch_size):
             for row in restore_batch(job, batch):
-                rows[row["image"]] = row
+                rows[row[key]] = row
             write_metrics(job, rows)
             bar.update(len(batch))
     return write_metrics(job, rows)

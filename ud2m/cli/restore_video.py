@@ -28,7 +28,6 @@ import torch
 from ud2m.cli.outputs import measurement_image, peak_memory_mb, reset_peak_memory, synchronize
 from ud2m.cli.restore import (
     Options,
-    batches,
     grad_mode,
     image_channels,
     noise_generators,
@@ -39,9 +38,10 @@ from ud2m.cli.restore import (
     resolve_device,
     resolve_dtype,
     resolve_operator,
+    run_pending,
 )
 from ud2m.cli.resume import check_resume_compatible, run_record
-from ud2m.io import read_results, write_results
+from ud2m.io import write_results
 from ud2m.methods import Method, Problem
 from ud2m.metrics import data_consistency, flicker, psnr, ssim, video_psnr_global
 from ud2m.operators.base import LinearOperator
@@ -251,21 +251,7 @@ def is_done(job: VideoJob, item: Video) -> bool:
 
 def run(job: VideoJob) -> dict[str, Any]:
     """Restore every pending video in batches and write outputs and metrics after each batch."""
-    from tqdm.auto import tqdm
-
-    options = job.options
-    pending = [v for v in job.items if not (options.resume and is_done(job, v))]
-    if len(pending) < len(job.items):
-        logger.info("resume: %d of %d video(s) already done", len(job.items) - len(pending), len(job.items))
-    options.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = {row["video"]: row for row in read_results(options.output_dir).get("images", []) if "video" in row}
-    with tqdm(total=len(pending), desc=job.method.name, unit="video", disable=not options.progress) as bar:
-        for batch in batches(pending, options.batch_size):
-            for row in restore_batch(job, batch):
-                rows[row["video"]] = row
-            write_metrics(job, rows)
-            bar.update(len(batch))
-    return write_metrics(job, rows)
+    return run_pending(job, "video", "video", is_done, restore_batch, write_metrics)
 
 
 def load_batch(job: VideoJob, batch: list[Video]) -> tuple[torch.Tensor | None, torch.Tensor]:
