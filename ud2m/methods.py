@@ -329,7 +329,8 @@ class LatinoPro(Method):
         return {k: getattr(self, k) or tuned.get(k) or DiscrepancyWeights() for k in ("weights_inner", "weights_final")}
 
     def _kwargs(self, problem: Problem) -> dict[str, Any]:
-        kw = {k: self.options()[k] for k in ("num_outer", "inner_timesteps", "optimizer") if k in self.options()}
+        given = self.options()
+        kw = {k: given[k] for k in ("num_outer", "inner_timesteps", "optimizer") if k in given}
         kw["final_timesteps"] = _grid(self.final_timesteps, self.num_steps, problem.prior)
         return {**kw, **self.rules(problem)}
 
