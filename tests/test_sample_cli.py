@@ -365,12 +365,21 @@ def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_
         k: v for k, v in before.items() if k.endswith(".png")
     }
     for changed, match in [
-        (dict(method=UD2M(num_steps=3)), "'num_steps': 2, 'eta': 1.0} there, {'num_steps': 3, 'eta': 1.0} now"),
-        (dict(method=UD2M(eta=0.5)), "'eta': 1.0} there, {'num_steps': 2, 'eta': 0.5} now"),
+        (dict(method=UD2M(num_steps=3)), "'num_steps': 2, 'eta': 1.0, 't_start': None} there, {'num_steps': 3,"),
+        (dict(method=UD2M(eta=0.5)), "'eta': 1.0, 't_start': None} there, {'num_steps': 2, 'eta': 0.5,"),
+        (dict(method=UD2M(t_start=500)), "'t_start': None} there, {'num_steps': 2, 'eta': 1.0, 't_start': 500} now"),
         (dict(num_samples=2), "num_samples: 1 there, 2 now"),
     ]:
         with pytest.raises(ValueError, match=re.escape(match)):
             run(tmp_path / "ud2m", **kwargs, **changed)
+    # a folder recorded before a setting existed (no t_start) resumes while the setting is at its default
+    metrics = tmp_path / "ud2m" / "metrics.json"
+    record = json.loads(metrics.read_text())
+    del record["run"]["settings"]["t_start"]
+    metrics.write_text(json.dumps(record))
+    run(tmp_path / "ud2m", **kwargs)
+    with pytest.raises(ValueError, match=re.escape("'t_start': 500} now")):
+        run(tmp_path / "ud2m", **kwargs, method=UD2M(t_start=500))
     tv = dict(input="skimage:camera", operator="ud2m/deblur_gaussian")
     run(tmp_path / "tv", **tv, method=TotalVariation(iters=5))
     with pytest.raises(ValueError, match=re.escape("'lam': 20.0, 'iters': 5")):

@@ -404,3 +404,22 @@ def test_export_of_the_best_validation_keeps_those_weights(tmp_path, monkeypatch
     loaded = dict(load_checkpoint(out, tiny_pixel_prior(), allow_hash_mismatch=True).named_parameters())
     for name, value in probe.seen[1].items():
         torch.testing.assert_close(loaded[name.removeprefix("sampler.")].detach(), value, rtol=0, atol=0)
+
+
+def test_training_times_stay_below_t_max_and_the_export_starts_there(tmp_path):
+    """§7.6/§8 revisions: ``t_max`` bounds the training times (t ~ U{1..t_max}); validation and the export's
+    default sampler start at t_max; an out-of-range t_max or export start is refused before training."""
+    from ud2m.export import read_manifest
+    from ud2m.training.callbacks import ExportOnTrainEnd
+
+    model = make_model(t_max=40)
+    t, _ = model._diffuse(torch.zeros(512, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert t.min() >= 1 and t.max() == 40 and len(t.unique()) == 40  # every time in 1..40 drawn, none above
+    assert model.sampler_start() == 40 and make_model().sampler_start() is None
+    out = tmp_path / "export"
+    trainer(1, callbacks=[ExportOnTrainEnd(str(out), use_ema=False)]).fit(model, make_data())
+    assert read_manifest(out)["sampler"] == {"num_steps": 3, "grid": "quadratic", "eta": 1.0, "t_start": 40}
+    with pytest.raises(ValueError, match="t_max: expected an integer in \\[1, 999\\], got 1000"):
+        make_model(t_max=1000)
+    with pytest.raises(ValueError, match="t_max must lie in \\[1, 999\\], got 0"):
+        ExportOnTrainEnd(str(tmp_path / "other"), t_start=0)

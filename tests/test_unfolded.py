@@ -18,7 +18,7 @@ from ud2m.operators import KernelBlur, measure, sigma_internal
 from ud2m.priors.gaussian import GaussianPrior, gaussian_w2, operator_matrix, sym_sqrtm
 from ud2m.priors.tiny import tiny_pixel_prior
 from ud2m.solvers.posterior import posterior_sample, sample_generators
-from ud2m.solvers.steps import rho_zero
+from ud2m.solvers.steps import rho_zero, wiener_init
 from ud2m.unfolded import UnfoldedSampler, sample_ud2m
 from ud2m.utils import append_dims, randn
 
@@ -218,6 +218,27 @@ def test_nfe_determinism_and_checkpointing(rng):
 
 def _g(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def test_later_start_renoises_the_wiener_estimate_on_a_shorter_quadratic_grid(rng):
+    """§8 revision: with t_start = 499 the grid is ⌊500 n²/N²⌋ up to 499, and the first block sees the Wiener estimate
+    forward-noised to 499 with the generator's first draw; NFE stays N·K; None and 999 are the paper's sampler."""
+    prior, _, _, _, y, op, sigma_y = problem("pixel", rng)
+    model = UnfoldedSampler(prior, num_blocks=2)
+    seen: list[dict] = []
+    prior.reset_nfe()
+    kw = dict(x_shape=y.shape, num_steps=3)
+    sample_ud2m(model, op, y, sigma_y, **kw, t_start=499, generator=_g(1), callback=seen.append)
+    assert prior.reset_nfe() == 3 * 2
+    assert [float(d["t"][0]) for d in seen] == [499.0, 222.0, 55.0]
+    a, b = prior.scales(torch.tensor(499.0))
+    expected = a * wiener_init(op, y, sigma_internal(sigma_y)) + b * randn(y.shape, _g(1))
+    torch.testing.assert_close(seen[0]["x"], expected)
+    paper = sample_ud2m(model, op, y, sigma_y, **kw, generator=_g(1))
+    assert torch.equal(paper, sample_ud2m(model, op, y, sigma_y, **kw, t_start=999, generator=_g(1)))
+    for bad in (0, 1000):
+        with pytest.raises(ValueError, match=f"t_start: expected a time in \\[1, 999\\].*got {bad}"):
+            sample_ud2m(model, op, y, sigma_y, **kw, t_start=bad)
 
 
 def test_invalid_arguments_are_named():

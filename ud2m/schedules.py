@@ -18,19 +18,26 @@ LCM_8 = (999, 879, 759, 639, 499, 379, 259, 139)
 DMD2_4 = (999, 749, 499, 249)
 
 
-def quadratic_grid(num_steps: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-    r"""UD2M sampler grid (§8): :math:`t_n = \lfloor 1000 n^2 / N^2 \rfloor`, n = 1..N, the last replaced by 999,
-    in decreasing order, integer arithmetic.
+def quadratic_grid(num_steps: int, num_train_timesteps: int = 1000, t_max: int | None = None) -> tuple[int, ...]:
+    r"""UD2M sampler grid (§8): :math:`t_n = \lfloor (t_\max + 1) n^2 / N^2 \rfloor`, n = 1..N, the last replaced by
+    :math:`t_\max` (default ``num_train_timesteps - 1`` = 999, which gives the paper's
+    :math:`\lfloor 1000 n^2/N^2 \rfloor`), in decreasing order, integer arithmetic. A later start
+    (:math:`t_\max < 999`) is the tuned start of :func:`~ud2m.unfolded.sample_ud2m` [ours].
 
     >>> quadratic_grid(3)
     (999, 444, 111)
     >>> quadratic_grid(5)
     (999, 640, 360, 160, 40)
+    >>> quadratic_grid(3, t_max=499)
+    (499, 222, 55)
     """
     if num_steps < 1:
         raise ValueError(f"quadratic_grid: num_steps must be >= 1, got {num_steps}")
-    grid = [num_train_timesteps * n * n // (num_steps * num_steps) for n in range(1, num_steps + 1)]
-    grid[-1] = num_train_timesteps - 1
+    t_max = num_train_timesteps - 1 if t_max is None else int(t_max)
+    if not 1 <= t_max <= num_train_timesteps - 1:
+        raise ValueError(f"quadratic_grid: t_max must lie in [1, {num_train_timesteps - 1}], got {t_max}")
+    grid = [(t_max + 1) * n * n // (num_steps * num_steps) for n in range(1, num_steps + 1)]
+    grid[-1] = t_max
     return tuple(reversed(grid))
 
 

@@ -63,7 +63,7 @@ def check_resume_compatible(job: Job | VideoJob) -> None:
     earlier = read_results(job.options.output_dir).get("run", {})
     if not earlier:
         return
-    diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and earlier[k] != _json(job.run[k])}
+    diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and not _same(k, earlier[k], job.run[k])}
     old_options, new_options = earlier.get("options") or {}, _json(job.options.record())
     for key in OPTION_KEYS:
         if key in old_options and _applies(job, key):
@@ -76,6 +76,15 @@ def check_resume_compatible(job: Job | VideoJob) -> None:
             f"{job.options.output_dir} holds results of a different run ({changes}): resuming would label its images "
             "with this run's settings. Choose another --output_dir, or rerun with the earlier settings."
         )
+
+
+def _same(key: str, earlier: Any, now: Any) -> bool:
+    """Whether a recorded run entry equals this run's; a method setting added after the earlier run was recorded
+    counts as equal while it is at its default (None), so older result folders stay resumable."""
+    now = _json(now)
+    if key == "settings" and isinstance(earlier, dict) and isinstance(now, dict):
+        now = {k: v for k, v in now.items() if k in earlier or v is not None}
+    return earlier == now
 
 
 def _json(value: Any) -> Any:

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ud2m.schedules import quadratic_grid
+
 logger = logging.getLogger(__name__)
 
 
@@ -243,6 +245,8 @@ class ExportOnTrainEnd(pl.Callback):
         use_ema: export the EMA weights when an :class:`EMA` callback is present.
         num_steps: default N of the exported sampler (§8).
         eta: default DDIM eta of the exported sampler.
+        t_start: default first grid time of the exported sampler (None: 999, the paper's start from noise; a later
+            start tuned on training images, ``sample_ud2m``'s ``t_start``, §8 revision).
         overwrite: replace an export that already exists in ``out_dir``.
         best: export the weights of the validation with the best value of this logged metric (e.g. ``"val/psnr"``)
             instead of the last ones: on few training images a long run can pass its best (the photos benchmark's
@@ -261,10 +265,13 @@ class ExportOnTrainEnd(pl.Callback):
         overwrite: bool = False,
         best: str | None = None,
         mode: str = "max",
+        t_start: int | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"ExportOnTrainEnd: mode must be 'max' or 'min', got {mode!r}")
         self.out_dir, self.use_ema, self.num_steps, self.eta = out_dir, use_ema, num_steps, eta
+        self.t_start = t_start
+        sampler_entry(num_steps, eta, t_start)  # an out-of-range start is refused before training, not after
         self.overwrite, self.best, self.mode = overwrite, best, mode
         self.selected: dict[str, Any] | None = None  # {"metric", "value", "step"} of the kept weights
         self.kept: dict[str, torch.Tensor] | None = None
@@ -322,7 +329,7 @@ class ExportOnTrainEnd(pl.Callback):
             with context:
                 path = export_module(
                     pl_module, self.out_dir, ema=ema is not None, num_steps=self.num_steps, eta=self.eta,
-                    steps=steps, data=_describe_data(trainer), selected=self.selected,
+                    t_start=self.t_start, steps=steps, data=_describe_data(trainer), selected=self.selected,
                 )  # fmt: skip
             logger.info("exported the UD2M sampler to %s (%s)", path, self.selected or "last weights")
         trainer.strategy.barrier("ud2m-export")
@@ -364,6 +371,7 @@ def export_module(
     ema: bool,
     num_steps: int = 3,
     eta: float = 1.0,
+    t_start: int | None = None,
     steps: int = 0,
     data: str = "unknown",
     config: Mapping[str, Any] | None = None,
@@ -398,11 +406,26 @@ def export_module(
             out_dir,
             base_model=base_model_reference(pl_module, hp),
             operator=operator_reference(pl_module, hp),
-            sampler={"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)},
+            sampler=sampler_entry(num_steps, eta, t_start if t_start is not None else _trained_start(hp)),
             training=training,
             ema=ema,
         )
     )
+
+
+def _trained_start(hp: Mapping[str, Any]) -> int | None:
+    """The start a module trained only up to ``t_max < 999`` samples from (§7.6, §8 revisions), else None."""
+    t_max = int(hp.get("t_max", 999))
+    return t_max if t_max < 999 else None
+
+
+def sampler_entry(num_steps: int, eta: float, t_start: int | None = None) -> dict[str, Any]:
+    """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``."""
+    entry: dict[str, Any] = {"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)}
+    if t_start is not None:
+        quadratic_grid(1, t_max=t_start)  # an out-of-range start is refused before anything is written
+        entry["t_start"] = int(t_start)
+    return entry
 
 
 def _config(value: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ud2m.export import check_export_target
 from ud2m.priors.latent import LatentConsistencyPrior
 from ud2m.priors.pixel import PixelDiffusionPrior
 from ud2m.training.base_cli import ModuleCLI, parser_kwargs
-from ud2m.training.callbacks import describe_data, ema_from_checkpoint, export_module
+from ud2m.training.callbacks import describe_data, ema_from_checkpoint, export_module, sampler_entry
 from ud2m.training.module import UnfoldedDistillation
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,13 @@ class UD2MCLI(ModuleCLI):
 
 # ------------------------------------------------------------------------------------------------ export command
 def export(
-    ckpt: Path, out: Path, use_ema: bool = True, num_steps: int = 3, eta: float = 1.0, overwrite: bool = False
+    ckpt: Path,
+    out: Path,
+    use_ema: bool = True,
+    num_steps: int = 3,
+    eta: float = 1.0,
+    overwrite: bool = False,
+    t_start: int | None = None,
 ) -> Path:
     """Export a training checkpoint (``last.ckpt``) to the sampling folder of docs/method.md §9.
 
@@ -75,6 +81,7 @@ def export(
         num_steps: default N of the exported sampler.
         eta: default DDIM eta of the exported sampler.
         overwrite: replace an export that already exists in ``out``.
+        t_start: default first grid time of the exported sampler (None: 999; §8 revision).
 
     Returns:
         the export folder.
@@ -84,6 +91,7 @@ def export(
         ValueError: for a checkpoint without the LightningCLI configuration (not written by ``train.py fit``).
     """
     check_export_target(out, overwrite=overwrite, how_to_overwrite="--overwrite true")
+    sampler_entry(num_steps, eta, t_start)  # a bad start is refused before the checkpoint is read
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     config = checkpoint.get("hyper_parameters", {})
     if not isinstance(config.get("sampler"), dict) or "class_path" not in config["sampler"]:
@@ -101,7 +109,8 @@ def export(
     data = checkpoint.get("datamodule_hyper_parameters", {})
     name = str(data.get("_class_path", "unknown")).rsplit(".", 1)[-1]
     return export_module(
-        model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, steps=checkpoint["global_step"],
+        model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, t_start=t_start,
+        steps=checkpoint["global_step"],
         data=describe_data(name, data.get("train_shards") or data.get("root")), config=config,
     )  # fmt: skip
 

@@ -84,6 +84,10 @@ class UnfoldedDistillation(pl.LightningModule):
         clip_norm: global gradient-norm clip of the generator (None: no clipping).
         d_steps_per_g: discriminator updates per generator update.
         adv_start_step: first step with the discriminator and adversarial loss (plain L2 + LPIPS before).
+        t_max: largest training time, ``t ~ U{1..t_max}`` (§7.6; default 999). A sampler started later
+            (``sample_ud2m``'s ``t_start``, §8 revision [ours]) never calls its blocks above its start, so training
+            can spend every step where it samples: with ``t_max < 999`` validation samples from ``t_start = t_max``
+            and the export records it as the sampler's default start.
         val_num_steps: N of the validation sampler (§8).
         val_eta: DDIM eta of the validation sampler.
         prompt: text prompt of text-conditioned priors (None: the empty prompt); ignored by other priors.
@@ -115,6 +119,7 @@ class UnfoldedDistillation(pl.LightningModule):
         clip_norm: float | None = 1.0,
         d_steps_per_g: int = 1,
         adv_start_step: int = 0,
+        t_max: int = T_MAX,
         val_num_steps: int = 3,
         val_eta: float = 1.0,
         prompt: str | None = None,
@@ -128,6 +133,8 @@ class UnfoldedDistillation(pl.LightningModule):
         _check_sigma_y(sigma_y)
         if d_steps_per_g < 1:
             raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
+        if not T_MIN <= t_max <= T_MAX:
+            raise ValueError(f"t_max: expected an integer in [{T_MIN}, {T_MAX}], got {t_max}")
         self.automatic_optimization = False
         self.sampler = sampler
         self.discriminator = discriminator if omega_adv > 0 else None
@@ -204,10 +211,12 @@ class UnfoldedDistillation(pl.LightningModule):
         self._log_train(logs, x0.shape[0])  # 7.
 
     def _diffuse(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """§7.6 steps 1-2: ``t ~ U{1..999}`` per sample and ``x_t = a_t z0 + b_t eps`` (latent priors: z0 = E(x0))."""
+        """§7.6 steps 1-2: ``t ~ U{1..t_max}`` per sample and ``x_t = a_t z0 + b_t eps`` (latent priors:
+        z0 = E(x0))."""
         prior = self.sampler.prior
         u = rand((x0.shape[0],), g, device=self.device)
-        t = (T_MIN + torch.floor(u * (T_MAX - T_MIN + 1))).clamp(T_MIN, T_MAX)  # (B,) integer-valued floats
+        t_max = self.hparams.get("t_max", T_MAX)
+        t = (T_MIN + torch.floor(u * (t_max - T_MIN + 1))).clamp(T_MIN, t_max)  # (B,) integer-valued floats
         with torch.no_grad():  # the clean target needs no graph
             z0 = prior.encode(x0)
         eps = randn(z0.shape, g, device=self.device, dtype=z0.dtype)
@@ -340,6 +349,11 @@ class UnfoldedDistillation(pl.LightningModule):
         """As :meth:`validation_step`, logged under ``test/``."""
         return self._common_step(batch, batch_idx, "test")
 
+    def sampler_start(self) -> int | None:
+        """The sampler's start implied by the training times: ``t_max`` when below 999, else None (from noise)."""
+        t_max = int(self.hparams.get("t_max", T_MAX))
+        return t_max if t_max < T_MAX else None
+
     def _common_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> dict[str, Any] | None:
         """Sample with N steps (§8); return images (x, lifted y, x_hat, per-block iterates) for batch 0."""
         g = self._generator(stage, batch_idx)  # same seeds at every evaluation
@@ -348,7 +362,7 @@ class UnfoldedDistillation(pl.LightningModule):
         iterates: list[dict] = []
         x_hat = sample_ud2m(
             self.sampler, op, y, sigma_y, x_shape=tuple(x0.shape), num_steps=self.hparams.val_num_steps,
-            eta=self.hparams.val_eta, cond=self._condition(), generator=g,
+            eta=self.hparams.val_eta, t_start=self.sampler_start(), cond=self._condition(), generator=g,
             callback=iterates.append if batch_idx == 0 else None,
         )  # fmt: skip
         metrics = {f"{stage}/psnr": psnr(x_hat, x0).mean(), f"{stage}/ssim": ssim(x_hat, x0).mean()}
