@@ -41,6 +41,7 @@ from ud2m.solvers.tv import (
     forward_diff_adjoint,
     pdhg_solve,
     primal_dual_gap,
+    project_dual,
     reg_weights,
     tv_norm,
 )
@@ -118,6 +119,20 @@ def test_forward_difference_matches_definition_and_tv3(rng):
     torch.testing.assert_close(Dx, torch.stack([dh, dv, math.sqrt(alpha) * dt], dim=1))
     expected = (alpha * dt**2 + dh**2 + dv**2).sqrt().flatten(1).sum(1)
     torch.testing.assert_close(tv_norm(x, reg_weights("tv3", 5, alpha)), expected)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_dual_projection_is_the_nearest_point_of_the_lambda_ball(K, rng):
+    """project_dual: each voxel's K-vector moves to the nearest point of the ball of radius lambda (per sample; the
+    K = 1 clip of TV_t and the K = 3 scaling of TV3 alike): inside points stay, outside ones land on the sphere
+    along their own direction, and lambda = 0 gives 0."""
+    q = 2 * torch.randn(3, K, 2, 4, 5, 6, generator=rng, dtype=F64)
+    lam = torch.tensor([0.5, 1.5, 0.0], dtype=F64)
+    out = project_dual(q, lam)
+    norm, lam_b = q.norm(dim=1, keepdim=True), lam.view(3, 1, 1, 1, 1, 1)
+    expected = torch.where(norm <= lam_b, q, q / norm * lam_b)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-15)
+    assert (out.norm(dim=1) <= lam.view(3, 1, 1, 1, 1) * (1 + 1e-12)).all() and not out[2].any()
 
 
 # ---------------------------------------------------------------------------------------------- PDHG

@@ -120,6 +120,9 @@ def project_dual(q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     r"""Projection onto :math:`\{\|q_{c,i}\|_2 \le \lambda\}` per voxel and channel (the conjugate of
     :math:`\lambda\,\mathrm{TV}`): :math:`q / \max(1, \|q\|/\lambda)`. With one direction (TV_t) this is the clip to
     :math:`[-\lambda, \lambda]`. ``lam`` is ``(B,)``; ``lam = 0`` gives 0."""
+    if q.shape[1] == 1:  # one direction: the clip, without the norm's square root (TV_t's PDHG runs it 200 times)
+        lam = append_dims(lam, q.ndim)
+        return torch.minimum(torch.maximum(q, -lam), lam)
     lam = append_dims(lam, q.ndim - 1)  # (B, 1, ...) against the norm over K
     norm = q.square().sum(1).sqrt()  # (B, C, ...)
     return q * (lam / torch.maximum(norm, lam).clamp_min(torch.finfo(q.dtype).tiny)).unsqueeze(1)
