@@ -22,8 +22,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ud2m.schedules import quadratic_grid
-
 logger = logging.getLogger(__name__)
 
 
@@ -423,7 +421,8 @@ def sampler_entry(num_steps: int, eta: float, t_start: int | None = None) -> dic
     """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``."""
     entry: dict[str, Any] = {"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)}
     if t_start is not None:
-        quadratic_grid(1, t_max=t_start)  # an out-of-range start is refused before anything is written
+        if not 1 <= t_start <= 999:  # refused before anything is written
+            raise ValueError(f"t_start: expected a first sampler time in [1, 999] (None: 999), got {t_start}")
         entry["t_start"] = int(t_start)
     return entry
 
