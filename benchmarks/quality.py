@@ -78,12 +78,18 @@ GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
 # the shipped priors' linear beta schedule a_t < 0.05 above t = 760, so the preset LCM grid (made for SD's
 # scaled-linear schedule, a_999 = 0.068) spends its first steps on draws that ignore the current estimate.
 LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
+# UD2M's tuned start (sample_ud2m's t_start, docs/method.md §8 revision): the first time of its quadratic grid, the
+# chain starting from the Wiener estimate re-noised there (999: the paper's start from pure noise)
+UD2M_T_START = (999, 700, 500, 300, 150)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
 PHOTOS_LONG_STEPS = 4000  # the same question on photos (--ud2m_long; rows wherever such an export exists)
 # the long photos run validated on a training photograph (not the held-out ones) and exporting its best validation
 # (--ud2m_best; rows wherever such an export exists): does checkpoint selection recover what the long run loses?
 PHOTOS_SELECTION_SOURCE = "sklearn:flower"
+# a photos run trained only on t <= PHOTOS_TRAIN_T_MAX (UnfoldedDistillation(t_max), sampling from there: §7.6/§8
+# revisions) (--ud2m_tmax; rows wherever such an export exists): does training where the sampler samples help?
+PHOTOS_TRAIN_T_MAX = 500
 
 
 def load_entry(name: str, attr: str):
@@ -384,9 +390,29 @@ def run_problem(
     options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
     rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:
-        slug = "ud2m_" + export.parent.name + "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
-        ud2m = run_method(sample, slug, work / slug, input=test_input, operator=None, checkpoint=str(export), **extra)
-        rows[name] = {**ud2m, "train_seconds": _train_seconds(export), "export": str(export)}
+        rows.update(ud2m_rows_of(sample, work, name, export, extra, **inputs))
+    return rows
+
+
+def ud2m_rows_of(sample, work: Path, name: str, export: Path, extra: dict, *, test_input: str, tune_input: str):
+    """An exported UD2M sampler with its own default start (the paper's, from pure noise at t = 999, unless the
+    export records another), and with its start ``t_start`` tuned on the tuning images (``UD2M_T_START``), as
+    LATINO's t_max is (a second row only when the tuned start differs from the default)."""
+    from ud2m.export import read_manifest
+
+    slug = "ud2m_" + export.parent.name + "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
+    kw = dict(checkpoint=str(export), **extra)
+    about = {"train_seconds": _train_seconds(export), "export": str(export)}
+    rows = {name: {**run_method(sample, slug, work / slug, input=test_input, operator=None, **kw), **about}}
+    candidates = {f"tstart{t}": {"settings": {"t_start": t}} for t in UD2M_T_START}
+    best, scores = tune(sample, work, tune_input, None, None, candidates, label=slug, **kw)
+    settings = candidates[best]["settings"]
+    if settings["t_start"] != (read_manifest(export)["sampler"].get("t_start") or 999):  # else the row above
+        out = work / f"{slug}_{best}"
+        summary = run_method(sample, slug, out, input=test_input, operator=None, settings=settings, **kw)
+        rows[f"{name}, tuned start (t ≤ {settings['t_start']})"] = {**summary, **about, "tuning": scores}
+    else:
+        rows[name]["tuning"] = scores
     return rows
 
 
@@ -463,6 +489,13 @@ def suite_photos(args) -> dict:
         if args.ud2m_best or (best / "export" / "ud2m.json").is_file():  # the long run's best validated weights
             best = ensure_export(select_best(photos_config(problem, PHOTOS_LONG_STEPS)), best)
             ud2m_rows += [(f"UD2M ({_steps(best)}), N x K = {n} x 3", best, {"num_steps": n}) for n in (3, 4)]
+        t_max = work / problem / f"ud2m_tmax{PHOTOS_TRAIN_T_MAX}"
+        if args.ud2m_tmax or (t_max / "export" / "ud2m.json").is_file():  # trained where the sampler samples
+            cfg = photos_config(problem, args.ud2m_steps)
+            cfg["model"]["t_max"] = PHOTOS_TRAIN_T_MAX
+            t_max = ensure_export(cfg, t_max)
+            label = f"UD2M ({_steps(t_max)} on t ≤ {PHOTOS_TRAIN_T_MAX}, start {PHOTOS_TRAIN_T_MAX}), N x K = 3 x 3"
+            ud2m_rows.append((label, t_max, {}))
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -820,6 +853,11 @@ def main() -> None:
     parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
     parser.add_argument(
         "--ud2m_long", action="store_true", help=f"photos: also distil {PHOTOS_LONG_STEPS:,} steps (1 h per problem)"
+    )
+    parser.add_argument(
+        "--ud2m_tmax",
+        action="store_true",
+        help=f"photos: also distil the config's steps on t <= {PHOTOS_TRAIN_T_MAX} only (25 min per problem)",
     )
     parser.add_argument(
         "--ud2m_best",
