@@ -492,3 +492,39 @@ def test_physical_psi_fitted_on_the_truth_recovers_the_degradation(task):
         state, logs = op.adapt(chains, truth, state, guided=True)
     err = float((op.A(x, state) - truth).abs().max())
     assert err < 0.02, err
+
+
+def test_method_passes_its_guidance_factor_and_estimate_to_the_solver(monkeypatch):
+    """LDRPS(guidance_factor, zhat_from): the solver gets the task's guidance scale times the factor and the chosen
+    ẑ0 estimate; without them, the reference's scale and its default estimate; a factor <= 0 is refused."""
+    import types
+
+    import ud2m.solvers.ld_rps as module
+    from ud2m.methods import LDRPS
+    from ud2m.solvers.ld_rps import REFERENCE_PIXELS
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake(prior, op, y, **kw):
+        seen.update(kw)
+        raise Captured
+
+    monkeypatch.setattr(module, "ld_rps", fake)
+    problem = types.SimpleNamespace(prior=tiny_pixel_prior(), captions=None)
+    y = torch.zeros(1, 3, 16, 16)
+    s_sum = task_defaults("noise").guidance_scale / REFERENCE_PIXELS  # the resolution-independent "sum" scale
+    for method, scale, zhat in [
+        (LDRPS("noise", guidance_factor=0.3, zhat_from="z_t"), 0.3 * s_sum, "z_t"),
+        (LDRPS("noise"), s_sum, None),
+        (LDRPS("noise", num_steps=150), 3 * s_sum, None),  # 450/N: a pass's total guidance is the reference's
+    ]:
+        seen.clear()
+        with pytest.raises(Captured):
+            method.restore(problem, y, None, torch.tensor([0]))
+        assert seen["guidance_scale"] == pytest.approx(scale) and seen.get("zhat_from") == zhat
+        assert seen["guidance_norm"] == "sum"
+    with pytest.raises(ValueError, match="guidance_factor must be > 0, got 0"):
+        LDRPS("noise", guidance_factor=0)

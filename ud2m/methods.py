@@ -468,6 +468,12 @@ class LDRPS(Method):
         free_chains: free chains F (None: the solver's default).
         psi: the learned degradation: ``"physical"`` (the task's physical ψ fitted paired, §13.9 [ours]; the
             default) or ``"fpam"`` (the reference's F-PAM network with its adversarial loss, §13.2).
+        guidance_factor: factor on the task's guidance scale (None: 1, the reference's value, made for SD1.5 latents
+            at 512²); the blind benchmark tunes it on training crops for the offline ``photos`` prior (docs/blind.md).
+            The scale is the resolution-independent ``"sum"`` one times 450/N (a pass's total guidance as the
+            reference's at any N), as in the benchmark, so its tuned factors apply here.
+        zhat_from: ``"z_next"`` (the reference's off-by-one estimate, None) or ``"z_t"`` (the Tweedie estimate
+            of the current state [ours], §13.3).
     """
 
     name, needs_autograd = "ld_rps", True
@@ -479,15 +485,21 @@ class LDRPS(Method):
         num_steps: int | None = None,
         free_chains: int | None = None,
         psi: Literal["physical", "fpam"] | None = None,
+        guidance_factor: float | None = None,
+        zhat_from: Literal["z_next", "z_t"] | None = None,
     ) -> None:
         from ud2m.solvers.ld_rps import task_defaults
 
         task_defaults(task)  # an unknown task is refused here, naming the known ones
+        if guidance_factor is not None and not guidance_factor > 0:
+            raise ValueError(f"guidance_factor must be > 0, got {guidance_factor}")
         self.task, self.captions, self.num_steps, self.free_chains = task, captions, num_steps, free_chains
-        self.psi = psi
+        self.psi, self.guidance_factor, self.zhat_from = psi, guidance_factor, zhat_from
 
     def settings(self, problem=None):
-        return {**super().settings(problem), "psi": self.psi or "physical"}
+        # the two later settings stay None at their defaults (factor 1, z_next), so older run records still resume
+        later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from}
+        return {**super().settings(problem), "psi": self.psi or "physical", **later}
 
     @classmethod
     def solver_function(cls):
@@ -497,7 +509,7 @@ class LDRPS(Method):
 
     def restore(self, problem, y, generators, index):
         """The last pass, and as extras every pass, ψ's output on the result and the §13.5 cost counters."""
-        from ud2m.solvers.ld_rps import CFGCondition, ld_rps, learned_degradation, task_defaults
+        from ud2m.solvers.ld_rps import REFERENCE_STEPS, CFGCondition, ld_rps, learned_degradation, task_defaults
 
         defaults, psi = task_defaults(self.task), self.psi or "physical"
         op = learned_degradation(self.task, psi=psi).to(y.device)
@@ -509,12 +521,15 @@ class LDRPS(Method):
                 cond = CFGCondition(problem.prior.encode_prompt(captions), uncond)
             else:
                 cond = uncond
-        kw = {k: v for k, v in self.options().items() if k in ("num_steps", "free_chains")}
-        kw.update(num_recurrences=defaults.num_recurrences, guidance_scale=defaults.guidance_scale, cond=cond)
+        # the "sum" guidance norm (resolution-independent, the reference's at 512²) scaled by 450/N so that a pass
+        # gets the reference's total guidance on any grid, times the tuned factor: benchmarks/blind.py's convention
+        kw = defaults.solver_kwargs(guidance_norm="sum", image_size=y.shape[-1], psi=psi)
+        kw["guidance_scale"] *= REFERENCE_STEPS / (self.num_steps or REFERENCE_STEPS) * (self.guidance_factor or 1.0)
+        kw.update({k: v for k, v in self.options().items() if k in ("num_steps", "free_chains", "zhat_from")})
         states = {}
         passes, info = ld_rps(
-            problem.prior, op, y, regularisers=defaults.regularisers(y.shape[-1], psi=psi), generator=generators,
-            on_pass=lambda r, x, st: states.update(last=st), **kw,
+            problem.prior, op, y, cond=cond, generator=generators, on_pass=lambda r, x, st: states.update(last=st),
+            **kw,
         )  # fmt: skip
         psi = op.psi((passes[-1].detach() + 1) / 2, states["last"]).detach() * 2 - 1  # ψ(x̂) on [-1, 1]: y's look
         return passes[-1], {"passes": passes, "psi": psi, "costs": info}

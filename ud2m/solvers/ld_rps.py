@@ -34,6 +34,7 @@ Regulariser = tuple[Callable[[torch.Tensor], torch.Tensor], float, float]  # (Q_
 Threshold = tuple[str, float, float, float] | None  # (kind, ratio, s_min, s_max)
 DEFAULT_THRESHOLD = ("clip_quantile", 0.995, 1.0, 100.0)
 REFERENCE_PIXELS = 786_432  # 3·512²: "sum" normalisation s̃ = s / 786,432 (§13.3)
+REFERENCE_STEPS = 450  # §13.4's N; a run with N steps may scale its per-step guidance by 450/N (same total per pass)
 SPACINGS, ZHAT_FROM = DDIM_SPACINGS, ("z_next", "z_t")
 GUIDANCE_NORMS, GUIDANCE_STEPS = ("mean", "sum"), ("latent", "x0")
 
@@ -349,7 +350,7 @@ def ld_rps(
     num_recurrences: int,
     guidance_scale: float,
     cond: Any = None,
-    num_steps: int = 450,
+    num_steps: int = REFERENCE_STEPS,
     t1: float = 700.0,
     gamma: float = 0.5,
     regularisers: Sequence[Regulariser] = (),
