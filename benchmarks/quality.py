@@ -480,7 +480,8 @@ def suite_photos(args) -> dict:
         existing = (work / problem / "ud2m" / "export" / "ud2m.json").is_file()
         if not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
             export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
-            ud2m_rows = [(f"UD2M ({_steps(export)}), N x K = 3 x 3", export, {})]
+            ud2m_rows = [(f"UD2M ({_steps(export)}), N x K = {n} x 3", export, {"num_steps": n} if n != 3 else {})
+                         for n in (3, 4)]  # fmt: skip
         long = work / problem / "ud2m_long"
         if args.ud2m_long or (long / "export" / "ud2m.json").is_file():  # does longer distillation close the gap?
             long = ensure_export(photos_config(problem, PHOTOS_LONG_STEPS), long)
