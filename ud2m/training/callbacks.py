@@ -404,17 +404,17 @@ def export_module(
             out_dir,
             base_model=base_model_reference(pl_module, hp),
             operator=operator_reference(pl_module, hp),
-            sampler=sampler_entry(num_steps, eta, t_start if t_start is not None else _trained_start(hp)),
+            sampler=sampler_entry(num_steps, eta, t_start if t_start is not None else _trained_start(pl_module)),
             training=training,
             ema=ema,
         )
     )
 
 
-def _trained_start(hp: Mapping[str, Any]) -> int | None:
+def _trained_start(pl_module: pl.LightningModule) -> int | None:
     """The start a module trained only up to ``t_max < 999`` samples from (§7.6, §8 revisions), else None."""
-    t_max = int(hp.get("t_max", 999))
-    return t_max if t_max < 999 else None
+    start = getattr(pl_module, "sampler_start", None)
+    return start() if callable(start) else None
 
 
 def sampler_entry(num_steps: int, eta: float, t_start: int | None = None) -> dict[str, Any]:
