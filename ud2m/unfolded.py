@@ -452,8 +452,8 @@ def sample_ud2m(
             :func:`~ud2m.schedules.quadratic_grid` up to ``t_start`` and the chain starts from the Wiener estimate
             :math:`x_w` (:func:`~ud2m.solvers.steps.wiener_init`) re-noised,
             :math:`x_{t_1} = a_{t_1} E(x_w) + b_{t_1}\xi` [ours, docs/method.md §8 revision]: a later start tuned on
-            training images, as LATINO's t_max is (the photos problems gain 0.8 to 1.5 dB on their tuning crops;
-            digits keep 999). The chain is then no longer the exact sampler of the Gaussian-limit argument above.
+            training images, as LATINO's t_max is (the photos problems' held-out crops gain 0.7 to 1.6 dB; on
+            digits it is flat). The chain is then no longer the exact sampler of the Gaussian-limit argument above.
         cond: prior conditioning.
         generator: ``torch.Generator`` or list of B generators (initial state, re-noise, DDIM noise).
         callback: called per grid point with ``dict(n, t, x, x0_hat, blocks)`` (``blocks``: the K block dicts).
