@@ -280,7 +280,6 @@ def test_the_page_in_headless_chromium(served, tmp_path):
     digit = jobs.priors()["digits"].builtins[2]  # not the default one: the pick must reach the job
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    t0 = time.perf_counter()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
@@ -304,7 +303,6 @@ def test_the_page_in_headless_chromium(served, tmp_path):
         page.locator("#run").click()
         again = _text_when(page, "#status", r"Done")
         browser.close()
-    seconds = time.perf_counter() - t0
 
     expected = sample(
         input=digit[1], output_dir=tmp_path / "cli", model=DIGITS, operator="ud2m/mnist_sr_x4", sigma_y=0.05,
@@ -315,7 +313,6 @@ def test_the_page_in_headless_chromium(served, tmp_path):
     assert psnr == round(expected["psnr"], 2)  # the posterior mean's
     assert f"{expected['psnr_sample0']:.2f} dB" in shown
     assert "notes.png: not a readable image file" in message and "Done" in again
-    assert seconds < 120, f"the browser test took {seconds:.0f} s"
 
 
 @pytest.mark.browser
@@ -328,7 +325,6 @@ def test_a_clip_on_the_page_in_headless_chromium(served, tmp_path):
     url, _ = served
     frames = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     short = write_video(frames, tmp_path / "short.gif")
-    t0 = time.perf_counter()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
@@ -352,7 +348,6 @@ def test_a_clip_on_the_page_in_headless_chromium(served, tmp_path):
         if shot := _screenshot_path("UD2M_APP_VIDEO_SCREENSHOT"):
             page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    seconds = time.perf_counter() - t0
 
     expected = sample(
         input="clips:val:0", output_dir=tmp_path / "cli", model=CLIPS, operator="lvtino/A_clips", sigma_y=0.001,
@@ -362,7 +357,6 @@ def test_a_clip_on_the_page_in_headless_chromium(served, tmp_path):
     psnr = float(re.search(r"PSNR \(per frame, averaged\)\s+([0-9.]+) dB", shown).group(1))
     assert psnr == round(expected["psnr"], 2)
     assert f"{expected['psnr_global']:.2f} dB" in shown and f"{expected['flicker']:.2f}" in shown
-    assert seconds < 60, f"the clip's browser test took {seconds:.0f} s"
 
 
 def _screenshot_path(variable: str = "UD2M_APP_SCREENSHOT") -> Path | None:
