@@ -111,7 +111,7 @@ METHODS = (
 # weight, and the factor on LVTINO's / frame-wise LATINO's mapped schedule times (map_times(time_scale)): the
 # released times were made for Wan2.1 + SDXL at 768x1280, not for 64x64 clips on the pixel priors.
 TV_LAMBDAS = (1e-4, 3e-4, 1e-3, 3e-3)
-TIME_SCALES = (1.0, 0.6, 0.35, 0.2)
+TIME_SCALES = (1.0, 0.6, 0.35, 0.2, 0.1)
 SETTINGS = {
     "quick": dict(clips=2, problems=("A",), diffpir_steps=40, tune_clips=2),
     "full": dict(clips=8, problems=("A", "B", "C"), diffpir_steps=100, tune_clips=8),

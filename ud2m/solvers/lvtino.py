@@ -396,7 +396,7 @@ def map_times(
     and 374, 249, 124 to 271, 193, 116, where the released times would start from almost pure noise.
 
     ``time_scale`` then multiplies every mapped time [ours]: the released times were tuned for Wan2.1 + SDXL at
-    768×1280, and on the offline 64×64 clips with the pixel priors a later start (0.2–0.35) is better on the tuning
+    768×1280, and on the offline 64×64 clips with the pixel priors a later start (0.1–0.35) is better on the tuning
     clips (benchmarks/video.py tunes it there, as the image benchmark tunes LATINO's t_max).
 
     Args:
