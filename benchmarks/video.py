@@ -428,15 +428,19 @@ def overhead(args) -> dict:
         wall, net = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
         rows[problem] = {"wall_s": wall, "network_s": net, "overhead": wall / net, "runs": runs}
         print(f"problem {problem}: wall {wall:.2f} s, network {net:.2f} s, overhead {wall / net:.3f}", flush=True)
+    return write_measurement("video_overhead.json", rows, clips=args.clips, repeats=args.repeats)
+
+
+def write_measurement(name: str, rows: dict, **head) -> dict:
+    """``results/<name>``: ``head``, the threads, load average and date, then the per-problem ``rows``."""
     result = {
-        "clips": args.clips,
-        "repeats": args.repeats,
+        **head,
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "problems": rows,
     }
-    (RESULTS / "video_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -482,15 +486,7 @@ def ablation(args) -> dict:
             row = {"psnr": psnr(out, x).mean().item(), "flicker": 100 * flicker(out, x).mean().item(), "s": seconds}
             rows[problem][name] = row
             print(f"problem {problem}, {name}: PSNR {row['psnr']:.2f} flicker {row['flicker']:.2f} ({seconds:.1f} s)")
-    result = {
-        "clips": [f"clips:train:{i}" for i in range(args.tune_clips)],
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "problems": rows,
-    }
-    (RESULTS / "video_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_measurement("video_ablation.json", rows, clips=[f"clips:train:{i}" for i in range(args.tune_clips)])
 
 
 def tables(result: dict) -> str:
