@@ -19,10 +19,11 @@ Methods (sample.py's own ``sample()``, so every figure is what a user gets): the
 (op.lift: Aᵀy, bilinear upsampling for SR), Tikhonov and TV with their weight tuned on training images (never the test
 images), DiffPIR (100 steps, reference quad grid, (λ, ζ) tuned likewise), DPS (100 steps with ζ tuned likewise, per
 1000 steps; 1000 steps with the same ζ), LATINO (8; also on the shipped consistency models ``digits-cm`` and
-``photos-cm`` when they exist) and UD2M (N x K = 3 x 3; on digits also distilled on the ``digits-cm`` base). UD2M
-samplers are distilled by this script when their export is missing (the quick-start config for digits;
-configs/experiments/photos_sr4.yaml with each problem's operator for photos). LPIPS is not reported: no backbone
-weights offline.
+``photos-cm`` when they exist) and UD2M (N x K = 3 x 3, photos also 4 x 3; on digits also distilled on the
+``digits-cm`` base), each UD2M row also with its start ``t_start`` tuned on the training images (``UD2M_T_START``,
+docs/method.md §8 revision) where that differs from the export's start. UD2M samplers are distilled by this script
+when their export is missing (the quick-start config for digits; configs/experiments/photos_sr4.yaml with each
+problem's operator for photos). LPIPS is not reported: no backbone weights offline.
 
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
