@@ -334,9 +334,18 @@ def run_problem(problem: str, x: torch.Tensor, video_prior, image_prior, args, d
 
 
 # ---------------------------------------------------------------------------------------------- run / report
-def run(args) -> dict:
+def load_priors(args, device: torch.device | None = None) -> tuple:
+    """``(video prior, image prior, its frame-wise view)`` from ``--prior``, ``--image_prior`` and
+    ``--frame_batch``, on ``device`` (default: where they load)."""
     from ud2m.priors.pixel import PixelDiffusionPrior
-    from ud2m.priors.stacked import FrameStackedPrior
+    from ud2m.priors.stacked import FrameStackedPrior, FrameWisePrior
+
+    video = FrameStackedPrior.from_pretrained(args.prior, frames=FRAMES).to(device)
+    image = PixelDiffusionPrior.from_pretrained(args.image_prior).to(device)
+    return video, image, FrameWisePrior(image, frame_batch=args.frame_batch)
+
+
+def run(args) -> dict:
     from ud2m.video_io import discover_videos, read_video, stack_videos
 
     torch.set_num_threads(args.threads)
@@ -348,8 +357,7 @@ def run(args) -> dict:
             "configs/priors/clips.yaml) and export it (python train.py prior export --ckpt <last.ckpt> --out DIR), "
             "then pass --prior DIR"
         )
-    video_prior = FrameStackedPrior.from_pretrained(prior_path, frames=FRAMES).to(device)
-    image_prior = PixelDiffusionPrior.from_pretrained(args.image_prior).to(device)
+    video_prior, image_prior, _ = load_priors(args, device)
     sources = discover_videos("clips:val")[: args.clips]
     if len(sources) < args.clips:
         sources = [f"clips:val:{i}" for i in range(args.clips)]
@@ -398,15 +406,11 @@ def overhead(args) -> dict:
     to ``results/video_overhead.json``."""
     import statistics
 
-    from ud2m.priors.pixel import PixelDiffusionPrior
-    from ud2m.priors.stacked import FrameStackedPrior, FrameWisePrior
     from ud2m.solvers.lvtino import lvtino, map_times
     from ud2m.video_io import read_video, stack_videos
 
     torch.set_num_threads(args.threads)
-    video = FrameStackedPrior.from_pretrained(args.prior, frames=FRAMES)
-    image = PixelDiffusionPrior.from_pretrained(args.image_prior)
-    frames = FrameWisePrior(image, frame_batch=args.frame_batch)
+    video, image, frames = load_priors(args)
     nets = {"video": CallTimer(video.pixel_prior.net, "forward", lambda: None)}
     nets["image"] = CallTimer(image.net, "forward", lambda: None)
     x = stack_videos([read_video(f"clips:val:{i}", expected_frames=FRAMES) for i in range(args.clips)])
@@ -451,15 +455,11 @@ def ablation(args) -> dict:
     iterations (PDHG rows only); written to ``results/video_ablation.json``. The TV steps are what keeps A and C
     above the solver-overhead target on small networks (README)."""
     from ud2m.metrics import flicker, psnr
-    from ud2m.priors.pixel import PixelDiffusionPrior
-    from ud2m.priors.stacked import FrameStackedPrior, FrameWisePrior
     from ud2m.solvers.lvtino import DataStep, map_times
     from ud2m.video_io import read_video, stack_videos
 
     torch.set_num_threads(args.threads)
-    video = FrameStackedPrior.from_pretrained(args.prior, frames=FRAMES)
-    image = PixelDiffusionPrior.from_pretrained(args.image_prior)
-    frames = FrameWisePrior(image, frame_batch=args.frame_batch)
+    video, image, frames = load_priors(args)
     x = stack_videos([read_video(f"clips:train:{i}", expected_frames=FRAMES) for i in range(args.tune_clips)])
     tuned = json.loads((RESULTS / "video.json").read_text())["problems"]
     project = DataStep("prox", gamma=float("inf"))
