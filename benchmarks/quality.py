@@ -21,9 +21,11 @@ images), DiffPIR (100 steps, reference quad grid, (λ, ζ) tuned likewise), DPS 
 1000 steps; 1000 steps with the same ζ), LATINO (8; also on the shipped consistency models ``digits-cm`` and
 ``photos-cm`` when they exist) and UD2M (N x K = 3 x 3, photos also 4 x 3; on digits also distilled on the
 ``digits-cm`` base), each UD2M row also with its start ``t_start`` tuned on the training images (``UD2M_T_START``,
-docs/method.md §8 revision) where that differs from the export's start. UD2M samplers are distilled by this script
-when their export is missing (the quick-start config for digits; configs/experiments/photos_sr4.yaml with each
-problem's operator for photos). LPIPS is not reported: no backbone weights offline.
+docs/method.md §8 revision) where that differs from the export's start, and then with a closing data step
+(``final_gamma``, ``UD2M_FINAL_GAMMA``) tuned at that start where it helps on the training images. UD2M samplers
+are distilled by this script when their export is missing (the quick-start config for digits;
+configs/experiments/photos_sr4.yaml with each problem's operator for photos). LPIPS is not reported: no backbone
+weights offline.
 
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
@@ -82,6 +84,7 @@ LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 # UD2M's tuned start (sample_ud2m's t_start, docs/method.md §8 revision): the first time of its quadratic grid, the
 # chain starting from the Wiener estimate re-noised there (999: the paper's start from pure noise)
 UD2M_T_START = (999, 700, 500, 300, 150)
+UD2M_FINAL_GAMMA = (1.0, 10.0, 100.0, 1000.0)  # the closing data step's weight, LATINO's convention (§8 revision)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
 PHOTOS_LONG_STEPS = 4000  # the same question on photos (--ud2m_long; rows wherever such an export exists)
@@ -408,12 +411,22 @@ def ud2m_rows_of(sample, work: Path, name: str, export: Path, extra: dict, *, te
     candidates = {f"tstart{t}": {"settings": {"t_start": t}} for t in UD2M_T_START}
     best, scores = tune(sample, work, tune_input, None, None, candidates, label=slug, **kw)
     settings = candidates[best]["settings"]
-    if settings["t_start"] != (read_manifest(export)["sampler"].get("t_start") or 999):  # else the row above
+    moved = settings["t_start"] != (read_manifest(export)["sampler"].get("t_start") or 999)
+    if moved:  # else the row above
         out = work / f"{slug}_{best}"
         summary = run_method(sample, slug, out, input=test_input, operator=None, settings=settings, **kw)
         rows[f"{name}, tuned start (t ≤ {settings['t_start']})"] = {**summary, **about, "tuning": scores}
     else:
         rows[name]["tuning"] = scores
+    # the closing data step (sample_ud2m's final_gamma, §8 revision), tuned at that start like LATINO's gamma
+    closing = {f"{best}_gamma{g:g}": {"settings": {**settings, "final_gamma": g}} for g in UD2M_FINAL_GAMMA}
+    best_g, g_scores = tune(sample, work, tune_input, None, None, closing, label=slug, **kw)
+    if g_scores[best_g] > scores[best]:  # a row only when the data step helps on the tuning images
+        out = work / f"{slug}_{best_g}"
+        summary = run_method(sample, slug, out, input=test_input, operator=None, **closing[best_g], **kw)
+        gamma = closing[best_g]["settings"]["final_gamma"]
+        label = f"t ≤ {settings['t_start']}, γ = {gamma:g}" if moved else f"γ = {gamma:g}"
+        rows[f"{name}, tuned start and data step ({label})"] = {**summary, **about, "tuning": {**scores, **g_scores}}
     return rows
 
 

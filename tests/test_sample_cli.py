@@ -365,9 +365,17 @@ def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_
         k: v for k, v in before.items() if k.endswith(".png")
     }
     for changed, match in [
-        (dict(method=UD2M(num_steps=3)), "'num_steps': 2, 'eta': 1.0, 't_start': None} there, {'num_steps': 3,"),
-        (dict(method=UD2M(eta=0.5)), "'eta': 1.0, 't_start': None} there, {'num_steps': 2, 'eta': 0.5,"),
-        (dict(method=UD2M(t_start=500)), "'t_start': None} there, {'num_steps': 2, 'eta': 1.0, 't_start': 500} now"),
+        (dict(method=UD2M(num_steps=3)), "'eta': 1.0, 't_start': None, 'final_gamma': None} there, {'num_steps': 3,"),
+        (dict(method=UD2M(eta=0.5)), "'t_start': None, 'final_gamma': None} there, {'num_steps': 2, 'eta': 0.5,"),
+        (
+            dict(method=UD2M(t_start=500)),
+            "'t_start': None, 'final_gamma': None} there, {'num_steps': 2, 'eta': 1.0, "
+            "'t_start': 500, 'final_gamma': None} now",
+        ),
+        (
+            dict(method=UD2M(final_gamma=10.0)),
+            "'final_gamma': None} there, {'num_steps': 2, 'eta': 1.0, 't_start': None, 'final_gamma': 10.0} now",
+        ),
         (dict(num_samples=2), "num_samples: 1 there, 2 now"),
     ]:
         with pytest.raises(ValueError, match=re.escape(match)):
@@ -376,10 +384,17 @@ def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_
     metrics = tmp_path / "ud2m" / "metrics.json"
     record = json.loads(metrics.read_text())
     del record["run"]["settings"]["t_start"]
+    del record["run"]["settings"]["final_gamma"]
     metrics.write_text(json.dumps(record))
     run(tmp_path / "ud2m", **kwargs)
-    with pytest.raises(ValueError, match=re.escape("'t_start': 500} now")):
+    with pytest.raises(ValueError, match=re.escape("'t_start': 500, 'final_gamma': None} now")):
         run(tmp_path / "ud2m", **kwargs, method=UD2M(t_start=500))
+    # the closing data step (§8 revision) is recorded and moves the output toward y
+    closed = run(tmp_path / "ud2m_dc", **kwargs, method=UD2M(final_gamma=1e3))
+    record = json.loads((tmp_path / "ud2m_dc" / "metrics.json").read_text())
+    assert record["run"]["settings"]["final_gamma"] == 1e3
+    plain = json.loads(metrics.read_text())["summary"]["data_consistency"]["mean"]
+    assert closed["summary"]["data_consistency"]["mean"] < 0.5 * plain
     tv = dict(input="skimage:camera", operator="ud2m/deblur_gaussian")
     run(tmp_path / "tv", **tv, method=TotalVariation(iters=5))
     with pytest.raises(ValueError, match=re.escape("'lam': 20.0, 'iters': 5")):

@@ -241,6 +241,27 @@ def test_later_start_renoises_the_wiener_estimate_on_a_shorter_quadratic_grid(rn
             sample_ud2m(model, op, y, sigma_y, **kw, t_start=bad)
 
 
+def test_final_data_step_is_latinos_prox_of_the_last_estimate(rng):
+    """§8 revision: ``final_gamma`` closes the chain with x = argmin γ/2‖Ax − y‖² + ½‖x − x̂0‖² of the last block's
+    x̂0 (optimality: γAᵀ(Ax − y) + x − x̂0 = 0), at no extra NFE and drawing nothing (the chain is unchanged); γ = 0
+    returns x̂0 itself; a negative γ is refused by name."""
+    prior, _, _, _, y, op, sigma_y = problem("pixel", rng)
+    model = UnfoldedSampler(prior, num_blocks=2)
+    kw = dict(x_shape=y.shape, num_steps=2, t_start=499, clip=False)
+    raw = sample_ud2m(model, op, y, sigma_y, **kw, generator=_g(2))
+    prior.reset_nfe()
+    x = sample_ud2m(model, op, y, sigma_y, **kw, final_gamma=30.0, generator=_g(2))
+    assert prior.reset_nfe() == 2 * 2
+    residual = 30.0 * op.A_adjoint(op.A(x) - y) + x - raw
+    assert residual.abs().max() < 1e-4 * (1 + raw.abs().max())  # float32 prox
+    assert (x - raw).abs().max() > 1e-3  # the step did something
+    torch.testing.assert_close(sample_ud2m(model, op, y, sigma_y, **kw, final_gamma=0.0, generator=_g(2)), raw)
+    clipped = sample_ud2m(model, op, y, sigma_y, x_shape=y.shape, num_steps=2, final_gamma=1e4, generator=_g(2))
+    assert clipped.abs().max() <= 1
+    with pytest.raises(ValueError, match=r"final_gamma: expected a data-step weight >= 0.*got -1"):
+        sample_ud2m(model, op, y, sigma_y, **kw, final_gamma=-1.0)
+
+
 def test_invalid_arguments_are_named():
     prior = gaussian_prior((1, 4, 4))
     with pytest.raises(ValueError, match="renoise"):

@@ -436,16 +436,26 @@ class UD2M(Method):
         t_start: first grid time (None: the export's, else 999 = from pure noise); below 999 the chain starts from
             the Wiener estimate re-noised (docs/method.md §8 revision [ours]), a start to tune on training images as
             LATINO's t_max is.
+        final_gamma: close the chain with one data step of weight γ (LATINO's γ convention; None: none, the
+            paper's output); docs/method.md §8 revision [ours], to tune on training images.
     """
 
     name = "ud2m"
 
-    def __init__(self, num_steps: int | None = None, eta: float | None = None, t_start: int | None = None) -> None:
+    def __init__(
+        self,
+        num_steps: int | None = None,
+        eta: float | None = None,
+        t_start: int | None = None,
+        final_gamma: float | None = None,
+    ) -> None:
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if t_start is not None and not 1 <= t_start <= 999:
             raise ValueError(f"t_start must lie in [1, 999], got {t_start}")
-        self.num_steps, self.eta, self.t_start = num_steps, eta, t_start
+        if final_gamma is not None and not final_gamma >= 0:
+            raise ValueError(f"final_gamma must be >= 0 (None: no final data step), got {final_gamma}")
+        self.num_steps, self.eta, self.t_start, self.final_gamma = num_steps, eta, t_start, final_gamma
 
     def settings(self, problem=None):
         sampler = (problem.manifest or {}).get("sampler", {}) if problem is not None else {}

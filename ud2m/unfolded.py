@@ -26,6 +26,7 @@ from ud2m.priors.lora import attach_lora, lora_config, trainable_parameters
 from ud2m.schedules import quadratic_grid
 from ud2m.solvers.steps import (
     Operator,
+    data_consistency,
     ddim_step,
     latent_fusion,
     rho_zero,
@@ -425,6 +426,7 @@ def sample_ud2m(
     num_steps: int = 3,
     eta: float = 1.0,
     t_start: int | None = None,
+    final_gamma: float | None = None,
     cond: Any = None,
     generator: Generator = None,
     callback: Callable[[dict], None] | None = None,
@@ -454,6 +456,10 @@ def sample_ud2m(
             :math:`x_{t_1} = a_{t_1} E(x_w) + b_{t_1}\xi` [ours, docs/method.md §8 revision]: a later start tuned on
             training images, as LATINO's t_max is (the photos problems' held-out crops gain 0.7 to 1.6 dB; on
             digits it is flat). The chain is then no longer the exact sampler of the Gaussian-limit argument above.
+        final_gamma: None (the paper's output: the last block's :math:`\hat x_0`) or γ ≥ 0: close with one data step,
+            :math:`x = \arg\min_x \tfrac\gamma2\|Ax-y\|^2 + \tfrac12\|x-\hat x_0\|^2` (LATINO's data step and γ
+            convention, §4.2 line 8) [ours, docs/method.md §8 revision]: the blocks' output is the network's, which
+            need not agree with y where A observes it; no extra NFE. A γ to tune on training images like LATINO's.
         cond: prior conditioning.
         generator: ``torch.Generator`` or list of B generators (initial state, re-noise, DDIM noise).
         callback: called per grid point with ``dict(n, t, x, x0_hat, blocks)`` (``blocks``: the K block dicts).
@@ -461,10 +467,13 @@ def sample_ud2m(
             ``clip_sample``). False keeps the chain affine on the Gaussian prior (exact-law analysis).
 
     Returns:
-        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point, pixel space (unclamped with ``clip=False``).
+        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point (with ``final_gamma``, its data step, clamped
+        again), pixel space (unclamped with ``clip=False``).
     """
     if eta < 0:
         raise ValueError(f"eta: expected a non-negative value, got {eta}")
+    if final_gamma is not None and not final_gamma >= 0:
+        raise ValueError(f"final_gamma: expected a data-step weight >= 0 (None: no final data step), got {final_gamma}")
     if t_start is not None and not 1 <= t_start <= 999:
         raise ValueError(f"t_start: expected a time in [1, 999] (None: 999), got {t_start}")
     prior = model.prior
@@ -489,7 +498,14 @@ def sample_ud2m(
             break
         z0_hat = x0_prior if is_latent_prior(prior) else (x0_hat.clamp(-1, 1) if clip else x0_hat)  # 5.
         x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
-    return x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
+    x0_hat = x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
+    if final_gamma is None:
+        return x0_hat
+    u = x0_hat.to(torch.promote_types(x0_hat.dtype, torch.float32))  # proxes in fp32 (§1.4)
+    with _no_autocast(u):  # 9. the closing data step [ours]
+        gamma = torch.full((u.shape[0],), float(final_gamma), device=device, dtype=u.dtype)
+        x = data_consistency(op, u, y.to(u.dtype), gamma)
+    return x.clamp(-1, 1) if clip else x
 
 
 def _ddim(prior: Prior, x, z0_hat, t, t_next: float, eta: float, generator: Generator) -> torch.Tensor:
