@@ -94,6 +94,19 @@ def test_two_steps_update_every_trainable_tensor_and_both_optimizers():
     assert model.skipped_steps == 0
 
 
+def test_adversarial_window_stops_the_discriminator_and_its_loss():
+    """``adv_end_step`` (§7.5): steps 0-1 train D and use the adversarial loss, step 2 and later neither (after 3
+    steps D's Adam has made 2 updates, G's 3); an end at or before the start is refused."""
+    model = make_model(adv_end_step=2)
+    t = trainer(3)
+    t.fit(model, make_data())
+    opt_g, opt_d = (o.optimizer for o in model.optimizers())
+    assert adam_steps(opt_g) == {3} and adam_steps(opt_d) == {2}
+    assert [model._adversarial_at(s) for s in range(4)] == [True, True, False, False]
+    with pytest.raises(ValueError, match="adv_end_step: expected a step after adv_start_step = 5, got 5"):
+        make_model(adv_start_step=5, adv_end_step=5)
+
+
 def test_nan_guard_skips_and_counts(monkeypatch):
     import ud2m.losses as losses
 

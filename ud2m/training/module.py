@@ -84,6 +84,8 @@ class UnfoldedDistillation(pl.LightningModule):
         clip_norm: global gradient-norm clip of the generator (None: no clipping).
         d_steps_per_g: discriminator updates per generator update.
         adv_start_step: first step with the discriminator and adversarial loss (plain L2 + LPIPS before).
+        adv_end_step: first step without them again (None: to the end) [ours]: the consistency loss alone finishes
+            the training (docs/method.md §7.5).
         t_max: largest training time, ``t ~ U{1..t_max}`` (§7.6; default 999). A sampler started later
             (``sample_ud2m``'s ``t_start``, §8 revision [ours]) never calls its blocks above its start, so training
             can spend every step where it samples: with ``t_max < 999`` validation samples from ``t_start = t_max``
@@ -119,6 +121,7 @@ class UnfoldedDistillation(pl.LightningModule):
         clip_norm: float | None = 1.0,
         d_steps_per_g: int = 1,
         adv_start_step: int = 0,
+        adv_end_step: int | None = None,
         t_max: int = T_MAX,
         val_num_steps: int = 3,
         val_eta: float = 1.0,
@@ -135,6 +138,10 @@ class UnfoldedDistillation(pl.LightningModule):
             raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
         if not T_MIN <= t_max <= T_MAX:
             raise ValueError(f"t_max: expected an integer in [{T_MIN}, {T_MAX}], got {t_max}")
+        if adv_end_step is not None and adv_end_step <= adv_start_step:
+            raise ValueError(
+                f"adv_end_step: expected a step after adv_start_step = {adv_start_step}, got {adv_end_step}"
+            )
         self.automatic_optimization = False
         self.sampler = sampler
         self.discriminator = discriminator if omega_adv > 0 else None
@@ -194,7 +201,7 @@ class UnfoldedDistillation(pl.LightningModule):
         opts = self.optimizers()
         opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
         logs: dict[str, Any] = {}
-        adversarial = opt_d is not None and self.global_step >= self.hparams.adv_start_step
+        adversarial = opt_d is not None and self._adversarial_at(self.global_step)
         self._set_learning_rates(opt_g, opt_d)
         logs["lr_g"] = opt_g.param_groups[0]["lr"]  # after warm-up: lr_g (the LoRA group; scalars use their scale)
         if opt_d is not None:
@@ -209,6 +216,12 @@ class UnfoldedDistillation(pl.LightningModule):
         self.untoggle_optimizer(opt_g)
         self.skipped_steps += int(not (ok_d and ok_g))
         self._log_train(logs, x0.shape[0])  # 7.
+
+    def _adversarial_at(self, step: int) -> bool:
+        """Whether step ``step`` trains the discriminator and uses the adversarial loss: ``adv_start_step <= step <
+        adv_end_step``."""
+        end = self.hparams.get("adv_end_step")
+        return self.hparams.adv_start_step <= step and (end is None or step < end)
 
     def _diffuse(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """§7.6 steps 1-2: ``t ~ U{1..t_max}`` per sample and ``x_t = a_t z0 + b_t eps`` (latent priors:
