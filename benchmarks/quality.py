@@ -425,8 +425,8 @@ def ud2m_rows_of(sample, work: Path, name: str, export: Path, extra: dict, *, te
         out = work / f"{slug}_{best_g}"
         summary = run_method(sample, slug, out, input=test_input, operator=None, **closing[best_g], **kw)
         gamma = closing[best_g]["settings"]["final_gamma"]
-        label = f"t ≤ {settings['t_start']}, γ = {gamma:g}" if moved else f"γ = {gamma:g}"
-        rows[f"{name}, tuned start and data step ({label})"] = {**summary, **about, "tuning": {**scores, **g_scores}}
+        label = f"tuned start and data step (t ≤ {settings['t_start']}, " if moved else "tuned data step ("
+        rows[f"{name}, {label}γ = {gamma:g})"] = {**summary, **about, "tuning": {**scores, **g_scores}}
     return rows
 
 
