@@ -421,8 +421,10 @@ def test_export_of_the_best_validation_keeps_those_weights(tmp_path, monkeypatch
 
 def test_training_times_stay_below_t_max_and_the_export_starts_there(tmp_path):
     """§7.6/§8 revisions: ``t_max`` bounds the training times (t ~ U{1..t_max}); validation and the export's
-    default sampler start at t_max; an out-of-range t_max or export start is refused before training."""
+    default sampler start at t_max; the export records a closing data step as the sampler's default; an out-of-range
+    t_max, export start or data-step weight is refused before training."""
     from ud2m.export import read_manifest
+    from ud2m.methods import UD2M, Problem
     from ud2m.training.callbacks import ExportOnTrainEnd
 
     model = make_model(t_max=40)
@@ -430,9 +432,16 @@ def test_training_times_stay_below_t_max_and_the_export_starts_there(tmp_path):
     assert t.min() >= 1 and t.max() == 40 and len(t.unique()) == 40  # every time in 1..40 drawn, none above
     assert model.sampler_start() == 40 and make_model().sampler_start() is None
     out = tmp_path / "export"
-    trainer(1, callbacks=[ExportOnTrainEnd(str(out), use_ema=False)]).fit(model, make_data())
-    assert read_manifest(out)["sampler"] == {"num_steps": 3, "grid": "quadratic", "eta": 1.0, "t_start": 40}
+    trainer(1, callbacks=[ExportOnTrainEnd(str(out), use_ema=False, final_gamma=10)]).fit(model, make_data())
+    manifest = read_manifest(out)
+    assert manifest["sampler"] == {"num_steps": 3, "grid": "quadratic", "eta": 1.0, "t_start": 40, "final_gamma": 10.0}
+    # the export's closing data step is the sampler's default; a setting given at sampling time wins
+    problem = Problem(None, 0.05, (3, 16, 16), manifest=manifest)
+    assert UD2M().settings(problem)["final_gamma"] == 10.0
+    assert UD2M(final_gamma=0.0).settings(problem)["final_gamma"] == 0.0
     with pytest.raises(ValueError, match="t_max: expected an integer in \\[1, 999\\], got 1000"):
         make_model(t_max=1000)
     with pytest.raises(ValueError, match=r"t_start: expected a first sampler time in \[1, 999\].*got 0"):
         ExportOnTrainEnd(str(tmp_path / "other"), t_start=0)
+    with pytest.raises(ValueError, match=r"final_gamma: expected a data-step weight >= 0.*got -1"):
+        ExportOnTrainEnd(str(tmp_path / "other"), final_gamma=-1)

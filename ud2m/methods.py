@@ -436,8 +436,8 @@ class UD2M(Method):
         t_start: first grid time (None: the export's, else 999 = from pure noise); below 999 the chain starts from
             the Wiener estimate re-noised (docs/method.md §8 revision [ours]), a start to tune on training images as
             LATINO's t_max is.
-        final_gamma: close the chain with one data step of weight γ (LATINO's γ convention; None: none, the
-            paper's output); docs/method.md §8 revision [ours], to tune on training images.
+        final_gamma: close the chain with one data step of weight γ (LATINO's γ convention; None: the export's,
+            else none, the paper's output); docs/method.md §8 revision [ours], to tune on training images.
     """
 
     name = "ud2m"

@@ -245,6 +245,8 @@ class ExportOnTrainEnd(pl.Callback):
         eta: default DDIM eta of the exported sampler.
         t_start: default first grid time of the exported sampler (None: 999, the paper's start from noise; a later
             start tuned on training images, ``sample_ud2m``'s ``t_start``, §8 revision).
+        final_gamma: default weight of the sampler's closing data step (None: none, the paper's output;
+            ``sample_ud2m``'s ``final_gamma``, §8 revision).
         overwrite: replace an export that already exists in ``out_dir``.
         best: export the weights of the validation with the best value of this logged metric (e.g. ``"val/psnr"``)
             instead of the last ones: on few training images a long run can pass its best (the photos benchmark's
@@ -264,12 +266,13 @@ class ExportOnTrainEnd(pl.Callback):
         best: str | None = None,
         mode: str = "max",
         t_start: int | None = None,
+        final_gamma: float | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"ExportOnTrainEnd: mode must be 'max' or 'min', got {mode!r}")
         self.out_dir, self.use_ema, self.num_steps, self.eta = out_dir, use_ema, num_steps, eta
-        self.t_start = t_start
-        sampler_entry(num_steps, eta, t_start)  # an out-of-range start is refused before training, not after
+        self.t_start, self.final_gamma = t_start, final_gamma
+        sampler_entry(num_steps, eta, t_start, final_gamma)  # bad values are refused before training, not after
         self.overwrite, self.best, self.mode = overwrite, best, mode
         self.selected: dict[str, Any] | None = None  # {"metric", "value", "step"} of the kept weights
         self.kept: dict[str, torch.Tensor] | None = None
@@ -327,7 +330,8 @@ class ExportOnTrainEnd(pl.Callback):
             with context:
                 path = export_module(
                     pl_module, self.out_dir, ema=ema is not None, num_steps=self.num_steps, eta=self.eta,
-                    t_start=self.t_start, steps=steps, data=_describe_data(trainer), selected=self.selected,
+                    t_start=self.t_start, final_gamma=self.final_gamma, steps=steps, data=_describe_data(trainer),
+                    selected=self.selected,
                 )  # fmt: skip
             logger.info("exported the UD2M sampler to %s (%s)", path, self.selected or "last weights")
         trainer.strategy.barrier("ud2m-export")
@@ -370,6 +374,7 @@ def export_module(
     num_steps: int = 3,
     eta: float = 1.0,
     t_start: int | None = None,
+    final_gamma: float | None = None,
     steps: int = 0,
     data: str = "unknown",
     config: Mapping[str, Any] | None = None,
@@ -404,7 +409,9 @@ def export_module(
             out_dir,
             base_model=base_model_reference(pl_module, hp),
             operator=operator_reference(pl_module, hp),
-            sampler=sampler_entry(num_steps, eta, t_start if t_start is not None else _trained_start(pl_module)),
+            sampler=sampler_entry(
+                num_steps, eta, t_start if t_start is not None else _trained_start(pl_module), final_gamma
+            ),
             training=training,
             ema=ema,
         )
@@ -417,13 +424,22 @@ def _trained_start(pl_module: pl.LightningModule) -> int | None:
     return start() if callable(start) else None
 
 
-def sampler_entry(num_steps: int, eta: float, t_start: int | None = None) -> dict[str, Any]:
-    """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``."""
+def sampler_entry(
+    num_steps: int, eta: float, t_start: int | None = None, final_gamma: float | None = None
+) -> dict[str, Any]:
+    """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``
+    and the closing data step's weight ``final_gamma`` (§8 revisions)."""
     entry: dict[str, Any] = {"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)}
     if t_start is not None:
         if not 1 <= t_start <= 999:  # refused before anything is written
             raise ValueError(f"t_start: expected a first sampler time in [1, 999] (None: 999), got {t_start}")
         entry["t_start"] = int(t_start)
+    if final_gamma is not None:
+        if not final_gamma >= 0:
+            raise ValueError(
+                f"final_gamma: expected a data-step weight >= 0 (None: no final data step), got {final_gamma}"
+            )
+        entry["final_gamma"] = float(final_gamma)
     return entry
 
 

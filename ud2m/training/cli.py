@@ -65,6 +65,7 @@ def export(
     eta: float = 1.0,
     overwrite: bool = False,
     t_start: int | None = None,
+    final_gamma: float | None = None,
 ) -> Path:
     """Export a training checkpoint (``last.ckpt``) to the sampling folder of docs/method.md §9.
 
@@ -82,6 +83,7 @@ def export(
         eta: default DDIM eta of the exported sampler.
         overwrite: replace an export that already exists in ``out``.
         t_start: default first grid time of the exported sampler (None: 999; §8 revision).
+        final_gamma: default weight of the sampler's closing data step (None: none; §8 revision).
 
     Returns:
         the export folder.
@@ -91,7 +93,7 @@ def export(
         ValueError: for a checkpoint without the LightningCLI configuration (not written by ``train.py fit``).
     """
     check_export_target(out, overwrite=overwrite, how_to_overwrite="--overwrite true")
-    sampler_entry(num_steps, eta, t_start)  # a bad start is refused before the checkpoint is read
+    sampler_entry(num_steps, eta, t_start, final_gamma)  # bad values are refused before the checkpoint is read
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     config = checkpoint.get("hyper_parameters", {})
     if not isinstance(config.get("sampler"), dict) or "class_path" not in config["sampler"]:
@@ -109,7 +111,7 @@ def export(
     data = checkpoint.get("datamodule_hyper_parameters", {})
     name = str(data.get("_class_path", "unknown")).rsplit(".", 1)[-1]
     return export_module(
-        model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, t_start=t_start,
+        model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, t_start=t_start, final_gamma=final_gamma,
         steps=checkpoint["global_step"],
         data=describe_data(name, data.get("train_shards") or data.get("root")), config=config,
     )  # fmt: skip
