@@ -453,8 +453,9 @@ class UD2M(Method):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if t_start is not None and not 1 <= t_start <= 999:
             raise ValueError(f"t_start must lie in [1, 999], got {t_start}")
-        if final_gamma is not None and not final_gamma >= 0:
-            raise ValueError(f"final_gamma must be >= 0 (None: no final data step), got {final_gamma}")
+        from ud2m.unfolded import check_final_gamma  # lazily: ud2m.unfolded imports peft (seconds at start-up)
+
+        check_final_gamma(final_gamma)
         self.num_steps, self.eta, self.t_start, self.final_gamma = num_steps, eta, t_start, final_gamma
 
     def settings(self, problem=None):

@@ -472,8 +472,7 @@ def sample_ud2m(
     """
     if eta < 0:
         raise ValueError(f"eta: expected a non-negative value, got {eta}")
-    if final_gamma is not None and not final_gamma >= 0:
-        raise ValueError(f"final_gamma: expected a data-step weight >= 0 (None: no final data step), got {final_gamma}")
+    check_final_gamma(final_gamma)
     if t_start is not None and not 1 <= t_start <= 999:
         raise ValueError(f"t_start: expected a time in [1, 999] (None: 999), got {t_start}")
     prior = model.prior
@@ -506,6 +505,13 @@ def sample_ud2m(
         gamma = torch.full((u.shape[0],), float(final_gamma), device=device, dtype=u.dtype)
         x = data_consistency(op, u, y.to(u.dtype), gamma)
     return x.clamp(-1, 1) if clip else x
+
+
+def check_final_gamma(final_gamma: float | None) -> None:
+    """Refuse a closing data-step weight below 0 (``sample_ud2m``'s ``final_gamma``; None: no data step), wherever it
+    is set: the sampler, the ``UD2M`` method, an export's manifest."""
+    if final_gamma is not None and not final_gamma >= 0:
+        raise ValueError(f"final_gamma: expected a data-step weight >= 0 (None: no final data step), got {final_gamma}")
 
 
 def _ddim(prior: Prior, x, z0_hat, t, t_next: float, eta: float, generator: Generator) -> torch.Tensor:

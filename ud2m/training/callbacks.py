@@ -429,16 +429,15 @@ def sampler_entry(
 ) -> dict[str, Any]:
     """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``
     and the closing data step's weight ``final_gamma`` (§8 revisions)."""
+    from ud2m.unfolded import check_final_gamma
+
     entry: dict[str, Any] = {"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)}
     if t_start is not None:
         if not 1 <= t_start <= 999:  # refused before anything is written
             raise ValueError(f"t_start: expected a first sampler time in [1, 999] (None: 999), got {t_start}")
         entry["t_start"] = int(t_start)
+    check_final_gamma(final_gamma)  # refused before anything is written
     if final_gamma is not None:
-        if not final_gamma >= 0:
-            raise ValueError(
-                f"final_gamma: expected a data-step weight >= 0 (None: no final data step), got {final_gamma}"
-            )
         entry["final_gamma"] = float(final_gamma)
     return entry
 
