@@ -27,6 +27,16 @@ def median_ms(fn: Callable[[], object], repeats: int, device: str | torch.device
     return 1e3 * statistics.median(times)
 
 
+def load_script(name: str):
+    """``benchmarks/<name>.py`` as a module (a script's tuned rows, helpers and constants for another script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def replace_section(path: Path, begin: str, end: str, text: str) -> bool:
     """Put ``text`` between the marker lines ``begin`` and ``end`` of the file ``path`` (a README section that a
     benchmark generates); the file is left alone when it lacks either marker. Returns whether it was written."""

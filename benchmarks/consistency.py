@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import replace_section
+from common import load_script, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -96,8 +96,6 @@ def suite_posterior(args) -> dict:
     """LATINO-8 as a posterior sampler on the DDPM and on its CM: S samples per held-out digit (×4 SR, σ_y = 0.05)
     with the settings the quality benchmark tuned for each prior (read from ``quality_digits.json``), scored like
     the UD2M grid (PSNR of the mean and of one sample, CFID, FID, coverage in the digits VAE space)."""
-    import importlib.util
-
     from ud2m.embedding import digits_crops, load_digits_embedding
     from ud2m.operators.noise import measure
     from ud2m.operators.presets import load_preset
@@ -105,9 +103,7 @@ def suite_posterior(args) -> dict:
     from ud2m.solvers import latino_posterior
     from ud2m.solvers.weights import ConstantGamma
 
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_script("quality")
     tuned = json.loads((RESULTS / "quality_digits.json").read_text())["problems"]["sr_x4"]
     vae, x = load_digits_embedding(), digits_crops("val")
     preset = load_preset("ud2m/mnist_sr_x4")

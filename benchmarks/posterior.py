@@ -29,7 +29,6 @@ tuned (its "tuned start" rows).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import write_readme_section
+from common import load_script, write_readme_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,14 +55,6 @@ DIGITS_EXPORTS = (
     ("4,000 steps", "digits/ud2m_K3_longest"),
     ("6,000 steps", "digits/ud2m_K3_6k"),
 )
-
-
-def _quality():
-    """benchmarks/quality.py as a module (its tuned rows, crops and posterior metrics)."""
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -102,8 +93,9 @@ def draw(method, problem, y: torch.Tensor, *, samples: int, seed: int, chunk: in
     from ud2m.training.module import mix_seed
 
     ys = y.repeat_interleave(samples, 0)
-    index = torch.arange(len(y)).repeat_interleave(samples)
-    gens = [torch.Generator().manual_seed(mix_seed(seed, int(i), s % samples)) for s, i in enumerate(index)]
+    index = torch.arange(len(y)).repeat_interleave(samples)  # row r: image r // S, sample r % S
+    sample = torch.arange(samples).repeat(len(y))
+    gens = [torch.Generator().manual_seed(mix_seed(seed, int(i), int(s))) for i, s in zip(index, sample, strict=True)]
     context = torch.no_grad() if method.needs_autograd else torch.inference_mode()
     start = time.perf_counter()
     out = []
@@ -116,8 +108,9 @@ def draw(method, problem, y: torch.Tensor, *, samples: int, seed: int, chunk: in
 
 
 def tuned_methods(rows: dict, exports: list[tuple[str, Path, int | None]]) -> dict:
-    """``{row name: (Method, NFE per sample)}``: the tuned LATINO, DiffPIR and DPS rows of a quality result (their
-    recorded solver options), and UD2M at N = 3 and 4 for each export (with its tuned start when given)."""
+    """``{row name: (Method, NFE per sample, UD2M export or None)}``: the tuned LATINO, DiffPIR and DPS rows of a
+    quality result (their recorded solver options), and UD2M at N = 3 and 4 for each export (with its tuned start
+    when given)."""
     from ud2m.methods import DPS, UD2M, DiffPIR, Latino
     from ud2m.solvers.weights import ConstantGamma
 
@@ -126,11 +119,11 @@ def tuned_methods(rows: dict, exports: list[tuple[str, Path, int | None]]) -> di
         options = dict(row.get("solver_options") or {})
         if name.startswith("LATINO, 8 steps, tuned"):
             gamma = options.pop("gamma", None)
-            out[name] = (Latino(weights=None if gamma is None else ConstantGamma(gamma), **options), 8)
+            out[name] = (Latino(weights=None if gamma is None else ConstantGamma(gamma), **options), 8, None)
         elif name.startswith("DiffPIR, 100"):
-            out[name] = (DiffPIR(num_steps=100, **options), 100)
+            out[name] = (DiffPIR(num_steps=100, **options), 100, None)
         elif name.startswith("DPS, 100"):
-            out[name] = (DPS(num_steps=100, **options), 100)
+            out[name] = (DPS(num_steps=100, **options), 100, None)
     for label, export, t_start in exports:
         start = "" if t_start is None else f", start t ≤ {t_start}"
         for n in (3, 4):
@@ -154,10 +147,10 @@ def problem_for(base, export: Path | None, prior_folder: Path):
 def run_rows(methods: dict, base, x, y, prior_folder: Path, args, embed=None) -> dict:
     """Every method's samples scored by :func:`pixel_metrics` (and the embedding metrics when ``embed``)."""
     out = {}
-    for name, (method, nfe, *export) in methods.items():
+    for name, (method, nfe, export) in methods.items():
         if args.rows and not re.search(args.rows, name):
             continue
-        problem = problem_for(base, export[0] if export else None, prior_folder)
+        problem = problem_for(base, export, prior_folder)
         chunk = args.chunk if nfe < 100 else max(1, args.chunk // 4)
         xs, seconds = draw(method, problem, y, samples=args.samples, seed=args.seed, chunk=chunk)
         row = {"nfe": nfe, **pixel_metrics(xs, x, seconds)}
@@ -185,7 +178,6 @@ def _ud2m_tuned_start(rows: dict, label_prefix: str) -> int | None:
 def suite_digits(args) -> dict:
     from ud2m.embedding import digits_crops, load_digits_embedding
     from ud2m.methods import Problem
-    from ud2m.metrics import cfid, coverage
     from ud2m.operators.noise import measure
     from ud2m.operators.presets import load_preset
     from ud2m.priors.pixel import PixelDiffusionPrior
@@ -198,14 +190,12 @@ def suite_digits(args) -> dict:
     with torch.inference_mode():
         e_x, e_y = vae.embed(x), vae.embed(op.lift(y))
 
+    embedding_metrics = load_script("quality").embedding_metrics  # the K x N grid's CFID and coverage
+
     def embed(xs):
         with torch.inference_mode():
-            e_s = vae.embed(xs.flatten(0, 1)).view(xs.shape[0], xs.shape[1], -1)
-        rep = e_x.repeat_interleave(xs.shape[1], 0)
-        return {
-            "cfid": cfid(rep, e_s.flatten(0, 1), e_y.repeat_interleave(xs.shape[1], 0)),
-            "coverage_calibration_error": coverage(e_s, e_x)["calibration_error"],
-        }
+            m = embedding_metrics(xs, vae, e_x, e_y)
+        return {"cfid": m["cfid"], "coverage_calibration_error": m["coverage_calibration_error"]}
 
     exports = [(label, args.work_dir / folder / "export", None) for label, folder in DIGITS_EXPORTS]
     exports = [e for e in exports if (e[1] / "ud2m.json").is_file()]
@@ -213,7 +203,7 @@ def suite_digits(args) -> dict:
     base = Problem(op, sigma_y, tuple(x.shape[1:]), prior=prior)
     methods = tuned_methods(rows, exports)
     print(f"digits sr_x4: {len(x)} digits x {args.samples} samples", flush=True)
-    return {"sr_x4": run_rows(methods, base, x, y, PRIORS / "digits", args, embed=embed)}
+    return {"sr_x4": run_rows(methods, base, x, y, PRIORS / "digits", args, embed=embed)}, len(x)
 
 
 def suite_photos(args) -> dict:
@@ -223,7 +213,7 @@ def suite_photos(args) -> dict:
     from ud2m.operators.presets import load_preset
     from ud2m.priors.pixel import PixelDiffusionPrior
 
-    quality = _quality()
+    quality = load_script("quality")
     folder = quality.write_crops(args.work_dir / "photos" / "test_inputs", quality.HELD_OUT_PHOTOS)
     x = torch.cat([load_image(f, channels=3) for f in discover_images(str(folder))])[: args.limit]
     all_rows = json.loads((RESULTS / "quality_photos.json").read_text())["problems"]
@@ -240,7 +230,7 @@ def suite_photos(args) -> dict:
         print(f"photos {problem}: {len(x)} crops x {args.samples} samples", flush=True)
         base = Problem(op, sigma_y, tuple(x.shape[1:]), prior=prior)
         out[problem] = run_rows(tuned_methods(rows, exports), base, x, y, PRIORS / "photos", args)
-    return out
+    return out, len(x)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -318,14 +308,13 @@ def main() -> None:
     previous = json.loads(path.read_text()) if path.is_file() else {"suites": {}, "meta": {"images": {}}}
     suites = {"digits": suite_digits, "photos": suite_photos}
     start = time.perf_counter()
-    result = {name: suites[name](args) for name in args.suites}
-    merged = {  # a partial run (some suites, problems or rows) keeps the rest
-        suite: {p: {**previous["suites"].get(suite, {}).get(p, {}), **rows} for p, rows in problems.items()}
-        for suite, problems in result.items()
-    }
-    images = {**previous["meta"].get("images", {})}
-    images.update({"digits": 90 if args.limit is None else min(90, args.limit)} if "digits" in result else {})
-    images.update({"photos": 16 if args.limit is None else min(16, args.limit)} if "photos" in result else {})
+    result, images = {}, dict(previous["meta"].get("images", {}))
+    for name in args.suites:
+        result[name], images[name] = suites[name](args)
+    merged = dict(previous["suites"])  # a partial run (some suites, problems or rows) keeps the rest
+    for suite, problems in result.items():
+        kept = merged.get(suite, {})
+        merged[suite] = {**kept, **{p: {**kept.get(p, {}), **rows} for p, rows in problems.items()}}
     meta = {
         "samples": args.samples,
         "images": images,
@@ -334,8 +323,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - start,
         "command": f"python benchmarks/posterior.py run --samples {args.samples}",
     }
-    suites_out = {**previous["suites"], **{k: {**previous["suites"].get(k, {}), **v} for k, v in merged.items()}}
-    path.write_text(json.dumps({"meta": meta, "suites": suites_out}, indent=2) + "\n")
+    path.write_text(json.dumps({"meta": meta, "suites": merged}, indent=2) + "\n")
     report(path)
 
 

@@ -567,25 +567,36 @@ def grid_cell(model, op, x, y, sigma_y, vae, e_x, e_y, *, num_steps: int, sample
 def posterior_metrics(xs, x, vae, e_x, e_y, seconds: float) -> dict:
     """PSNR of the sample mean and of one sample, CFID, FID and coverage in the digits VAE space of posterior
     samples ``xs`` ``(B, S, C, H, W)`` of the truths ``x`` (embeddings ``e_x``, observations' ``e_y``)."""
-    from ud2m.metrics import cfid, coverage, frechet_distance, psnr, ssim
+    from ud2m.metrics import psnr, ssim
 
-    samples = xs.shape[1]
     mean = xs.mean(1)
-    e_s = torch.cat([vae.embed(c) for c in xs.flatten(0, 1).split(1024)]).view(x.shape[0], samples, -1)
-    rep = lambda e: e.repeat_interleave(samples, 0)  # noqa: E731
-    cov = coverage(e_s, e_x)
     p_mean, p_one = psnr(mean, x), psnr(xs[:, 0], x)
     return {
         "psnr_mean": {"mean": float(p_mean.mean()), "std": float(p_mean.std())},
         "psnr_sample": {"mean": float(p_one.mean()), "std": float(p_one.std())},
         "ssim_mean": float(ssim(mean, x).mean()),
+        **embedding_metrics(xs, vae, e_x, e_y),
+        "pixel_std": float(xs.std(1).mean()),
+        "seconds_per_sample": seconds / xs[:, :, 0, 0, 0].numel(),
+    }
+
+
+def embedding_metrics(xs, vae, e_x, e_y) -> dict:
+    """CFID, FID and coverage in the digits VAE space of posterior samples ``xs`` ``(B, S, C, H, W)`` (embeddings of
+    the truths ``e_x`` and of the lifted observations ``e_y``), each of the S samples paired with its repeated
+    (x, y) (docs/evaluation.md)."""
+    from ud2m.metrics import cfid, coverage, frechet_distance
+
+    samples = xs.shape[1]
+    e_s = torch.cat([vae.embed(c) for c in xs.flatten(0, 1).split(1024)]).view(xs.shape[0], samples, -1)
+    rep = lambda e: e.repeat_interleave(samples, 0)  # noqa: E731
+    cov = coverage(e_s, e_x)
+    return {
         "cfid": cfid(rep(e_x), e_s.flatten(0, 1), rep(e_y)),
         "fid": frechet_distance(e_x, e_s.flatten(0, 1)),
         "coverage_calibration_error": cov["calibration_error"],
         "coverage_at": {a: cov["coverage"][round(a * 100) - 1] for a in (0.5, 0.9)},
         "coverage": cov["coverage"],
-        "pixel_std": float(xs.std(1).mean()),
-        "seconds_per_sample": seconds / xs[:, :, 0, 0, 0].numel(),
     }
 
 
