@@ -177,9 +177,13 @@ def photos_config(problem: str, max_steps: int | None = None) -> dict:
 def select_best(cfg: dict, val_source: str = PHOTOS_SELECTION_SOURCE, every: int = 250) -> dict:
     """``cfg`` exporting the weights of its best validation PSNR (``ExportOnTrainEnd(best="val/psnr")``), validated
     every ``every`` steps on 16 crops of ``val_source``, a training photograph taken out of UD2M's training set for
-    this: selecting on the held-out photographs would choose the checkpoint on the test images."""
+    this: selecting on the held-out photographs would choose the checkpoint on the test images. The held-out
+    photographs (the config's ``val_sources``) leave ``root`` too, so they stay out of training: replacing
+    ``val_sources`` alone would hand them to the training set (the first ``--ud2m_best`` run did; it was rerun)."""
     cfg = copy.deepcopy(cfg)
     data = cfg["data"]["init_args"]
+    held_out = set(data.get("val_sources") or [])
+    data["root"] = [source for source in data["root"] if source not in held_out]
     data["val_sources"] = [val_source]
     cfg["trainer"].update(val_check_interval=every, limit_val_batches=4)
     for callback in cfg["trainer"]["callbacks"]:

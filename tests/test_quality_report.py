@@ -159,3 +159,18 @@ def test_diffusion_baselines_are_tuned_on_training_images_only(quality, tmp_path
     tests = [(c["method"], c["num_steps"], c["zeta"]) for c in calls if c["input"] == "test"]
     assert tests == [("diffpir", 100, 0.3), ("dps", 100, 0.3), ("dps", 1000, 0.3)]
     assert dps100["output_dir"] == str(tmp_path / "dps100_zeta0.3_steps")
+
+
+def test_checkpoint_selection_never_trains_on_the_test_photographs(quality):
+    """select_best validates on a training photograph taken out of training; the held-out test photographs (the
+    config's val_sources) leave the training list as well instead of returning to it; the ImageFolderImages split
+    of the resulting config trains on neither."""
+    base = quality.photos_config("sr_x4")
+    held_out = set(base["data"]["init_args"]["val_sources"])
+    cfg = quality.select_best(base)
+    data = cfg["data"]["init_args"]
+    assert held_out and data["val_sources"] == [quality.PHOTOS_SELECTION_SOURCE]
+    training = set(data["root"]) - set(data["val_sources"])
+    assert not training & held_out and quality.PHOTOS_SELECTION_SOURCE in data["root"]
+    assert training == set(base["data"]["init_args"]["root"]) - held_out - {quality.PHOTOS_SELECTION_SOURCE}
+    assert set(base["data"]["init_args"]["val_sources"]) == held_out  # the base config is not modified
