@@ -93,7 +93,11 @@ BLIND, BASE, KNOWN = "LD-RPS blind (physical ψ)", "LD-RPS, true linear part", "
 # LD-RPS's guidance tuned on training crops [ours], as every other method's weight is: a factor on the §13.4 scale
 # (made for SD1.5 latents at 512², too strong for the offline pixel prior: the true-operator run then fits the noise)
 # with the Tweedie estimate of the current state (zhat_from="z_t"); the untuned rows keep the reference's settings
-GUIDANCE_FACTORS = (1.0, 0.5, 0.3, 0.15)
+# (the grid reaches above ×1: haze and low light given the true operator needed ×3 and ×10 on training crops)
+GUIDANCE_FACTORS = (10.0, 3.0, 1.0, 0.5, 0.3, 0.15)
+#: the classical blind baselines' weights, tuned on the training crops like Tikhonov's and TV's
+DCP_OMEGAS = (0.7, 0.8, 0.9, 0.95)
+GREY_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5)
 TUNED = "LD-RPS blind, tuned guidance"
 KNOWN_TUNED = "LD-RPS, true operator, tuned guidance"
 
@@ -175,14 +179,39 @@ def scores(x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- methods
+def classical_blind(task: str, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """The classical single-image estimate of ``task`` from ``y`` alone (``ud2m.operators.estimate``), on the internal
+    scale and clamped: the dark channel prior's dehazed image (``weight`` = ω) or the grey-world brightened one
+    (``weight`` = the mean level)."""
+    from ud2m.operators import estimate
+
+    y01 = (y + 1) / 2
+    if task == "haze":
+        x01 = estimate.dehaze(y01, estimate.estimate_haze(y01, omega=weight))
+    elif task == "low-light":
+        x01 = estimate.brighten(y01, estimate.estimate_exposure(y01, mean_level=weight))
+    else:
+        raise ValueError(f"classical_blind: no classical estimate for task {task!r}")
+    return (2 * x01 - 1).clamp(-1, 1)
+
+
+CLASSICAL = {"haze": ("dark channel prior", "ω", DCP_OMEGAS), "low-light": ("grey-world exposure", "mean", GREY_LEVELS)}
+
+
 def tune_baselines(task: str, x_tune: torch.Tensor, keys: list[tuple[int, int]]) -> dict[str, float]:
-    """Tikhonov's s0 and TV's λ with the best mean PSNR on the training crops (other seeds than the test runs)."""
+    """Tikhonov's s0 and TV's λ (linear tasks) and the classical blind estimate's weight (haze, low light) with the
+    best mean PSNR on the training crops (other seeds than the test runs)."""
     from ud2m.metrics import psnr
     from ud2m.solvers.baselines import solve_tikhonov, solve_total_variation
 
     p = simulate(task, x_tune, keys, offset=1000)
+    out: dict = {"tuning": {}}
+    if task in CLASSICAL:
+        blind = {w: float(psnr(classical_blind(task, p.y, w), x_tune).mean()) for w in CLASSICAL[task][2]}
+        out.update(classical=max(blind, key=blind.get))
+        out["tuning"]["classical"] = blind
     if p.linear is None:
-        return {}
+        return out
     sigma = SIGMA_Y[task]
     tik = {
         s0: float(psnr(solve_tikhonov(p.linear, p.y_linear, sigma_y=sigma, s0=s0), x_tune).mean()) for s0 in TIKHONOV_S0
@@ -191,11 +220,13 @@ def tune_baselines(task: str, x_tune: torch.Tensor, keys: list[tuple[int, int]])
         lam: float(psnr(solve_total_variation(p.linear, p.y_linear, sigma_y=sigma, lam=lam), x_tune).mean())
         for lam in TV_LAMBDA
     }
-    return {"s0": max(tik, key=tik.get), "tv_lambda": max(tv, key=tv.get), "tuning": {"s0": tik, "tv_lambda": tv}}
+    out.update(s0=max(tik, key=tik.get), tv_lambda=max(tv, key=tv.get))
+    out["tuning"].update(s0=tik, tv_lambda=tv)
+    return out
 
 
 def baseline_rows(task: str, p: Problem, x: torch.Tensor, tuned: dict) -> dict[str, dict]:
-    """y, the oracle inverse, Tikhonov and TV."""
+    """y, the oracle inverse, the classical blind estimate (haze, low light), Tikhonov and TV (linear tasks)."""
     from ud2m.solvers.baselines import solve_tikhonov, solve_total_variation
 
     rows: dict[str, dict] = {}
@@ -208,6 +239,13 @@ def baseline_rows(task: str, p: Problem, x: torch.Tensor, tuned: dict) -> dict[s
     timed("y (identity)", lambda: p.y.clamp(-1, 1))
     if task in ("low-light", "haze"):
         timed("oracle inverse (simulator lift)", lambda: p.simulator.lift(p.y))
+        name, symbol, _ = CLASSICAL[task]
+        w = tuned["classical"]
+        timed(
+            f"{name}, blind ({symbol} = {w:g})",
+            lambda: classical_blind(task, p.y, w),
+            tuning=tuned["tuning"]["classical"],
+        )
     if p.linear is not None:
         sigma = SIGMA_Y[task]
         s0, lam = tuned["s0"], tuned["tv_lambda"]
@@ -274,9 +312,11 @@ def ld_rps_row(
     return row
 
 
-def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args) -> dict:
-    """The guidance factor (``GUIDANCE_FACTORS``, with ``zhat_from="z_t"``) of blind LD-RPS with the best mean PSNR
-    on the first ``--guidance_tune_crops`` training crops (other seeds than the test runs)."""
+def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: bool = False) -> dict:
+    """The guidance factor (``GUIDANCE_FACTORS``, with ``zhat_from="z_t"``) of blind LD-RPS (``known``: of LD-RPS
+    given the true operator) with the best mean PSNR on the first ``--guidance_tune_crops`` training crops (other
+    seeds than the test runs)."""
+    from ud2m.operators.simulate import KnownDegradation
     from ud2m.solvers.ld_rps import learned_degradation
 
     x, keys = x_tune[: args.guidance_tune_crops], keys[: args.guidance_tune_crops]
@@ -284,7 +324,8 @@ def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args) -> dict:
     scores_ = {}
     for factor in GUIDANCE_FACTORS:
         guidance = {"factor": factor, "zhat_from": "z_t"}
-        row = ld_rps_row(prior, task, f"tune ×{factor}", learned_degradation(task), p.y, x, p.truth_Ax, keys, args,
+        op = KnownDegradation(p.simulator) if known else learned_degradation(task)
+        row = ld_rps_row(prior, task, f"tune ×{factor}", op, p.y, x, p.truth_Ax, keys, args, adapt=not known,
                          guidance=guidance)  # fmt: skip
         scores_[str(factor)] = row["psnr"]["mean"]
     best = max(scores_, key=lambda k: scores_[k] if math.isfinite(scores_[k]) else -math.inf)
@@ -311,10 +352,12 @@ def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -
         **ld_rps_row(prior, task, TUNED, learned_degradation(task), p.y, x, p.truth_Ax, keys, args, guidance=guidance),
         "tuning": tuned["tuning"],
     }
-    rows[KNOWN_TUNED] = ld_rps_row(
-        prior, task, KNOWN_TUNED, KnownDegradation(p.simulator), p.y, x, p.truth_Ax, keys, args, adapt=False,
-        guidance=guidance,
-    )  # fmt: skip
+    known = tune_guidance(prior, task, x_tune, tune_keys, args, known=True)  # its own factor, as every row's weight
+    rows[KNOWN_TUNED] = {
+        **ld_rps_row(prior, task, KNOWN_TUNED, KnownDegradation(p.simulator), p.y, x, p.truth_Ax, keys, args,
+                     adapt=False, guidance={k: known[k] for k in ("factor", "zhat_from")}),
+        "tuning": known["tuning"],
+    }  # fmt: skip
     return rows
 
 
@@ -336,6 +379,7 @@ def run(args) -> Path:
         "seeds": list(args.seeds),
         "num_steps": args.num_steps,
         "guidance_scaling": args.guidance_scaling,
+        "guidance_factors": list(GUIDANCE_FACTORS),
         "threads": torch.get_num_threads(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
@@ -395,6 +439,12 @@ def _timing(m: dict) -> str:
     return (f"{len(runs)} processes at once, " if len(runs) > 1 else "") + "; ".join(one(r) for r in runs)
 
 
+def _factors(meta: dict) -> str:
+    """The guidance factors a run tuned over (runs before the grid went above ×1 recorded none: the old grid)."""
+    factors = meta.get("guidance_factors", (1.0, 0.5, 0.3, 0.15))
+    return "×" + " / ".join(f"{f:g}" for f in factors)
+
+
 def report_text(data: dict) -> str:
     m = data["meta"]
     parts = [
@@ -405,9 +455,11 @@ def report_text(data: dict) -> str:
         f"the `photos` pixel prior without caption{', guidance ×450/N' if m['guidance_scaling'] == 'steps' else ''}. "
         f"{m['threads']} thread(s), {_timing(m)}. PSNR/SSIM: mean ± std over the runs; S_tot / S_g: DDIM steps / "
         "guided steps per image, NFE: network evaluations per image over both chains (§13.5); fit: PSNR of the "
-        "fitted degradation (the truth for the true-operator rows); Tikhonov's s0 and TV's λ tuned on training "
-        "crops; the 'tuned guidance' rows use the factor on the §13.4 guidance scale (×1 / 0.5 / 0.3 / 0.15) with "
-        "the best blind PSNR on training crops, and ẑ0 from z_t (our option) instead of the reference's z_next.",
+        "fitted degradation (the truth for the true-operator rows); Tikhonov's s0, TV's λ and the classical blind "
+        "estimates' weight (dark channel prior: ω, grey world: the mean level) tuned on training crops; the 'tuned "
+        f"guidance' rows use the factor on the §13.4 guidance scale ({_factors(m)}) with the best PSNR on training "
+        "crops (the blind row's for the blind row, the true operator's for the true-operator row), and ẑ0 from z_t "
+        "(our option) instead of the reference's z_next.",
         "",
     ]
     for task, rows in data["tasks"].items():
