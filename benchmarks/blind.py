@@ -19,11 +19,13 @@ network, ``schedule_transfer="sigma"``, Q patches scaled by 64/512, F = 1, the p
 the identity for noise, ``Grayscale(3)`` for colour; §13.2) where the task is linear; **LD-RPS with the true operator**
 (``KnownDegradation(simulator)``, ``adapt=False``: the same sampler and guidance with ψ replaced by the truth, every
 task); the same blind and true-operator runs with **tuned guidance** (a factor on the §13.4 guidance scale from
-``GUIDANCE_FACTORS``, chosen by the blind run's PSNR on ``--guidance_tune_crops`` training crops, with ẑ0 from z_t:
-the §13.4 scales were made for SD1.5 latents at 512², and on the offline pixel prior they make even the true
-operator fit the noise); the measurement itself (**y**); the **oracle inverse** (the simulator's ``lift`` with the
-true parameters:
-(y₀₁/e)^{1/γ} for low light, (y − A(1 − t))/t for haze); and where linear **Tikhonov/Wiener** and **TV**
+``GUIDANCE_FACTORS``, chosen on ``--guidance_tune_crops`` training crops, the blind row's by blind PSNR and the
+true-operator row's with the true operator, with ẑ0 from z_t:
+the §13.4 scales were made for SD1.5 latents at 512²; on the offline pixel prior they make the true operator fit
+the noise on denoising and are far too weak on haze and low light, docs/method.md §13.10-13.11); the measurement
+itself (**y**); the **oracle inverse** (the simulator's ``lift`` with the true parameters: (y₀₁/e)^{1/γ} for low
+light, (y − A(1 − t))/t for haze); the **classical blind estimate** from y alone (the dark channel prior's dehazed
+image, the grey-world brightened one); and where linear **Tikhonov/Wiener** and **TV**
 (``ud2m.solvers.baselines``), their weight tuned on crops of two training photographs (astronaut, chelsea), never on
 the test crops. Reported per method: PSNR and SSIM (mean ± std over the (crop, seed) runs), PSNR of every LD-RPS pass,
 the degradation fit PSNR(ψ(x̂), y) and PSNR(ψ(x), A(x)) (A(x) the noiseless truth), the §13.5 cost counters of
@@ -41,7 +43,9 @@ What is scaled relative to §13.8 (defaults; ``--quick`` in brackets):
   unscaled guidance is too weak for even the true operator to matter (LD-RPS given the true operator reached
   7.7-14.9 dB PSNR unscaled, 14.9-22.3 dB scaled, in the ``--quick`` check);
 - recurrences R: unchanged (§13.4: low light 2, haze 3, noise 1, colour 1), F = 1;
-- baselines: DPS-100, DiffPIR-100 and LATINO-8 are not run (Tikhonov and TV only); no LPIPS (no backbone weights);
+- baselines: DPS-100, DiffPIR-100 and LATINO-8 are not run (Tikhonov and TV, and the classical blind estimates
+  of ``ud2m.operators.estimate``: the dark channel prior for haze, a grey-world exposure for low light, their weight
+  tuned on the training crops); no LPIPS (no backbone weights);
 - tuning of Tikhonov's s0 and TV's λ: on 8 training crops [2]; of LD-RPS's guidance factor: on 4 [1].
 
 ``--num_steps 450 --crops 2 --guidance_scaling none`` runs the method at its published step count instead (about

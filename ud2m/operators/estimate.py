@@ -1,4 +1,4 @@
-r"""Classical blind estimates of a degradation from the measurement alone (docs/method.md §13.9, docs/blind.md).
+r"""Classical blind estimates of a degradation from the measurement alone (docs/method.md §13.11, docs/blind.md).
 
 The single-image methods a blind solver has to beat, on [0, 1] images ``(B, C, H, W)``, batched, per sample, with
 no randomness and no network:
@@ -12,7 +12,7 @@ no randomness and no network:
   (:func:`brighten`) has mean ``mean_level`` (0.45, mid-grey).
 
 ``benchmarks/blind.py`` scores them as the rows "dark channel prior" and "grey-world exposure". Used as the start of
-LD-RPS's physical ψ they did not help (the paired fit washes the start out; measured in docs/method.md §13.9).
+LD-RPS's physical ψ they did not help (the paired fit washes the start out; measured in docs/method.md §13.11).
 """
 
 from __future__ import annotations
