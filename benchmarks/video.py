@@ -451,8 +451,9 @@ def write_measurement(name: str, rows: dict, **head) -> dict:
 def ablation(args) -> dict:
     """Are the released schedules' TV data steps needed? LVTINO (the tuned time scale of ``results/video.json``) on
     the tuning clips (``clips:train``, as for tuning) with the released data steps, with every data step replaced by
-    the exact projection onto {Au = y} (no TV, closed form: the cheapest data step), and with 50 instead of 200 PDHG
-    iterations (PDHG rows only); written to ``results/video_ablation.json``. The TV steps are what keeps A and C
+    the exact projection onto {Au = y} (no TV, closed form: the cheapest data step), with 50 instead of 200 PDHG
+    iterations, and with 100 or 200 iterations at the §6.3 step rule τ = σ = 1/√L instead of the released
+    τ = σ = 0.25 (PDHG rows only); written to ``results/video_ablation.json``. The TV steps are what keeps A and C
     above the solver-overhead target on small networks (README)."""
     from ud2m.metrics import flicker, psnr
     from ud2m.solvers.lvtino import DataStep, map_times
@@ -477,6 +478,10 @@ def ablation(args) -> dict:
         if released[0].video_step.method == "pdhg":
             fewer = dataclasses.replace(released[0].video_step, iters=50)
             variants["PDHG 50 iterations"] = tuple(dataclasses.replace(r, video_step=fewer) for r in released)
+            for iters in (100, 200):  # the §6.3 step rule τ = σ = 1/√L instead of the released τ = σ = 0.25
+                rule = dataclasses.replace(released[0].video_step, iters=iters, tau=None, sigma=None)
+                name = f"PDHG {iters} iterations, §6.3 step rule"
+                variants[name] = tuple(dataclasses.replace(r, video_step=rule) for r in released)
         rows[problem] = {"time_scale": scale}
         for name, schedule in variants.items():
             start = time.perf_counter()
