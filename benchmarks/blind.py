@@ -95,9 +95,9 @@ SETTINGS = {
 }
 BLIND, BASE, KNOWN = "LD-RPS blind (physical ψ)", "LD-RPS, true linear part", "LD-RPS, true operator (adapt off)"
 # LD-RPS's guidance tuned on training crops [ours], as every other method's weight is: a factor on the §13.4 scale
-# (made for SD1.5 latents at 512², too strong for the offline pixel prior: the true-operator run then fits the noise)
+# (made for SD1.5 latents at 512²; on the offline pixel prior too strong for denoising, where the true operator then
+# fits the noise, and far too weak for haze and low light: ×3-×10 given the true operator, docs/method.md §13.11)
 # with the Tweedie estimate of the current state (zhat_from="z_t"); the untuned rows keep the reference's settings
-# (the grid reaches above ×1: haze and low light given the true operator needed ×3 and ×10 on training crops)
 GUIDANCE_FACTORS = (10.0, 3.0, 1.0, 0.5, 0.3, 0.15)
 #: the classical blind baselines' weights, tuned on the training crops like Tikhonov's and TV's
 DCP_OMEGAS = (0.7, 0.8, 0.9, 0.95)
