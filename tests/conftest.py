@@ -54,3 +54,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def benchmark_script(tmp_path, monkeypatch):
+    """``load(name)``: ``benchmarks/<name>.py`` as a fresh module whose ``RESULTS`` folder and ``README`` (holding
+    only its generated section, "old", between the script's ``README_BEGIN`` and ``README_END``) live in
+    ``tmp_path``, so a report under test never touches the repository's files."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        (tmp_path / "results").mkdir(exist_ok=True)
+        readme = tmp_path / "README.md"
+        readme.write_text(f"# title\n\n{module.README_BEGIN}\nold\n{module.README_END}\ntail\n")
+        monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+        monkeypatch.setattr(module, "README", readme)
+        return module
+
+    return load

@@ -1,27 +1,15 @@
 """benchmarks/posterior.py: the spread ratio against its derivation, and the report from a results file alone."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def posterior(tmp_path, monkeypatch):
-    """The benchmark module with RESULTS and README redirected into ``tmp_path``."""
-    spec = importlib.util.spec_from_file_location("posterior_under_test", ROOT / "benchmarks" / "posterior.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    (tmp_path / "results").mkdir()
-    begin, end = module.README_BEGIN, module.README_END
-    (tmp_path / "README.md").write_text(f"# title\n\n{begin}\nold\n{end}\ntail\n")
-    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(module, "README", tmp_path / "README.md")
-    return module
+def posterior(benchmark_script):
+    """The benchmark module with RESULTS and README redirected into ``tmp_path`` (conftest.benchmark_script)."""
+    return benchmark_script("posterior")
 
 
 @pytest.mark.parametrize(("spread", "expected"), [(1.0, 1.0), (1 / 3, 1 / 9), (2.0, 4.0)])
