@@ -604,6 +604,30 @@ def test_ud2m_checkpoint_restores_with_n_times_k_evaluations(ud2m_export, tmp_pa
     assert again["images"][0]["nfe"] == 3 * 2
 
 
+def test_resume_refuses_an_export_retrained_in_the_same_folder(ud2m_export, tmp_path):
+    """The quick start re-exports into one folder (overwrite: true): re-running sample.py into the earlier output
+    folder resumed, skipping every image, and reported the earlier weights' restorations as the new export's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    export = Path(shutil.copytree(ud2m_export, tmp_path / "export"))
+    first = run(tmp_path / "out", input="skimage:camera", checkpoint=str(export))
+    assert len(first["run"]["checkpoint_sha256"]) == 64
+    assert run(tmp_path / "out", input="skimage:camera", checkpoint=str(export))["images"] == first["images"]
+    scalars = load_file(export / "scalars.safetensors")  # the same path, other weights
+    save_file({k: v + 0.5 for k, v in scalars.items()}, export / "scalars.safetensors")
+    before = (tmp_path / "out" / "metrics.json").read_text()
+    with pytest.raises(ValueError, match="holds results of a different run.*checkpoint_sha256"):
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(export))
+    assert (tmp_path / "out" / "metrics.json").read_text() == before  # nothing written
+    record = json.loads(before)
+    del record["run"]["checkpoint_sha256"]  # a folder written before the hash was recorded
+    (tmp_path / "out" / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="checkpoint_sha256: 'not recorded' there"):
+        run(tmp_path / "out", input="skimage:camera", checkpoint=str(export))
+
+
 def test_ud2m_checkpoint_refuses_zero_noise_before_writing(ud2m_export, tmp_path):
     """Issue [api]: sigma_y = 0 failed inside the sampler, after the output folder had been created."""
     with pytest.raises(ValueError, match="needs a positive noise level"):

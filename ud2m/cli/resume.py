@@ -3,7 +3,8 @@ with the same settings (issue [api]).
 
 Resuming skips every image whose outputs exist and rewrites ``metrics.json`` with the new run record, so a re-run
 into the same folder with any setting that changes the restored images (method and its settings, operator, σ_y,
-seed, S, model, checkpoint, mode, prompt, dtype, crop, model options) would label the old rows with the new settings.
+seed, S, model, checkpoint and its weights' content hash, mode, prompt, dtype, crop, model options) would label the old
+rows with the new settings.
 :func:`check_resume_compatible` refuses such a run before anything is written, naming each setting with its earlier
 and new value. A method's settings are compared as resolved (:meth:`ud2m.methods.Method.settings`): an unset
 ``num_steps`` and ``num_steps: 100`` agree for DPS, whose default is 100.
@@ -33,6 +34,7 @@ RUN_KEYS = (
     "num_samples",
     "model",
     "checkpoint",
+    "checkpoint_sha256",
     "simulate",
     "prompt",
     "dtype",
@@ -50,6 +52,14 @@ def run_record(job: Job | VideoJob, problem: Problem) -> dict[str, Any]:
     record.update(seed=o.seed, input=o.input, num_samples=o.num_samples, model=job.run.get("model"))
     record.update(simulate=o.simulate, device=str(job.device))
     record.update(checkpoint=None if o.checkpoint is None else str(o.checkpoint), prompt=o.prompt if latent else None)
+    # the export's content, not only its path: re-training into the same folder (the quick start's overwrite: true)
+    # must not resume with the earlier weights' images
+    if o.checkpoint is not None:
+        from ud2m.export import base_model_hash  # lazily: ud2m.export loads the unfolded model and peft
+
+        record.update(checkpoint_sha256=base_model_hash(o.checkpoint))
+    else:
+        record.update(checkpoint_sha256=None)
     record.update(dtype=str(getattr(job.prior, "dtype", torch.float32)))
     return record
 
@@ -64,6 +74,8 @@ def check_resume_compatible(job: Job | VideoJob) -> None:
     if not earlier:
         return
     diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and not _same(k, earlier[k], job.run[k])}
+    if earlier.get("checkpoint") is not None and "checkpoint_sha256" not in earlier:  # recorded before the hash was
+        diff["checkpoint_sha256"] = ("not recorded", job.run["checkpoint_sha256"])  # the weights may have changed
     old_options, new_options = earlier.get("options") or {}, _json(job.options.record())
     for key in OPTION_KEYS:
         if key in old_options and _applies(job, key):
