@@ -618,7 +618,7 @@ def test_resume_refuses_an_export_retrained_in_the_same_folder(ud2m_export, tmp_
     scalars = load_file(export / "scalars.safetensors")  # the same path, other weights
     save_file({k: v + 0.5 for k, v in scalars.items()}, export / "scalars.safetensors")
     before = (tmp_path / "out" / "metrics.json").read_text()
-    with pytest.raises(ValueError, match="holds results of a different run.*checkpoint_sha256"):
+    with pytest.raises(ValueError, match=r"holds results of a different run.*checkpoint_sha256"):
         run(tmp_path / "out", input="skimage:camera", checkpoint=str(export))
     assert (tmp_path / "out" / "metrics.json").read_text() == before  # nothing written
     record = json.loads(before)
