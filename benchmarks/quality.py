@@ -86,7 +86,7 @@ LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 UD2M_T_START = (999, 700, 500, 300, 150)
 UD2M_FINAL_GAMMA = (1.0, 10.0, 100.0, 1000.0)  # the closing data step's weight, LATINO's convention (§8 revision)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
-DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap to the 100-step solvers? (issue [sampler])
+DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap? (--ud2m_long; rows wherever an export exists)
 DIGITS_6K_STEPS = 6000  # ... and one point further (--ud2m_6k; rows wherever such an export exists)
 PHOTOS_LONG_STEPS = 4000  # the same question on photos (--ud2m_long; rows wherever such an export exists)
 # the long photos run validated on a training photograph (not the held-out ones) and exporting its best validation
@@ -466,12 +466,14 @@ def suite_digits(args) -> dict:
         (f"UD2M ({_steps(long)}), N x K = 3 x 3", long, {}),
         (f"UD2M ({_steps(long)}), N x K = 4 x 3", long, {"num_steps": 4}),
     ]
-    longest = ensure_export(quickstart_config(3, max_steps=DIGITS_LONGEST_STEPS), work / "ud2m_K3_longest")
-    ud2m_rows.append((f"UD2M ({_steps(longest)}), N x K = 3 x 3", longest, {}))
-    more = work / "ud2m_K3_6k"
-    if args.ud2m_6k or (more / "export" / "ud2m.json").is_file():  # the learning curve's next point (about 1.5 h)
-        more = ensure_export(quickstart_config(3, max_steps=DIGITS_6K_STEPS), more)
-        ud2m_rows += [(f"UD2M ({_steps(more)}), N x K = {n} x 3", more, {"num_steps": n}) for n in (3, 4)]
+    # the learning curve's further points (45 min and 70 min of training), wherever such an export exists
+    for steps, folder, wanted, n_steps in (
+        (DIGITS_LONGEST_STEPS, "ud2m_K3_longest", args.ud2m_long, (3,)),
+        (DIGITS_6K_STEPS, "ud2m_K3_6k", args.ud2m_6k, (3, 4)),
+    ):
+        if wanted or (work / folder / "export" / "ud2m.json").is_file():
+            more = ensure_export(quickstart_config(3, max_steps=steps), work / folder)
+            ud2m_rows += [(f"UD2M ({_steps(more)}), N x K = {n} x 3", more, {"num_steps": n}) for n in n_steps]
     if (PRIORS / "digits-cm").is_dir():  # the same distillation on the consistency-model base (issue [consistency])
         on_cm = ensure_export(quickstart_config(3, prior="digits-cm"), work / "ud2m_K3_cm")
         ud2m_rows.append((f"UD2M quick start on digits-cm ({_steps(on_cm)}), N x K = 3 x 3", on_cm, {}))
@@ -887,7 +889,9 @@ def main() -> None:
     )
     parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
     parser.add_argument(
-        "--ud2m_long", action="store_true", help=f"photos: also distil {PHOTOS_LONG_STEPS:,} steps (1 h per problem)"
+        "--ud2m_long",
+        action="store_true",
+        help=f"also distil {PHOTOS_LONG_STEPS:,} steps (photos, 1 h per problem) and {DIGITS_LONGEST_STEPS:,} (digits)",
     )
     parser.add_argument(
         "--ud2m_6k", action="store_true", help=f"digits: also distil {DIGITS_6K_STEPS:,} steps (about 1.5 h)"
