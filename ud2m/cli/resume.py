@@ -74,8 +74,9 @@ def check_resume_compatible(job: Job | VideoJob) -> None:
     if not earlier:
         return
     diff = {k: (earlier[k], job.run[k]) for k in RUN_KEYS if k in earlier and not _same(k, earlier[k], job.run[k])}
-    if earlier.get("checkpoint") is not None and "checkpoint_sha256" not in earlier:  # recorded before the hash was
-        diff["checkpoint_sha256"] = ("not recorded", job.run["checkpoint_sha256"])  # the weights may have changed
+    # a checkpoint run recorded before its hash was: its weights may differ from the folder's today, so refuse
+    if earlier.get("checkpoint") is not None and "checkpoint_sha256" not in earlier:
+        diff["checkpoint_sha256"] = ("not recorded", job.run["checkpoint_sha256"])
     old_options, new_options = earlier.get("options") or {}, _json(job.options.record())
     for key in OPTION_KEYS:
         if key in old_options and _applies(job, key):
