@@ -166,6 +166,33 @@ def test_schedule_and_add_noise(prior, rng):
     torch.testing.assert_close(prior.add_noise(z0, t, eps), (1 - sigma_fm) * z0 + sigma_fm * eps)
 
 
+def test_add_noise_follows_the_latent_device(device, rng):
+    """The flow-matching schedule has no tables: the scales live where the latent and its time live (on CUDA a
+    CPU copy of a_t made ``add_noise`` fail; found by benchmarks/video_fullsize.py on an H100)."""
+    prior = tiny_video_flow_prior(max_sequence_length=SEQ_LEN).to(device)
+    z0, eps = randn((2, 16, 2, 2, 2), rng, device=device), randn((2, 16, 2, 2, 2), rng, device=device)
+    a_t, b_t = prior.scales(torch.tensor([250.0, 750.0], device=device))
+    assert a_t.device.type == device.type and b_t.device.type == device.type
+    sigma_fm = append_dims(torch.tensor([0.25, 0.75], device=device), 5)
+    torch.testing.assert_close(prior.add_noise(z0, 250.0, eps)[:1], ((1 - sigma_fm) * z0 + sigma_fm * eps)[:1])
+    expected = (1 - sigma_fm) * z0 + sigma_fm * eps
+    torch.testing.assert_close(prior.add_noise(z0, torch.tensor([250.0, 750.0]), eps), expected)  # CPU times
+
+
+def test_half_precision_transformer_keeps_diffusers_float32_modules(folder, rng):
+    """``from_pretrained(dtype=bfloat16)`` keeps Wan's norms and modulation tables in float32 (diffusers'
+    ``_keep_in_fp32_modules``); the first parameter is such a table, yet the prior must feed the network bf16."""
+    prior = VideoFlowPrior.from_pretrained(folder, dtype=torch.bfloat16, load_text_encoder=False)
+    assert prior.net.scale_shift_table.dtype == torch.float32  # diffusers kept it
+    assert prior.dtype == torch.bfloat16
+    cond = prior.encode_prompt(prompt_embeds=randn((1, SEQ_LEN, prior.net.config.text_dim), rng))
+    z_t = randn((1, 16, 2, 4, 4), rng)
+    x0 = prior.predict_x0(z_t, 500.0, cond)
+    reference = VideoFlowPrior.from_pretrained(folder, load_text_encoder=False).predict_x0(z_t, 500.0, cond)
+    assert x0.dtype == torch.float32
+    torch.testing.assert_close(x0, reference, rtol=0, atol=0.1)  # bf16 rounding of a unit-scale output
+
+
 def test_shifted_timesteps(prior):
     """t_k/1000 = shift u/(1 + (shift-1) u) inverts to the uniform grid u_k = 1 - k/N."""
     num_steps, shift = 4, prior.shift

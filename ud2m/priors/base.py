@@ -196,7 +196,9 @@ class NoiseSchedule(nn.Module):
             ValueError: for non-finite values or values outside ``[t_min, t_max]``.
         """
         dtype = t.dtype if torch.is_tensor(t) and t.dtype == torch.float64 else torch.float32
-        t = torch.as_tensor(t, dtype=dtype, device=self._device())
+        # a table-free schedule (flow matching) keeps a tensor's device; one with tables moves t to them
+        device = t.device if torch.is_tensor(t) and next(self.buffers(), None) is None else self._device()
+        t = torch.as_tensor(t, dtype=dtype, device=device)
         if not torch.isfinite(t).all() or (t < self.t_min).any() or (t > self.t_max).any():
             raise ValueError(f"{name}: expected values in [{self.t_min}, {self.t_max}], got {t.detach().cpu()}")
         return t
@@ -296,7 +298,12 @@ class Prior(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the network (of the first parameter or buffer), float32 when there is none."""
+        """Dtype of the network: a diffusers model's own ``dtype`` (which skips the parameters its
+        ``_keep_in_fp32_modules`` keep in float32, as Wan's modulation tables), else that of the first parameter or
+        buffer, float32 when there is none."""
+        net_dtype = getattr(self.net, "dtype", None)
+        if isinstance(net_dtype, torch.dtype):
+            return net_dtype
         t = self._first_tensor()
         return t.dtype if t is not None else torch.float32
 
