@@ -20,10 +20,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """Every device this machine has; CUDA runs are marked ``gpu``."""
-    if request.param == "cuda":
-        request.applymarker(pytest.mark.gpu)
+    """Every device this machine has; CUDA runs are marked ``gpu`` (by :func:`pytest_collection_modifyitems`)."""
     return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the CUDA cases of the ``device`` fixture ``gpu`` at collection, so that ``pytest -m gpu`` selects them
+    (a marker applied inside the fixture comes after ``-m`` has deselected them)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture
