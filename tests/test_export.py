@@ -151,6 +151,24 @@ def test_time_knot_scalars_round_trip(tmp_path, rng):
     assert torch.equal(run(loaded, op, y), run(model, op, y))
 
 
+def test_out_layer_and_time_knots_export_samples_on_a_half_precision_prior(tmp_path, rng):
+    """sample.py loads the prior in bf16 on CUDA (§1.4) and then the export: the fp32 out layer inside the bf16
+    network takes its input cast (it raised a dtype error), and the result stays close to the fp32 one."""
+    base = save_tiny_pixel_pipeline(tmp_path / "base")
+    model = UnfoldedSampler(
+        PixelDiffusionPrior.from_pretrained(base), num_blocks=2, time_knots=3, tied_scalars=False, train_out_layer=True
+    )
+    perturb(model, rng)
+    out = export(model, tmp_path / "export", base)
+    half = load_checkpoint(out, PixelDiffusionPrior.from_pretrained(base, dtype=torch.bfloat16))
+    assert half.prior.dtype == torch.bfloat16 and half.prior.net.conv_out.weight.dtype == torch.float32
+    assert half.log_lambda.device == half.prior.device
+    op, y = pixel_problem(rng)
+    full, x_half = run(model, op, y), run(half, op, y)
+    assert x_half.dtype == torch.float32 and torch.isfinite(x_half).all()
+    assert (x_half - full).abs().mean() < 0.05  # bf16 rounding of two blocks' network calls, on [-1, 1]
+
+
 def test_hash_mismatch_is_refused_unless_allowed(pixel_export, tmp_path, rng):
     base, model, out = pixel_export
     copy = shutil.copytree(base, tmp_path / "base")

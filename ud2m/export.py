@@ -387,7 +387,7 @@ def load_checkpoint(
         _copy_into(out_layer_state(model), _need(root / OUT_LAYER_NAME))
     if _has_state(initializer):
         initializer.load_state_dict(load_file(str(_need(root / INITIALIZER_NAME))))
-    return model
+    return model.to(prior.device)  # the initializer and scalars beside the prior (device only, dtypes kept)
 
 
 def _model_kwargs(manifest: dict) -> dict:

@@ -180,10 +180,11 @@ class UnfoldedSampler(nn.Module):
         column per time knot (``time_knots > 1``)."""
         rows = 1 if self.tied_scalars else self.num_blocks
         shape = (rows,) if self.time_knots == 1 else (rows, self.time_knots)
-        self.log_lambda = nn.Parameter(torch.zeros(shape))
-        self.log_rho_scale = nn.Parameter(torch.zeros(shape))
+        device = self.prior.device  # beside the prior: time-knot rows are indexed by t, which lives there
+        self.log_lambda = nn.Parameter(torch.zeros(shape, device=device))
+        self.log_rho_scale = nn.Parameter(torch.zeros(shape, device=device))
         if self.renoise == "continuous":
-            self.log_sigma_z_scale = nn.Parameter(torch.zeros(shape))
+            self.log_sigma_z_scale = nn.Parameter(torch.zeros(shape, device=device))
         else:
             self.register_parameter("log_sigma_z_scale", None)  # "nearest": no parameter that could never learn
         if self.latent and self.detach_encoder:
@@ -207,6 +208,8 @@ class UnfoldedSampler(nn.Module):
         if self.train_out_layer:
             for module in out_layer_modules(net).values():
                 module.float().requires_grad_(True)  # trainables are fp32 (§1.4)
+                if not hasattr(module, "_ud2m_input_cast"):  # once per module, also when the network is reused
+                    module._ud2m_input_cast = module.register_forward_pre_hook(_cast_input_to_weight)
 
     # ------------------------------------------------------------------ parameters
     def generator_parameters(self) -> list[dict]:
@@ -393,6 +396,13 @@ class UnfoldedSampler(nn.Module):
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
     """Proxes run in fp32 with autocast disabled (§1.4); the prior's network calls stay under autocast."""
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _cast_input_to_weight(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a float32 output layer inside a half-precision network: its input comes in the network's
+    dtype (bf16 on CUDA, §1.4), so it is cast to the layer's; the prior casts the float32 output back."""
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def out_layer_modules(net: nn.Module) -> dict[str, nn.Module]:
