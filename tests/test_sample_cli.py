@@ -135,6 +135,16 @@ def test_mask_presets_are_drawn_for_the_image_size(preset, observed, tmp_path):
     assert (read_png(tmp_path / "b" / "astronaut_mask.png") == mask * 255).all()
 
 
+def test_dps_differentiates_through_a_mask_drawn_for_the_image_size(pixel_model, tmp_path):
+    """The mask of a 256² preset is drawn for the 32² crop while the inputs are checked (under inference_mode); DPS
+    then differentiates through it, which inference tensors forbid ("cannot be saved for backward")."""
+    result = run(
+        tmp_path, input="skimage:astronaut", operator="dps/inpaint_random", model=str(pixel_model),
+        method=Method.by_name("dps").__class__(num_steps=2),
+    )  # fmt: skip
+    assert result["images"][0]["nfe"] == 2 and np.isfinite(result["images"][0]["psnr"])
+
+
 def test_a_fixed_mask_file_names_the_size_it_takes(tmp_path):
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((48, 48), 255, np.uint8)).save(mask)

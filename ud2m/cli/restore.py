@@ -149,7 +149,10 @@ def operator_at(job: Job, hw: tuple[int, int]) -> Any:
     seed; :meth:`~ud2m.operators.base.LinearOperator.at_size`), a fixed-size asset refuses other sizes."""
     hw = (int(hw[0]), int(hw[1]))
     if hw not in job.sized_ops:
-        job.sized_ops[hw] = job.op.at_size(hw).float().eval().to(job.device)
+        # callers may be under inference_mode (input checks); the cached operator also serves DPS, whose autograd
+        # cannot save inference tensors, so its mask is drawn outside that mode
+        with torch.inference_mode(False):
+            job.sized_ops[hw] = job.op.at_size(hw).float().eval().to(job.device)
     return job.sized_ops[hw]
 
 
@@ -533,8 +536,9 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def noise_generators(job: Job, batch: list[Item]) -> list[torch.Generator]:
     """The simulated noise of image i: stream 1 of §1.5, ``hash(seed, 1, i, 0)`` (the solver's are stream 0,
-    :func:`~ud2m.solvers.posterior.sample_generators`)."""
-    return [torch.Generator(job.device).manual_seed(seed_for(job.options.seed, 1, it.index, 0)) for it in batch]
+    :func:`~ud2m.solvers.posterior.sample_generators`), drawn on the CPU whatever the job's device, so a CUDA run
+    replays on the CPU (``ud2m.utils.randn`` draws on the generator's device and moves the noise)."""
+    return [torch.Generator().manual_seed(seed_for(job.options.seed, 1, it.index, 0)) for it in batch]
 
 
 def load_batch(job: Job, batch: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -579,7 +583,7 @@ def restore_batch(job: Job, batch: list[Item]) -> list[dict[str, Any]]:
     job = dataclasses.replace(job, op=operator_at(job, batch[0].x_shape[1:]))  # this batch's image size
     x, y = load_batch(job, batch)
     problem = problem_of(job, job.op, batch[0].x_shape, [it.caption for it in batch])
-    generators = sample_generators(job.options.seed, [it.index for it in batch], S, job.device)
+    generators = sample_generators(job.options.seed, [it.index for it in batch], S)  # CPU: replayable anywhere
     nfe0 = getattr(job.prior, "nfe", 0)
     reset_peak_memory(job.device)
     t0 = time.perf_counter()
