@@ -269,7 +269,7 @@ def restore_batch(job: VideoJob, batch: list[Video]) -> list[dict[str, Any]]:
     """Restore one batch of videos (one solver call), write its videos, return its metric rows."""
     x, y = load_batch(job, batch)
     indices = [v.index for v in batch]
-    generators = sample_generators(job.options.seed, indices, 1, job.device)  # stream 0, sample 0
+    generators = sample_generators(job.options.seed, indices, 1)  # stream 0, sample 0, on the CPU (§1.5)
     reset_peak_memory(job.device)
     t0 = time.perf_counter()
     with grad_mode(job.method):

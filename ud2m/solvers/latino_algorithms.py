@@ -261,15 +261,16 @@ def latino_posterior(
         nfe += info["nfe"] * y_rows.shape[0] // B
         return x
 
-    gens = [_seeded(seeds[i, s], y.device) for i in range(B) for s in range(S)]
+    gens = [_seeded(seeds[i, s]) for i in range(B) for s in range(S)]
     post = posterior_sample(one_call, y, num_samples=S, generators=gens, chunk=k, keep_samples=keep_samples)
     samples = post.samples if keep_samples else post.samples[:, 0]
     std = post.std if post.std is not None else torch.zeros_like(post.mean)  # one sample: no spread estimate
     return post.mean, std, samples, nfe
 
 
-def _seeded(seed: torch.Tensor, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
+def _seeded(seed: torch.Tensor) -> torch.Generator:
+    """A CPU generator (noise is drawn there and moved, so results do not depend on the device, §1.5)."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 # ---------------------------------------------------------------------------------------------------- LATINO-PRO

@@ -44,7 +44,8 @@ class Posterior:
 
 def sample_generators(seed: int, indices: Sequence[int], num_samples: int, device: torch.device | str = "cpu"):
     """One generator per (observation, sample), observation-major: sample s of observation ``indices[i]`` is seeded
-    by ``seed_for(seed, 0, indices[i], s)`` (stream 0 of §1.5), whatever else runs in the same batch."""
+    by ``seed_for(seed, 0, indices[i], s)`` (stream 0 of §1.5), whatever else runs in the same batch. Keep the
+    default CPU ``device`` for results that replay across devices (CUDA generators draw other numbers)."""
     keys = [(i, s) for i in indices for s in range(num_samples)]
     return [torch.Generator(device).manual_seed(seed_for(seed, 0, i, s)) for i, s in keys]
 
