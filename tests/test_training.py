@@ -94,6 +94,24 @@ def test_two_steps_update_every_trainable_tensor_and_both_optimizers():
     assert model.skipped_steps == 0
 
 
+@pytest.mark.parametrize("operator", [SuperResolution(4, "bicubic", padding="reflect"), "jpeg"])
+def test_measurements_are_simulated_in_float32_under_mixed_precision(operator):
+    """bf16-mixed training runs the step under autocast, which would run the operator's convolutions and the JPEG
+    DCT in bf16 (JPEG 10: 17 % of entries off by more than a grey level); y and lift(y) stay fp32 (§1.4)."""
+    from ud2m.operators import measure
+    from ud2m.operators.jpeg import JPEG
+
+    op = JPEG(10) if operator == "jpeg" else operator
+    model = make_model(operator=op, sigma_y=0.05)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, sigma_y, y = model._measurement({"x": x}, torch.Generator().manual_seed(1))
+    _, sigma_ref, _ = model._measurement({"x": x}, torch.Generator().manual_seed(1))
+    expected = measure(op, x, sigma_ref, torch.Generator().manual_seed(1))
+    assert y.dtype == torch.float32 and torch.equal(sigma_y, sigma_ref)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_adversarial_window_stops_the_discriminator_and_its_loss():
     """``adv_end_step`` (§7.5): steps 0-1 train D and use the adversarial loss, step 2 and later neither (after 3
     steps D's Adam has made 2 updates, G's 3); an end at or before the start is refused."""

@@ -249,7 +249,8 @@ class UnfoldedDistillation(pl.LightningModule):
         if isinstance(op, OperatorGenerator):
             op = op(x0.shape[0], tuple(x0.shape[-2:]), g, self.device)
         sigma_y = self._sigma_y(x0.shape[0], g)
-        return op, sigma_y, measure(op, x0, sigma_y, g)
+        with torch.autocast(device_type=self.device.type, enabled=False):  # operators run in fp32 (§1.4)
+            return op, sigma_y, measure(op, x0.float(), sigma_y, g)
 
     def _sigma_y(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
         """Fixed ``sigma_y`` or a per-sample log-uniform draw (§2.7), ``(B,)``."""
@@ -278,7 +279,9 @@ class UnfoldedDistillation(pl.LightningModule):
         if self.discriminator is None:
             return None
         condition = getattr(self.discriminator, "condition", ("y",))
-        return conditioning(condition, lift_y=op.lift(y), x_t=x_t, t=t, size=tuple(x0.shape[-2:]))
+        with torch.autocast(device_type=self.device.type, enabled=False):  # operators run in fp32 (§1.4)
+            lift_y = op.lift(y.float())
+        return conditioning(condition, lift_y=lift_y, x_t=x_t, t=t, size=tuple(x0.shape[-2:]))
 
     def _discriminator(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``D(x, c)`` in fp32 with autocast disabled (§1.4)."""
