@@ -387,6 +387,13 @@ def test_coverage_curve_structure_and_independent_reimplementation(rng):
     np.testing.assert_allclose(custom["coverage"], [expected[9], expected[89]], rtol=0, atol=1e-12)
 
 
+def test_coverage_of_embeddings_on_any_device(device, rng):
+    """The quantile levels are moved beside the embeddings (on CUDA they stayed on the CPU and quantile failed)."""
+    samples, truth = torch.randn(8, 5, 3, generator=rng), torch.randn(8, 3, generator=rng)
+    on_device = coverage(samples.to(device), truth.to(device), alphas=torch.tensor([0.5, 1.0]))
+    assert on_device == coverage(samples, truth, alphas=torch.tensor([0.5, 1.0]))
+
+
 @pytest.mark.parametrize(
     ("shape_samples", "shape_truth"),
     [

@@ -265,6 +265,7 @@ def coverage(e_samples: torch.Tensor, e_x: torch.Tensor, alphas: torch.Tensor | 
         raise ValueError(f"coverage: expected (N, S, d) samples and (N, d) truths, got {tuple(e_samples.shape)}, "
                          f"{tuple(e_x.shape)}")  # fmt: skip
     alphas = torch.arange(1, 101, dtype=torch.float64) / 100 if alphas is None else alphas.double().reshape(-1)
+    alphas = alphas.to(e_samples.device)  # quantile's levels live beside its input
     center = e_samples.double().mean(1, keepdim=True)  # (N, 1, d)
     d_s = (e_samples.double() - center).norm(dim=2)  # (N, S)
     r = torch.quantile(d_s, alphas, dim=1)  # (A, N)
