@@ -26,9 +26,12 @@ PSNR_TOLERANCE = 0.1  # dB between the CUDA and the CPU run of the same seeds
 
 
 def both_devices(tmp_path, **kwargs) -> tuple[dict, dict]:
-    """The same run on ``DEVICE`` and on the CPU: their first image rows."""
-    on_device = run(tmp_path / "device", device=DEVICE, **kwargs)["images"][0]
-    on_cpu = run(tmp_path / "cpu", device="cpu", **kwargs)["images"][0]
+    """The same run on ``DEVICE`` and on the CPU, both in float32: their first image rows. Then the default dtype
+    on the device (bf16 networks on CUDA, §1.4) must run too, finite and within 1 dB of float32."""
+    on_device = run(tmp_path / "device", device=DEVICE, dtype="float32", **kwargs)["images"][0]
+    on_cpu = run(tmp_path / "cpu", device="cpu", dtype="float32", **kwargs)["images"][0]
+    default = run(tmp_path / "default", device=DEVICE, **kwargs)["images"][0]
+    assert math.isfinite(default["psnr"]) and abs(default["psnr"] - on_device["psnr"]) < 1.0
     return on_device, on_cpu
 
 
@@ -57,6 +60,27 @@ def test_image_methods(method, model, latent_model, pixel_model, tmp_path):  # n
 def test_ud2m_export(ud2m_export, tmp_path):  # noqa: F811
     on_device, on_cpu = both_devices(tmp_path, input="skimage:camera", checkpoint=str(ud2m_export), method=UD2M())
     assert on_device["nfe"] == 2 * 2  # N = 2 steps of K = 2 blocks
+    assert_same_restoration(on_device, on_cpu)
+
+
+def test_ud2m_export_with_time_knots_and_an_out_layer(pixel_model, tmp_path):  # noqa: F811
+    """Per-time scalars (indexed by t on the device) and an fp32 out layer inside the bf16 network."""
+    from ud2m.export import export_checkpoint
+    from ud2m.priors.pixel import PixelDiffusionPrior
+    from ud2m.unfolded import UnfoldedSampler
+
+    model = UnfoldedSampler(
+        PixelDiffusionPrior.from_pretrained(pixel_model), num_blocks=2, lora_rank=2, time_knots=3,
+        tied_scalars=False, train_out_layer=True,
+    )  # fmt: skip
+    operator = {"class_path": "ud2m.operators.blur.UniformBlur", "init_args": {"size": 5}, "sigma_y": 0.01}
+    out = export_checkpoint(
+        model, tmp_path / "export", base_model={"family": "pixel_eps_unet", "id_or_path": str(pixel_model)},
+        operator={**operator, "generator": None}, sampler={"num_steps": 2, "eta": 1.0},
+        training=dict(steps=0, seed=0, l2_weighting="none", loss_weights={}, lpips_backbone="vgg", data="none"),
+    )  # fmt: skip
+    on_device, on_cpu = both_devices(tmp_path, input="skimage:camera", checkpoint=str(out))
+    assert on_device["nfe"] == 2 * 2
     assert_same_restoration(on_device, on_cpu)
 
 
