@@ -169,6 +169,24 @@ def test_pdhg_duality_gap_vanishes(shape, reg, rng):
     assert (gaps[1] <= 1e-3 * gaps[0] + 1e-12).all() and (gaps[1] < 1e-3).all()
 
 
+@pytest.mark.parametrize("shape, reg", [((2, 3, 8, 8), "tv2"), ((2, 2, 5, 6, 6), "tv_t")])
+def test_over_relaxed_pdhg_reaches_the_same_minimiser_faster(shape, reg, rng):
+    """relaxation = 1.5 (Condat 2013): the same unique minimiser (finite gamma: strongly convex), a vanishing gap,
+    and a smaller gap than the plain iteration after the same number of iterations (near 2 it can oscillate in
+    the first tens of iterations of such a fast-converging problem)."""
+    op = GaussianBlur(1.0, 3) if len(shape) == 4 else PerFrame(GaussianBlur(1.0, 3))
+    x_tilde = torch.randn(shape, generator=rng, dtype=F64)
+    y = op.A(torch.randn(shape, generator=rng, dtype=F64))
+    kw = dict(gamma=torch.tensor([1.0, 5.0], dtype=F64), lam_tv=torch.tensor([0.05, 0.2], dtype=F64), reg=reg)
+    plain, relaxed = (pdhg_solve(op, x_tilde, y, iters=2000, relaxation=r, **kw).u for r in (1.0, 1.5))
+    torch.testing.assert_close(relaxed, plain, rtol=0, atol=1e-5)  # both within ~1e-6 of the minimiser
+    gap = {r: primal_dual_gap(op, pdhg_solve(op, x_tilde, y, iters=60, relaxation=r, **kw), x_tilde, y, **kw)
+           for r in (1.0, 1.5)}  # fmt: skip
+    assert (gap[1.5] >= -1e-10).all() and (gap[1.5] < gap[1.0]).all()
+    with pytest.raises(ValueError, match="relaxation"):
+        pdhg_solve(op, x_tilde, y, iters=1, relaxation=2.0, **kw)
+
+
 def test_pdhg_is_per_sample_and_supports_gamma_inf(rng):
     """A batch with gamma = [inf, 3] and different lam_tv equals the two problems solved separately."""
     op = _video_op()
