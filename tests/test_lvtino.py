@@ -67,7 +67,8 @@ def priors5_64(priors5):
 
 
 def _problem(name, T):
-    return {"A": lambda: lvtino_problem_a(T), "B": lvtino_problem_b, "C": lambda: lvtino_problem_c(T)}[name]()
+    problems = {"A": lambda: lvtino_problem_a(T), "B": lvtino_problem_b, "C": lambda: lvtino_problem_c(T)}
+    return problems[name.removesuffix("_fast")]()  # A_fast: problem A with faster data steps
 
 
 # ---------------------------------------------------------------------------------------------- operators (§2.4)
@@ -159,7 +160,7 @@ def test_framewise_prior_chunks_equal_per_frame_calls(priors5_64):
 
 
 # ---------------------------------------------------------------------------------------------- presets (§6.4)
-@pytest.mark.parametrize(("name", "nfe_video", "nfe_image"), [("A", 5, 4), ("B", 5, 4), ("C", 3, 2)])
+@pytest.mark.parametrize(("name", "nfe_video", "nfe_image"), [("A", 5, 4), ("B", 5, 4), ("C", 3, 2), ("A_fast", 5, 4)])
 def test_preset_schedules_end_to_end(priors9, name, nfe_video, nfe_image):
     """Each released schedule on a 9-frame 32x32 clip with its operator: the documented NFE in both conventions
     (§6.4-6.5: A/B 5 + 4 = 9, C 3 + 2 = 5; T network evaluations per image sweep), the batched calls made

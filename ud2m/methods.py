@@ -25,7 +25,7 @@ from ud2m.priors.base import Prior
 from ud2m.solvers.weights import DiscrepancyWeights, WeightRule, preset_rules
 
 Task = Literal["low-light", "haze", "noise", "colour"]
-Schedule = Literal["A", "B", "C"]
+Schedule = Literal["A", "B", "C", "A_fast"]
 
 
 @dataclasses.dataclass
@@ -556,7 +556,8 @@ class LVTINO(Method):
 
     Args:
         image_model: the image prior's folder or hub id (applied frame by frame; required).
-        schedule: ``"A"``, ``"B"`` or ``"C"``, the released rows of §6.4. None: the operator preset's
+        schedule: ``"A"``, ``"B"`` or ``"C"``, the released rows of §6.4, or ``"A_fast"`` (A's data steps at a
+            quarter of the PDHG work, :data:`~ud2m.solvers.lvtino.LVTINO_SCHEDULES`). None: the operator preset's
             (its ``schedule:`` key, set by the ``lvtino/*`` presets for their problem), else ``"A"``.
         frame_batch: frames per image-prior call (None: ``lvtino``'s default).
         shared_image_noise: one image noise per video shared by its frames (None: ``lvtino``'s default, shared with
