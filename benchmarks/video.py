@@ -457,15 +457,22 @@ def overhead(args) -> dict:
 
 
 def write_measurement(name: str, rows: dict, **head) -> dict:
-    """``results/<name>``: ``head``, the threads, load average and date, then the per-problem ``rows``."""
+    """``results/<name>``: ``head``, the threads, load average and date, then the per-problem ``rows``. Problems
+    that this run did not measure keep their rows from the file, and ``earlier`` records when those were measured
+    (so ``--problems C`` adds to an A measurement instead of erasing it)."""
+    path = RESULTS / name
+    previous = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
+    kept = {k: v for k, v in previous["problems"].items() if k not in rows}
+    now = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": list(os.getloadavg())}
+    earlier = {**previous.get("earlier", {}), **{k: previous.get("date") for k in kept}}
     result = {
         **head,
         "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "problems": rows,
+        **now,
+        "problems": {**kept, **rows},
+        "earlier": {k: v for k, v in earlier.items() if k in kept},
     }
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -505,6 +512,17 @@ def ablation(args) -> dict:
             for iters, rho in ((50, 1.5), (50, 1.9), (100, 1.9)):  # over-relaxed (Condat 2013) [ours]
                 name = f"PDHG {iters} iterations, §6.3 step rule, relaxation {rho}"
                 variants[name] = pdhg_step_rule(released, iters, rho)
+        if released[0].video_step.method == "adam":  # fewer Adam steps, each longer; and without the TV term
+            for iters in (28, 14):
+                variants[f"Adam {iters} iterations, lr x{55 / iters:.2g}"] = tuple(
+                    dataclasses.replace(
+                        r, video_step=dataclasses.replace(r.video_step, iters=iters, lr=r.video_step.lr * 55 / iters)
+                    )
+                    for r in released
+                )
+            variants["Adam without TV (lam_tv = 0)"] = tuple(
+                dataclasses.replace(r, video_step=dataclasses.replace(r.video_step, lam_tv=0.0)) for r in released
+            )
         rows[problem] = {"time_scale": scale}
         for name, schedule in variants.items():
             start = time.perf_counter()
