@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,6 +111,29 @@ def test_measurements_are_simulated_in_float32_under_mixed_precision(operator):
     expected = measure(op, x, sigma_ref, torch.Generator().manual_seed(1))
     assert y.dtype == torch.float32 and torch.equal(sigma_y, sigma_ref)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_learning_rate_factor_warm_up_and_cosine_decay():
+    from ud2m.training.module import lr_factor
+
+    assert lr_factor(5, 0, "constant", 100) is None  # nothing to set
+    assert [lr_factor(s, 4, "constant", 100) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]
+    # cosine over the 100 - 20 steps after the warm-up: 1 at its start, 1/2 half-way, 0 at max_steps
+    assert lr_factor(20, 20, "cosine", 100) == 1.0 and lr_factor(60, 20, "cosine", 100) == pytest.approx(0.5)
+    assert lr_factor(100, 20, "cosine", 100) == pytest.approx(0.0, abs=1e-12) and lr_factor(9, 20, "cosine", 100) == 0.5
+    with pytest.raises(ValueError, match="max_steps"):
+        lr_factor(30, 0, "cosine", -1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        make_model(lr_decay="linear")
+
+
+def test_cosine_decay_sets_both_optimisers_rates_from_the_step():
+    model = make_model(lr_decay="cosine", lr_g=1e-3, lr_d=2e-3)
+    trainer(3).fit(model, make_data())
+    opt_g, opt_d = (o.optimizer for o in model.optimizers())
+    expected = 0.5 * (1 + math.cos(math.pi * 2 / 3))  # the third step (global step 2) of 3
+    assert [g["lr"] for g in opt_g.param_groups] == pytest.approx([1e-3 * expected] * len(opt_g.param_groups))
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(2e-3 * expected)
 
 
 def test_adversarial_window_stops_the_discriminator_and_its_loss():

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,6 +38,25 @@ from ud2m.utils import rand, randn
 logger = logging.getLogger(__name__)
 
 T_MIN, T_MAX = 1, 999  # §7.6 step 1: t ~ U{1, ..., 999} per sample
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, decay: str, max_steps: int | None) -> float | None:
+    """The learning-rate factor at ``step`` (0-based): linear warm-up over ``warmup_steps``, then 1 (``"constant"``)
+    or half a cosine period down to 0 at ``max_steps`` (``"cosine"``); None when nothing changes the rates (constant,
+    no warm-up). A cosine without a finite ``max_steps`` (-1 or None: an epoch-bounded run) is refused."""
+    if decay == "constant" and warmup_steps <= 0:
+        return None
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    if max_steps is None or max_steps <= 0:
+        raise ValueError("lr_decay='cosine' needs trainer.max_steps (the length of the decay)")
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def mix_seed(*values: int | str) -> int:
@@ -84,6 +104,9 @@ class UnfoldedDistillation(pl.LightningModule):
         betas: AdamW betas of both optimisers.
         weight_decay_d: discriminator weight decay (the generator's groups carry their own, §7.7).
         warmup_steps: linear learning-rate warm-up length (0: constant).
+        lr_decay: ``"constant"`` (default) or ``"cosine"`` [ours]: after the warm-up, both learning rates follow
+            :math:`\tfrac12(1 + \cos(\pi s/S))` of their value, s the steps since the warm-up and S the rest of
+            ``trainer.max_steps`` (the EMA then averages ever smaller updates).
         clip_norm: global gradient-norm clip of the generator (None: no clipping).
         d_steps_per_g: discriminator updates per generator update.
         adv_start_step: first step with the discriminator and adversarial loss (plain L2 + LPIPS before).
@@ -121,6 +144,7 @@ class UnfoldedDistillation(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay_d: float = 0.01,
         warmup_steps: int = 0,
+        lr_decay: str = "constant",
         clip_norm: float | None = 1.0,
         d_steps_per_g: int = 1,
         adv_start_step: int = 0,
@@ -141,6 +165,8 @@ class UnfoldedDistillation(pl.LightningModule):
             raise ValueError(f"d_steps_per_g: expected an integer >= 1, got {d_steps_per_g}")
         if not T_MIN <= t_max <= T_MAX:
             raise ValueError(f"t_max: expected an integer in [{T_MIN}, {T_MAX}], got {t_max}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay: expected one of {LR_DECAYS}, got {lr_decay!r}")
         if adv_end_step is not None and adv_end_step <= adv_start_step:
             raise ValueError(
                 f"adv_end_step: expected a step after adv_start_step = {adv_start_step}, got {adv_end_step}"
@@ -335,10 +361,11 @@ class UnfoldedDistillation(pl.LightningModule):
         return True
 
     def _set_learning_rates(self, opt_g, opt_d) -> None:
-        """Linear warm-up from the step count (stateless, so a resumed run gets the same rates)."""
-        if self.hparams.warmup_steps <= 0:
+        """Linear warm-up, then the ``lr_decay`` rule, from the step count (stateless, so a resumed run gets the same
+        rates)."""
+        factor = lr_factor(self.global_step, self.hparams.warmup_steps, self.hparams.lr_decay, self.trainer.max_steps)
+        if factor is None:
             return
-        factor = min(1.0, (self.global_step + 1) / self.hparams.warmup_steps)
         for opt, lr in ((opt_g, self.hparams.lr_g), (opt_d, self.hparams.lr_d)):
             for group in [] if opt is None else opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0) * factor
