@@ -187,6 +187,26 @@ def test_over_relaxed_pdhg_reaches_the_same_minimiser_faster(shape, reg, rng):
         pdhg_solve(op, x_tilde, y, iters=1, relaxation=2.0, **kw)
 
 
+@pytest.mark.parametrize("gamma", [3.0, math.inf])
+def test_relaxed_pdhg_at_rho_one_is_the_plain_iteration(gamma, rng):
+    """The relaxed loop (primal first, plus a closing primal step) with rho = 1 makes the same n dual and n primal
+    updates as the plain loop: the same iterates, so `iters` counts the same work in both."""
+    from ud2m.solvers.tv import _pdhg_relaxed, forward_diff, reg_weights
+
+    op = _video_op()
+    x_tilde = torch.randn(2, 2, 5, 6, 6, generator=rng, dtype=F64)
+    y = op.A(torch.randn(x_tilde.shape, generator=rng, dtype=F64))
+    plain = pdhg_solve(op, x_tilde, y, gamma=gamma, lam_tv=0.1, reg="tv_t", iters=7, tau=0.3, sigma=0.3)
+    weights = reg_weights("tv_t", x_tilde.ndim, 1.0)
+    step = torch.full((2, 1, 1, 1, 1), 0.3, dtype=F64)
+    relaxed = _pdhg_relaxed(
+        op, x_tilde, y, torch.zeros_like(y), torch.zeros_like(forward_diff(x_tilde, weights)),
+        torch.full((2,), 0.1, dtype=F64), weights, step, step, step[..., None], step / gamma, 7, 1.0,
+    )  # fmt: skip
+    for a, b in zip(relaxed, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_pdhg_is_per_sample_and_supports_gamma_inf(rng):
     """A batch with gamma = [inf, 3] and different lam_tv equals the two problems solved separately."""
     op = _video_op()

@@ -194,8 +194,9 @@ def pdhg_solve(
         tau, sigma: step sizes (float or ``(B,)``); ``None`` uses :func:`pdhg_step_size` for both.
         relaxation: :math:`\rho \in (0, 2)` **[ours]**: 1 is the iteration above (the reference's); otherwise the
             over-relaxed primal-dual iteration of Condat (2013, Algorithm 3.1 with :math:`\rho_n = \rho`), same
-            minimiser, same step condition :math:`\tau\sigma\|K\|^2 < 1`, roughly :math:`\rho` times the progress
-            per iteration (module docstring of ``benchmarks/video.py``, ablation):
+            minimiser, same step condition :math:`\tau\sigma\|K\|^2 < 1`. Its gain is problem-dependent: on
+            LVTINO problem A's clips ρ = 1.9 needs half the iterations for the same PSNR (``benchmarks/video.py
+            ablation``), on a random γ = ∞ TV_t problem it gained nothing, and near 2 it can oscillate early:
 
             .. math::
                 \tilde u = (u - \tau K^\top(p, q) + (\tau/\gamma)\tilde x)/(1 + \tau/\gamma), \quad
@@ -235,15 +236,23 @@ def pdhg_solve(
 
 
 def _pdhg_relaxed(op, x_tilde, y, p, q, lam, weights, t_u, s_p, s_q, c, iters: int, rho: float) -> PDHGState:
-    """The over-relaxed iteration of :func:`pdhg_solve` (``relaxation`` there), from ``u = x_tilde``."""
+    """The over-relaxed iteration of :func:`pdhg_solve` (``relaxation`` there), from ``u = x_tilde``, ``p = q = 0``.
+
+    Primal-first, so the first primal step from zero duals leaves ``x_tilde`` in place; a last primal step from the
+    final duals closes the run, so ``iters`` iterations make ``iters`` dual and ``iters`` primal updates, and at
+    ``rho = 1`` the result is the plain iteration's (tested)."""
+
+    def primal(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (u - t_u * (op.A_adjoint(p) + forward_diff_adjoint(q, weights)) + c * x_tilde) / (1 + c)
+
     u = x_tilde
     for _ in range(iters):
-        u_new = (u - t_u * (op.A_adjoint(p) + forward_diff_adjoint(q, weights)) + c * x_tilde) / (1 + c)
+        u_new = primal(u, p, q)
         u_bar = 2 * u_new - u
         p_new = (p + s_p * (op.A(u_bar) - y)) / (1 + s_p)
         q_new = project_dual(q + s_q * forward_diff(u_bar, weights), lam)
         u, p, q = u + rho * (u_new - u), p + rho * (p_new - p), q + rho * (q_new - q)
-    return PDHGState(u, p, q)
+    return PDHGState(primal(u, p, q), p, q)
 
 
 def data_step_pdhg(
