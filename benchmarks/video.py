@@ -464,7 +464,7 @@ def write_measurement(name: str, rows: dict, **head) -> dict:
     previous = json.loads(path.read_text()) if path.is_file() else {"problems": {}}
     kept = {k: v for k, v in previous["problems"].items() if k not in rows}
     now = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": list(os.getloadavg())}
-    earlier = {**previous.get("earlier", {}), **{k: previous.get("date") for k in kept}}
+    earlier = {**{k: previous.get("date") for k in kept}, **previous.get("earlier", {})}  # a row's own date wins
     result = {
         **head,
         "threads": torch.get_num_threads(),
