@@ -160,6 +160,22 @@ def test_framewise_prior_chunks_equal_per_frame_calls(priors5_64):
 
 
 # ---------------------------------------------------------------------------------------------- presets (§6.4)
+def test_a_fast_is_a_with_a_quarter_of_the_pdhg_work():
+    """A_fast keeps A's times, TV weight and step 4, and runs step 2 over-relaxed (1.9) at the §6.3 step rule for 50
+    iterations instead of 200 at tau = sigma = 0.25 (docs/method.md §6.3 revision)."""
+    a, fast = LVTINO_SCHEDULES["A"], LVTINO_SCHEDULES["A_fast"]
+    assert [(r.t_video, r.t_image, r.image_step) for r in fast] == [(r.t_video, r.t_image, r.image_step) for r in a]
+    for r, f in zip(a, fast, strict=True):
+        assert (r.video_step.iters, r.video_step.tau, r.video_step.relaxation) == (200, 0.25, 1.0)
+        assert (f.video_step.iters, f.video_step.tau, f.video_step.sigma, f.video_step.relaxation) == (
+            50,
+            None,
+            None,
+            1.9,
+        )
+        assert (f.video_step.reg, f.video_step.lam_tv, f.video_step.gamma) == ("tv_t", r.video_step.lam_tv, math.inf)
+
+
 @pytest.mark.parametrize(("name", "nfe_video", "nfe_image"), [("A", 5, 4), ("B", 5, 4), ("C", 3, 2), ("A_fast", 5, 4)])
 def test_preset_schedules_end_to_end(priors9, name, nfe_video, nfe_image):
     """Each released schedule on a 9-frame 32x32 clip with its operator: the documented NFE in both conventions

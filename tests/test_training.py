@@ -125,6 +125,8 @@ def test_learning_rate_factor_warm_up_and_cosine_decay():
         lr_factor(30, 0, "cosine", -1)
     with pytest.raises(ValueError, match="lr_decay"):
         make_model(lr_decay="linear")
+    with pytest.raises(ValueError, match="max_steps"):  # before training, not after the warm-up
+        trainer(-1, max_epochs=1).fit(make_model(lr_decay="cosine", warmup_steps=50), make_data())
 
 
 def test_cosine_decay_sets_both_optimisers_rates_from_the_step():

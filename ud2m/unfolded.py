@@ -401,8 +401,10 @@ def _no_autocast(x: torch.Tensor) -> torch.autocast:
 def _cast_input_to_weight(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook of a float32 output layer inside a half-precision network: its input comes in the network's
     dtype (bf16 on CUDA, §1.4), so it is cast to the layer's; the prior casts the float32 output back."""
-    dtype = module.weight.dtype
-    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    param = next(module.parameters(), None)  # a norm without affine weights has none: nothing to match
+    if param is None:
+        return args
+    return tuple(a.to(param.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def out_layer_modules(net: nn.Module) -> dict[str, nn.Module]:

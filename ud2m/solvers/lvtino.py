@@ -325,7 +325,7 @@ LVTINO_SCHEDULES: dict[str, tuple[LVTINOStep, ...]] = {
     ),
     "C": _rows(T_VIDEO_C, T_IMAGE_C, [_adam_c(6.1785e-7)] + [_adam_c(1.5583e-6)] * 2, [_CG_C] * 2),
     # [ours] A with a quarter of the PDHG work: the §6.3 step rule τ = σ = 1/√L and over-relaxation ρ = 1.9 at
-    # 50 iterations reach the released 200 (on the 8 tuning clips of benchmarks/video.py ablation: 32.43 against
+    # 50 iterations reach the released 200 (on the 8 tuning clips of benchmarks/video.py ablation: 32.44 against
     # 32.47 dB, flicker 2.71 against 2.69; the solver overhead on the tiny models falls from 2.00 to 1.33)
     "A_fast": _rows(
         T_VIDEO_AB,
@@ -380,8 +380,8 @@ def resolve_schedule(schedule: str | Sequence[LVTINOStep] | None) -> tuple[LVTIN
     row but the last has an image step, the last has none (§6.2)."""
     if schedule is None:
         raise ValueError(
-            "lvtino: schedule is required: 'A', 'B', 'C' (docs/method.md §6.4) or generic_schedule(deltas) for other "
-            "operators"
+            "lvtino: schedule is required: 'A', 'B', 'C', 'A_fast' (docs/method.md §6.4) or generic_schedule(deltas) "
+            "for other operators"
         )
     if isinstance(schedule, str):
         if schedule not in LVTINO_SCHEDULES:
@@ -415,7 +415,7 @@ def map_times(
     clips (benchmarks/video.py tunes it there, as the image benchmark tunes LATINO's t_max).
 
     Args:
-        schedule: ``"A"``, ``"B"``, ``"C"`` or rows (:func:`resolve_schedule`).
+        schedule: ``"A"``, ``"B"``, ``"C"``, ``"A_fast"`` or rows (:func:`resolve_schedule`).
         video_prior: the video prior, or None (frame-wise LATINO: its video times are unused).
         image_prior: the image prior.
         time_scale: factor on every mapped time, in (0, 1].

@@ -197,6 +197,8 @@ class UnfoldedDistillation(pl.LightningModule):
     def configure_optimizers(self):
         """AdamW for the generator (LoRA wd 0.01, scalars wd 0, from the sampler) and the discriminator (§7.7)."""
         hp = self.hparams
+        if hp.lr_decay == "cosine" and self._trainer is not None and not self.trainer.max_steps > 0:
+            raise ValueError("lr_decay='cosine' needs trainer.max_steps (the length of the decay); got an open run")
         groups = self.sampler.generator_parameters()
         for group in groups:  # e.g. a learned initialiser trains at lr × 0.1 (§7.2)
             group["lr"] = hp.lr_g * group.get("lr_scale", 1.0)
