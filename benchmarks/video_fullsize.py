@@ -4,8 +4,9 @@ random weights (random weights cost the same as trained ones; nothing is downloa
 presets' sizes (``ud2m/assets/operators/lvtino/{A,B,C}.yaml``: 768x1280, 25 / 25 / 81 frames) with the released
 schedules (docs/method.md §6.4) and ``frame_batch`` frames per image-prior call.
 
-Per problem, in this process: one warm-up run at ``--warmup_size`` (same frames), then ``--repeats`` timed runs on
-one clip (batch 1, a smooth random video: quality is not measured with random weights), reporting the median of:
+Per problem, in this process: one warm-up run at ``--warmup_size`` (same frames; smaller, to save device time, so
+the first timed run still pays first-use costs at the timed size, e.g. allocator growth), then ``--repeats`` timed
+runs on one clip (batch 1, a smooth random video: quality is not measured with random weights), reporting the median of:
 wall seconds, the summed time of the transformer's and the UNet's forwards and of each VAE's encode and decode
 (``CallTimer``, synchronised around every call), the solver overhead wall / (network + VAE) of issue [video], NFE in
 both conventions of §6.5, and the peak memory of the timed runs (``torch.cuda.max_memory_allocated``). A problem that
@@ -234,7 +235,8 @@ def table(result: dict) -> str:
         f"({params['wan_vae']:.0f} M, {result['dtypes']['wan_vae']}), LCM-SDXL UNet ({params['unet']:.0f} M, "
         f"{result['dtypes']['unet']}) and VAE ({params['sdxl_vae']:.0f} M), random weights; the released schedules, "
         f"one clip, {result['frame_batch']} frames per UNet call, median of {result['repeats']} run(s) after a "
-        "warm-up. Overhead = wall / (network + VAE time); the rest is the data steps, the Wiener start and the glue.",
+        "smaller warm-up. Overhead = wall / (network + VAE time); the rest is the data steps, the Wiener start and "
+        "the glue.",
         "",
         "| problem | frames × H × W | NFE (video + image sweeps) | network calls | wall s / clip | transformer s "
         "| UNet s | Wan VAE s | SDXL VAE s | overhead | peak GiB |",
