@@ -132,21 +132,44 @@ def write_digits(folder: Path, names: list[str]) -> Path:
 
 # ---------------------------------------------------------------------------------------------- UD2M exports
 def ensure_export(config: dict, work: Path) -> Path:
-    """Distil a UD2M sampler with ``config`` (written to ``work/config.yaml``) unless ``work/export`` exists."""
+    """Distil a UD2M sampler with ``config`` (written to ``work/config.yaml``) unless ``work/export`` exists.
+
+    An existing export is reused only if it was distilled with this same config (``work/config.yaml``): after a change
+    of ``configs/quickstart.yaml`` (say its learning rate) a cached export would silently score the old config.
+
+    Raises:
+        SystemExit: naming the folder, when its export was distilled with another config.
+    """
     export = work / "export"
-    if (export / "ud2m.json").is_file():
-        return export
     cfg = copy.deepcopy(config)
     cfg["trainer"]["default_root_dir"] = str(work / "runs")
     for callback in cfg["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ExportOnTrainEnd"):
             callback["init_args"]["out_dir"] = str(export)
+    if (export / "ud2m.json").is_file():
+        stored = work / "config.yaml"
+        if stored.is_file() and _without_paths(yaml.safe_load(stored.read_text())) != _without_paths(cfg):
+            raise SystemExit(
+                f"{work}: its export was distilled with another config than this run asks for ({stored} differs); "
+                "move the folder aside to distil again, or restore the config"
+            )
+        return export
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.perf_counter()
     load_entry("train", "main")(["fit", "--config", str(work / "config.yaml")])
     (work / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return export
+
+
+def _without_paths(cfg: dict) -> dict:
+    """``cfg`` without the folders that name where it ran (a run moved to another folder is the same run)."""
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    cfg["trainer"].pop("default_root_dir", None)
+    for callback in cfg["trainer"].get("callbacks", []):
+        if callback["class_path"].endswith("ExportOnTrainEnd"):
+            callback.get("init_args", {}).pop("out_dir", None)
+    return cfg
 
 
 def quickstart_config(num_blocks: int = 3, max_steps: int | None = None, prior: str = "digits") -> dict:

@@ -161,3 +161,25 @@ def test_checkpoint_selection_never_trains_on_the_test_photographs(quality):
     assert not training & held_out and quality.PHOTOS_SELECTION_SOURCE in data["root"]
     assert training == set(base["data"]["init_args"]["root"]) - held_out - {quality.PHOTOS_SELECTION_SOURCE}
     assert set(base["data"]["init_args"]["val_sources"]) == held_out  # the base config is not modified
+
+
+def test_a_cached_export_is_reused_only_for_the_config_it_was_distilled_with(quality, tmp_path, monkeypatch):
+    """ensure_export must not hand back an export distilled with another config (a changed learning rate would be
+    scored as the old one); the same config reuses it without training."""
+    calls = []
+    monkeypatch.setattr(quality, "load_entry", lambda *a: lambda argv: calls.append(argv))
+    config = quality.quickstart_config(3, max_steps=10)
+    work = tmp_path / "ud2m_K3"
+    quality.ensure_export(config, work)  # "trains" (recorded) and writes work/config.yaml
+    assert len(calls) == 1 and (work / "config.yaml").is_file()
+    (work / "export").mkdir()
+    (work / "export" / "ud2m.json").write_text("{}")
+    assert quality.ensure_export(config, work) == work / "export" and len(calls) == 1  # reused, no training
+    changed = quality.quickstart_config(3, max_steps=10)
+    changed["model"]["lr_g"] = 1e-3
+    with pytest.raises(SystemExit, match="another config"):
+        quality.ensure_export(changed, work)
+    # a run moved from another folder (its stored paths name that folder) is the same run
+    stored = (work / "config.yaml").read_text().replace(str(work), str(tmp_path / "elsewhere"))
+    (work / "config.yaml").write_text(stored)
+    assert quality.ensure_export(config, work) == work / "export" and len(calls) == 1
