@@ -171,15 +171,14 @@ def run_once(video, image, conds, op, y, problem: str, sigma_y: float, frame_bat
     return time.perf_counter() - start, info
 
 
-def measure_problem(problem: str, size: tuple[int, int], priors: tuple, timers: Timers, args, device) -> dict:
-    """Warm-up at ``args.warmup_size``, then ``args.repeats`` timed runs at ``size``; the row of the problem."""
+def measure_problem(problem: str, preset, size: tuple[int, int], priors: tuple, timers: Timers, args, device) -> dict:
+    """Warm-up at ``args.warmup_size``, then ``args.repeats`` timed runs at ``size``; the row of the problem
+    (``preset``: its ``lvtino/<problem>`` operator preset)."""
     from ud2m.operators import measure
-    from ud2m.operators.presets import load_preset
 
     video, image, *conds = priors
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    preset = load_preset(f"lvtino/{problem}")
     op, frames, sigma_y = preset.operator.to(device), int(preset.meta["num_frames"]), preset.sigma_y
 
     def observation(hw):
@@ -296,13 +295,13 @@ def main(argv: list[str] | None = None) -> dict | str:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "problems": {},
     }
-    for problem in args.problems:
-        from ud2m.operators.presets import load_preset
+    from ud2m.operators.presets import load_preset
 
-        preset_size = tuple(load_preset(f"lvtino/{problem}").meta["image_size"])
-        for size in (tuple(args.size or preset_size), tuple(args.fallback_size)):
+    for problem in args.problems:
+        preset = load_preset(f"lvtino/{problem}")  # once: the fallback size reuses its operator
+        for size in (tuple(args.size or preset.meta["image_size"]), tuple(args.fallback_size)):
             try:
-                result["problems"][problem] = measure_problem(problem, size, priors, timers, args, device)
+                result["problems"][problem] = measure_problem(problem, preset, size, priors, timers, args, device)
                 break
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
