@@ -14,6 +14,9 @@ std / truth of the first two test images for every method, read back from the im
 - ``grid``: the UD2M MNIST ablation, K x N for K in {2, 4, 8} blocks and N in {1, 2, 4, 8} steps: S posterior samples
   per digit, PSNR of the sample mean and of one sample, CFID (conditional W2), FID and coverage in the shipped digits
   VAE embedding (``ud2m.embedding``, docs/method.md §10.3-10.4).
+- ``variant``: one change of the digits quick-start config (``--set model.lr_g=1e-3 ...``, ``--ud2m_steps``),
+  distilled and scored like the digits UD2M rows (90 held-out digits, one sample, N = 3 and 4) into
+  ``quality_variants.json`` under ``--name``: the learning-rate, LoRA and schedule ablations of docs/training.md.
 
 Methods (sample.py's own ``sample()``, so every figure is what a user gets): the measurement lifted to image space
 (op.lift: Aᵀy, bilinear upsampling for SR), Tikhonov and TV with their weight tuned on training images (never the test
@@ -30,6 +33,7 @@ weights offline.
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
     python benchmarks/quality.py grid --samples 16
+    python benchmarks/quality.py variant --name lr2e-3_1500 --ud2m_steps 1500 --set model.lr_g=2e-3 model.lr_d=2e-3
     python benchmarks/quality.py report
 """
 
@@ -77,6 +81,7 @@ TUNE_GRIDS = {
     "small": {"dps_zeta": (0.3, 1.0), "diffpir_lambda": (0.125, 1.75), "diffpir_zeta": (0.3, 1.0)},
 }
 GRID_K, GRID_N = (2, 4, 8), (1, 2, 4, 8)
+VARIANT_N = (3, 4)  # the sampler steps a ``variant`` run is scored at (the digits rows' N)
 # LATINO's tuning grid (8 steps): the largest time of a uniform grid, and the data step (None: the preset's rule). On
 # the shipped priors' linear beta schedule a_t < 0.05 above t = 760, so the preset LCM grid (made for SD's
 # scaled-linear schedule, a_999 = 0.068) spends its first steps on draws that ignore the current estimate.
@@ -664,6 +669,78 @@ def suite_grid(args) -> dict:
     return out
 
 
+def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
+    """``cfg`` with each ``dotted.key=value`` of ``assignments`` set (the value parsed as YAML, ``1e-3`` as a float).
+
+    Raises:
+        SystemExit: naming the assignment, when it has no ``=`` or its parent key is not in the config.
+    """
+    cfg = copy.deepcopy(cfg)
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {assignment!r}: expected dotted.key=value, e.g. model.lr_g=1e-3")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for i, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise SystemExit(f"--set {assignment!r}: the config has no key {'.'.join(parents[: i + 1])!r}")
+            node = node[part]
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {assignment!r}: {'.'.join(parents)!r} is not a mapping")
+        node[leaf] = _yaml_value(value)
+    return cfg
+
+
+def _yaml_value(text: str):
+    """``text`` parsed as YAML, except that a number YAML 1.1 reads as a string (``2e-3``: no dot) is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def suite_variant(args) -> dict:
+    """The digits quick-start config (``--ud2m_steps`` steps) with ``--set`` applied, distilled into
+    ``<work_dir>/digits/ud2m_K3_<name>`` and scored like the digits UD2M rows at N = 3 and 4."""
+    if not args.name:
+        raise SystemExit("variant: --name is required (it names the run's folder and its entry in the results)")
+    sample = load_entry("sample", "sample")
+    cfg = apply_overrides(quickstart_config(3, max_steps=args.ud2m_steps), args.set)
+    work = args.work_dir / "digits" / f"ud2m_K3_{args.name}"
+    export = ensure_export(cfg, work)
+    scores = {}
+    for n in VARIANT_N:
+        s = run_method(sample, f"{args.name} N={n}", work / f"eval_N{n}", input="digits:val", operator=None,
+                       checkpoint=str(export), num_steps=n)  # fmt: skip
+        scores[str(n)] = {"psnr": s["psnr"], "ssim": s.get("ssim")}
+    return {
+        "set": list(args.set),
+        "steps": cfg["trainer"]["max_steps"],
+        "train_seconds": _train_seconds(export),
+        "by_n": scores,
+    }
+
+
+def variants_table(variants: dict) -> list[str]:
+    """The ``variant`` runs: changes, steps and one-sample PSNR at each N."""
+    ns = sorted({n for v in variants.values() for n in v["by_n"]}, key=int)
+    lines = [
+        "| variant | change of configs/quickstart.yaml | steps | "
+        + " | ".join(f"PSNR N = {n} (dB)" for n in ns)
+        + " |",
+        "|---|---|---|" + "---|" * len(ns),
+    ]
+    for name, v in variants.items():
+        change = ", ".join(f"`{a}`" for a in v["set"]) or "none"
+        cells = [_pm(v["by_n"][n], "psnr") if n in v["by_n"] else "–" for n in ns]
+        lines.append(f"| {name} | {change} | {v['steps']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _pm(s: dict, key: str, fmt: str = ".2f") -> str:
     return f"{s[key]['mean']:{fmt}} ± {s[key]['std']:{fmt}}" if s.get(key) else "–"
@@ -895,6 +972,12 @@ def report(args=None) -> str:
         ]
     figures = make_figures(grid, suites, RESULTS / "figures")
     text = "\n".join(parts + figure_links(figures, RESULTS))
+    f = RESULTS / "quality_variants.json"
+    if f.is_file():  # the ablations (quality.md only; docs/training.md reads them)
+        variants = json.loads(f.read_text())["variants"]
+        text += "\n\n" + "\n".join(
+            ["**Digits ×4 SR: distillation variants (90 held-out digits, one sample)**", "", *variants_table(variants)]
+        )
     (RESULTS / "quality.md").write_text(text + "\n")
     replace_section(README, README_BEGIN, README_END, "\n".join(parts + figure_links(figures, README.parent)))
     print(text)
@@ -903,14 +986,18 @@ def report(args=None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["digits", "photos", "grid", "report"])
+    parser.add_argument("suite", choices=["digits", "photos", "grid", "variant", "report"])
     parser.add_argument("--work_dir", type=Path, default=WORK)
     parser.add_argument("--skip_dps1000", action="store_true")
     parser.add_argument("--skip_dps", action="store_true", help="photos: no DPS rows (CPU time)")
     parser.add_argument(
         "--skip_ud2m", action="store_true", help="photos: no UD2M distillation (rows only where an export exists)"
     )
-    parser.add_argument("--ud2m_steps", type=int, default=None, help="photos: distillation steps (config's: 1,000)")
+    parser.add_argument(
+        "--ud2m_steps", type=int, default=None, help="photos, variant: distillation steps (the config's by default)"
+    )
+    parser.add_argument("--name", default=None, help="variant: the run's name (folder and results entry)")
+    parser.add_argument("--set", nargs="*", default=[], help="variant: dotted.key=value changes of the config")
     parser.add_argument(
         "--ud2m_long",
         action="store_true",
@@ -941,6 +1028,9 @@ def main() -> None:
         report(args)
         return
     start = time.perf_counter()
+    if args.suite == "variant":
+        write_variant(args, suite_variant(args), start)
+        return
     result = {"digits": suite_digits, "photos": suite_photos, "grid": suite_grid}[args.suite](args)
     meta = {
         "load_average": os.getloadavg(),
@@ -962,6 +1052,22 @@ def main() -> None:
     payload = {"meta": meta, key: result} if key == "problems" else {"meta": meta, **result}
     path.write_text(json.dumps(payload, indent=2, default=str))
     report(args)
+
+
+def write_variant(args, result: dict, start: float, path: Path | None = None) -> None:
+    """Merge one ``variant`` run into ``quality_variants.json`` (other names kept) with its command and load."""
+    path = path or RESULTS / "quality_variants.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {"variants": {}}
+    result["meta"] = {
+        "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
+        "load_average": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - start,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    payload["variants"][args.name] = result
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print("\n".join(variants_table({args.name: result})))
 
 
 if __name__ == "__main__":

@@ -176,10 +176,62 @@ def test_a_cached_export_is_reused_only_for_the_config_it_was_distilled_with(qua
     (work / "export" / "ud2m.json").write_text("{}")
     assert quality.ensure_export(config, work) == work / "export" and len(calls) == 1  # reused, no training
     changed = quality.quickstart_config(3, max_steps=10)
-    changed["model"]["lr_g"] = 1e-3
+    changed["model"]["lr_g"] = 2 * config["model"]["lr_g"]
     with pytest.raises(SystemExit, match="another config"):
         quality.ensure_export(changed, work)
     # a run moved from another folder (its stored paths name that folder) is the same run
     stored = (work / "config.yaml").read_text().replace(str(work), str(tmp_path / "elsewhere"))
     (work / "config.yaml").write_text(stored)
     assert quality.ensure_export(config, work) == work / "export" and len(calls) == 1
+
+
+def test_variant_overrides_name_the_bad_key_and_leave_the_base_config(quality):
+    base = quality.quickstart_config(3, max_steps=10)
+    cfg = quality.apply_overrides(base, ["model.lr_g=2e-3", "model.sampler.init_args.lora_targets=[to_q, conv_out]"])
+    assert cfg["model"]["lr_g"] == 2e-3 and isinstance(cfg["model"]["lr_g"], float)
+    assert cfg["model"]["sampler"]["init_args"]["lora_targets"] == ["to_q", "conv_out"]
+    assert base["model"]["lr_g"] != 2e-3  # a copy
+    with pytest.raises(SystemExit, match=r"'model\.nope'"):
+        quality.apply_overrides(base, ["model.nope.lr=1"])
+    with pytest.raises(SystemExit, match=r"dotted\.key=value"):
+        quality.apply_overrides(base, ["model.lr_g"])
+    with pytest.raises(SystemExit, match="not a mapping"):
+        quality.apply_overrides(base, ["model.lr_g.x=1"])
+
+
+def test_variant_distils_the_changed_config_scores_each_n_and_merges_results(quality, tmp_path, monkeypatch):
+    """suite_variant hands ensure_export the quick-start config with the changes, scores every VARIANT_N on the
+    held-out digits with that export, and write_variant keeps the other variants' entries."""
+    seen = {}
+
+    def fake_ensure(cfg, work):
+        seen["cfg"], seen["work"] = cfg, work
+        return work / "export"
+
+    def fake_run(sample, name, out, **kw):
+        seen.setdefault("runs", []).append((out, kw))
+        return {"psnr": {"mean": 20.0 + kw["num_steps"], "std": 1.0}, "ssim": {"mean": 0.9, "std": 0.0}}
+
+    monkeypatch.setattr(quality, "ensure_export", fake_ensure)
+    monkeypatch.setattr(quality, "run_method", fake_run)
+    monkeypatch.setattr(quality, "load_entry", lambda *a: None)
+    args = quality.argparse.Namespace(name="lr2", set=["model.lr_d=2e-3"], ud2m_steps=30, work_dir=tmp_path)
+    result = quality.suite_variant(args)
+    assert seen["cfg"]["model"]["lr_d"] == 2e-3 and seen["cfg"]["trainer"]["max_steps"] == 30
+    assert seen["work"] == tmp_path / "digits" / "ud2m_K3_lr2"
+    assert [kw["num_steps"] for _, kw in seen["runs"]] == list(quality.VARIANT_N)
+    export = str(seen["work"] / "export")
+    assert all(kw["input"] == "digits:val" and kw["checkpoint"] == export for _, kw in seen["runs"])
+    assert result["by_n"]["3"]["psnr"]["mean"] == 23.0 and result["steps"] == 30
+
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps({"variants": {"other": {**result, "set": []}}}))
+    quality.write_variant(args, result, start=0.0, path=path)
+    stored = json.loads(path.read_text())["variants"]
+    assert set(stored) == {"other", "lr2"}
+    assert stored["lr2"]["meta"]["command"].startswith("python benchmarks/quality.py")
+    table = quality.variants_table(stored)
+    assert "| lr2 | `model.lr_d=2e-3` | 30 | 23.00 ± 1.00 | 24.00 ± 1.00 |" in table
+    assert table[2].startswith("| other | none | 30 |")  # the earlier entry keeps its place
+    with pytest.raises(SystemExit, match="--name"):
+        quality.suite_variant(quality.argparse.Namespace(name=None, set=[], ud2m_steps=None, work_dir=tmp_path))
