@@ -274,7 +274,9 @@ def report(f: Path = RESULTS / "posterior.json") -> str:
             title = titles[suite].format(n=n, problem=problem)
             lines += [f"**{title}: {meta['samples']} samples per observation**", ""]
             lines += [*table(rows, embedding=suite == "digits", samples=meta["samples"]), ""]
-    lines.append(f"*{meta['command']}; {meta['threads']} thread(s), load average {meta['load_average'][0]:.1f}.*")
+    runs = [m for m in (meta, *meta.get("earlier", [])) if "command" in m]
+    said = [f"{m['command']} ({m['threads']} thread(s), load average {m['load_average'][0]:.1f})" for m in runs[::-1]]
+    lines.append("*" + "; then ".join(said) + (": later runs replace the rows they name.*" if len(said) > 1 else ".*"))
     text = "\n".join(lines)
     f.with_suffix(".md").write_text(text + "\n")
     if f.resolve() == (RESULTS / "posterior.json").resolve():
@@ -321,8 +323,11 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "wall_seconds": time.perf_counter() - start,
-        "command": f"python benchmarks/posterior.py run --samples {args.samples}",
+        "command": " ".join(["python benchmarks/posterior.py", *sys.argv[1:]]),
     }
+    if args.rows or set(args.suites) != set(suites) or args.limit:  # a partial run: say what the other rows came from
+        meta["earlier"] = [previous["meta"], *previous["meta"].get("earlier", [])][:8]
+        meta["earlier"][0].pop("earlier", None)
     path.write_text(json.dumps({"meta": meta, "suites": merged}, indent=2) + "\n")
     report(path)
 

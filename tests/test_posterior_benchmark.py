@@ -79,3 +79,13 @@ def test_report_writes_the_tables_into_the_readme_section(posterior, tmp_path):
     assert "| DiffPIR y | 100 | 24.25 | – | – | 27.50 | 0.12 |" in text  # a row recorded without the counts
     assert "**Photos, inpaint_box, σ_y = 0.025 (16 held-out crops): 8 samples per observation**" in text
     assert (tmp_path / "results" / "posterior.md").read_text() == text + "\n"
+    assert text.endswith("*python benchmarks/posterior.py run --samples 8 (1 thread(s), load average 1.5).*")
+    # a partial run (some rows) names the run that left the other rows, first
+    partial = "python benchmarks/posterior.py run --rows UD2M"
+    data["meta"] = {**data["meta"], "command": partial, "earlier": [data["meta"]]}
+    (tmp_path / "results" / "posterior.json").write_text(json.dumps(data))
+    text = posterior.report(tmp_path / "results" / "posterior.json")
+    assert text.endswith(
+        "*python benchmarks/posterior.py run --samples 8 (1 thread(s), load average 1.5); then "
+        f"{partial} (1 thread(s), load average 1.5): later runs replace the rows they name.*"
+    )
