@@ -13,8 +13,10 @@ task degrades them with the simulators of ``ud2m.operators.simulate`` (parameter
 - ``colour``: y = wᵀx + σ_y n, w = (0.299, 0.587, 0.114), σ_y = 0.01 (``Grayscale(1)``), given to LD-RPS replicated
   to RGB (``Grayscale(3)``).
 
-Methods, all on the same observations: **LD-RPS blind** (§13.4 presets with ``guidance_norm="sum"``, no feature
-network, ``schedule_transfer="sigma"``, Q patches scaled by 64/512, F = 1, the pixel prior unconditional: no caption);
+Methods, all on the same observations: **LD-RPS blind** (the shipped presets, §13.4 but for noise, with
+``guidance_norm="sum"``, no feature network, ``schedule_transfer="sigma"``, Q patches scaled by 64/512, F = 1, the
+pixel prior unconditional: no caption; noise [ours, §13.12]: from y at its estimated noise level, unguided, R = 0,
+so it gets no tuned-guidance rows and the reference's preset is run beside it, as published and tuned);
 **LD-RPS with the true linear part** (``LearnedDegradation(base=...)``: x ↦ t ⊙ x on y′ = y − (1 − t)(2A − 1) for haze,
 the identity for noise, ``Grayscale(3)`` for colour; §13.2) where the task is linear; **LD-RPS with the true operator**
 (``KnownDegradation(simulator)``, ``adapt=False``: the same sampler and guidance with ψ replaced by the truth, every
@@ -36,13 +38,13 @@ What is scaled relative to §13.8 (defaults; ``--quick`` in brackets):
 - crops: 4 of the 16 held-out crops, evenly spaced over the sorted list, 2 per photograph [2: one per photograph];
 - seeds: 1 (seed 0) instead of 3 (seeds 0-2) per crop [1];
 - DDIM steps N: 200 instead of 450 [20, the §13.8 smoke run], so S_tot = N + R⌊N/2⌋ per image is low light 400,
-  haze 500, noise and colour 300 [40 / 50 / 30 / 30] instead of 900 / 1,125 / 675 / 675, and ψ, D1 and D2 get that
-  many Adam steps;
+  haze 500, colour and the reference's noise preset 300 [40 / 50 / 30 / 30] instead of 900 / 1,125 / 675 / 675, and
+  ψ, D1 and D2 get that many Adam steps (the shipped noise preset: the steps below y's noise level, 13 at N = 200);
 - guidance: the §13.4 per-step scale s̃ times 450/N (``--guidance_scaling steps``, the default), so that a pass's
   total guidance matches the reference's; ``--guidance_scaling none`` keeps the per-step value. At N = 20 the
   unscaled guidance is too weak for even the true operator to matter (LD-RPS given the true operator reached
   7.7-14.9 dB PSNR unscaled, 14.9-22.3 dB scaled, in the ``--quick`` check);
-- recurrences R: unchanged (§13.4: low light 2, haze 3, noise 1, colour 1), F = 1;
+- recurrences R: unchanged (§13.4: low light 2, haze 3, noise 1 (the shipped preset: 0), colour 1), F = 1;
 - baselines: DPS-100, DiffPIR-100 and LATINO-8 are not run (Tikhonov and TV, and the classical blind estimates
   of ``ud2m.operators.estimate``: the dark channel prior for haze, a grey-world exposure for low light, their weight
   tuned on the training crops); no LPIPS (no backbone weights);
@@ -104,6 +106,13 @@ DCP_OMEGAS = (0.7, 0.8, 0.9, 0.95)
 GREY_LEVELS = (0.3, 0.35, 0.4, 0.45, 0.5)
 TUNED = "LD-RPS blind, tuned guidance"
 KNOWN_TUNED = "LD-RPS, true operator, tuned guidance"
+REFERENCE = "LD-RPS blind, the reference's preset (pure-noise start, guided, recurrences)"
+REFERENCE_TUNED = "LD-RPS blind, the reference's preset, tuned guidance"
+TASK_NOTES = {
+    "noise": "Our preset [ours, docs/method.md §13.12]: pass 0 starts from y itself at the time of its noise level "
+    "(Immerkær's estimate from y alone), unguided, without recurrence; ψ is the identity. The last two rows are "
+    "the reference's §13.4 preset (pure-noise start, s = 4e4, R = 1).",
+}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -273,13 +282,15 @@ def ld_rps_row(
     *,
     adapt: bool = True,
     guidance: dict | None = None,
+    defaults=None,
 ) -> dict:
     """One LD-RPS variant over the batch: per-pass scores, the degradation fit, the §13.5 costs and the time;
-    ``guidance``: ``{"factor", "zhat_from"}`` (None: the reference's, factor 1 and z_next)."""
+    ``guidance``: ``{"factor", "zhat_from"}`` (None: the reference's, factor 1 and z_next); ``defaults``: the
+    task's column (None: ``task_defaults(task)``)."""
     from ud2m.metrics import psnr
     from ud2m.solvers.ld_rps import REFERENCE_STEPS, ld_rps, task_defaults
 
-    kw = task_defaults(task).solver_kwargs(guidance_norm="sum", image_size=x.shape[-1])
+    kw = (defaults or task_defaults(task)).solver_kwargs(guidance_norm="sum", image_size=x.shape[-1])
     if args.guidance_scaling == "steps":  # keep the reference's total guidance per pass on a shorter grid
         kw["guidance_scale"] *= REFERENCE_STEPS / args.num_steps
     if guidance is not None:
@@ -316,7 +327,7 @@ def ld_rps_row(
     return row
 
 
-def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: bool = False) -> dict:
+def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: bool = False, defaults=None) -> dict:
     """The guidance factor (``GUIDANCE_FACTORS``, with ``zhat_from="z_t"``) of blind LD-RPS (``known``: of LD-RPS
     given the true operator) with the best mean PSNR on the first ``--guidance_tune_crops`` training crops (other
     seeds than the test runs)."""
@@ -330,7 +341,7 @@ def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: 
         guidance = {"factor": factor, "zhat_from": "z_t"}
         op = KnownDegradation(p.simulator) if known else learned_degradation(task)
         row = ld_rps_row(prior, task, f"tune ×{factor}", op, p.y, x, p.truth_Ax, keys, args, adapt=not known,
-                         guidance=guidance)  # fmt: skip
+                         guidance=guidance, defaults=defaults)  # fmt: skip
         scores_[str(factor)] = row["psnr"]["mean"]
     best = max(scores_, key=lambda k: scores_[k] if math.isfinite(scores_[k]) else -math.inf)
     return {"factor": float(best), "zhat_from": "z_t", "tuning": scores_}
@@ -338,7 +349,7 @@ def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: 
 
 def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -> dict:
     from ud2m.operators.simulate import KnownDegradation
-    from ud2m.solvers.ld_rps import learned_degradation
+    from ud2m.solvers.ld_rps import REFERENCE_TASK_DEFAULTS, learned_degradation, task_defaults
 
     print(f"{task}", flush=True)
     p = simulate(task, x, keys)
@@ -350,6 +361,19 @@ def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -
     rows[KNOWN] = ld_rps_row(
         prior, task, KNOWN, KnownDegradation(p.simulator), p.y, x, p.truth_Ax, keys, args, adapt=False
     )
+    reference = REFERENCE_TASK_DEFAULTS.get(task)
+    if reference is not None:  # the §13.4 column our preset replaced, as published and with tuned guidance
+        rows[REFERENCE] = ld_rps_row(prior, task, REFERENCE, learned_degradation(task), p.y, x, p.truth_Ax, keys,
+                                     args, defaults=reference)  # fmt: skip
+        tuned = tune_guidance(prior, task, x_tune, tune_keys, args, defaults=reference)
+        guidance = {k: tuned[k] for k in ("factor", "zhat_from")}
+        rows[REFERENCE_TUNED] = {
+            **ld_rps_row(prior, task, REFERENCE_TUNED, learned_degradation(task), p.y, x, p.truth_Ax, keys, args,
+                         guidance=guidance, defaults=reference),
+            "tuning": tuned["tuning"],
+        }  # fmt: skip
+    if task_defaults(task).guidance_scale == 0:  # an unguided preset: no guidance to tune
+        return rows
     tuned = tune_guidance(prior, task, x_tune, tune_keys, args)
     guidance = {k: tuned[k] for k in ("factor", "zhat_from")}
     rows[TUNED] = {
@@ -398,11 +422,17 @@ def run(args) -> Path:
         earlier = json.loads(path.read_text())
         tasks = {t: tasks.get(t, earlier["tasks"].get(t)) for t in TASKS if t in tasks or t in earlier["tasks"]}
         runs = earlier["meta"].get("partial_runs") or [{"tasks": list(earlier["tasks"]), **_run_cost(earlier["meta"])}]
-        kept = [r for r in runs if not set(r["tasks"]) & set(args.tasks)]
-        meta["partial_runs"] = [*kept, {"tasks": args.tasks, **_run_cost(meta)}]  # the runs behind the rows now
+        meta["partial_runs"] = merge_runs(runs, {"tasks": list(args.tasks), **_run_cost(meta)})
     path.write_text(json.dumps({"meta": meta, "tasks": tasks}, indent=2, default=float))
     print(f"wrote {path} ({meta['wall_seconds']:.0f} s)")
     return path
+
+
+def merge_runs(runs: list[dict], new: dict) -> list[dict]:
+    """The runs behind the rows once ``new`` replaced its tasks' rows: each earlier run keeps the tasks it still
+    provides (a run left with none is dropped), then ``new``."""
+    kept = [{**r, "tasks": [t for t in r["tasks"] if t not in new["tasks"]]} for r in runs]
+    return [*(r for r in kept if r["tasks"]), new]
 
 
 def _run_cost(meta: dict) -> dict:
@@ -437,10 +467,11 @@ def _timing(m: dict) -> str:
 
     def one(r: dict) -> str:
         start, end = (", ".join(f"{v:.1f}" for v in r[k]) for k in ("load_average_start", "load_average_end"))
-        tasks = f"{' and '.join(r['tasks'])}: " if "tasks" in r else ""
+        names = r.get("tasks", [])
+        tasks = f"{', '.join(names[:-1])}{' and ' if len(names) > 1 else ''}{names[-1]}: " if names else ""
         return f"{tasks}{r['wall_seconds'] / 60:.1f} min, load average {start} at the start and {end} at the end"
 
-    return (f"{len(runs)} processes at once, " if len(runs) > 1 else "") + "; ".join(one(r) for r in runs)
+    return (f"rows from {len(runs)} runs: " if len(runs) > 1 else "") + "; ".join(one(r) for r in runs)
 
 
 def _factors(meta: dict) -> str:
@@ -468,7 +499,8 @@ def report_text(data: dict) -> str:
     ]
     for task, rows in data["tasks"].items():
         sigma = SIGMA_Y[task]
-        parts += [f"**{task}** (σ_y = {sigma:g})", "", *task_table(rows), ""]
+        note = [TASK_NOTES[task], ""] if REFERENCE in rows and task in TASK_NOTES else []
+        parts += [f"**{task}** (σ_y = {sigma:g})", "", *note, *task_table(rows), ""]
     return "\n".join(parts)
 
 

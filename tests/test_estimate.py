@@ -61,3 +61,20 @@ def test_bad_arguments_are_named():
         estimate.estimate_haze(torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="mean_level"):
         estimate.estimate_exposure(torch.rand(1, 3, 8, 8), mean_level=1.5)
+
+
+def test_noise_level_is_unbiased_on_noisy_planes_and_zero_without_noise():
+    """Immerkær's mask annihilates planes, so on a + b·i + c·j + σn the estimate measures σ alone: unbiased for
+    Gaussian n (E|N∗n| = 6σ√(2/π)), 0 without noise; linear in the scale (the mask sums to 0)."""
+    g = torch.Generator().manual_seed(2)
+    B, C, H, W = 3, 3, 128, 128
+    i, j = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    coef = torch.rand(B, C, 3, generator=g) * 2 - 1
+    plane = 0.5 + (coef[..., :1, None] * i + coef[..., 1:2, None] * j) / (4 * H) + 0.1 * coef[..., 2:, None]
+    sigma = torch.tensor([0.01, 0.1, 0.3])
+    noisy = plane + sigma[:, None, None, None] * torch.randn(B, C, H, W, generator=g)
+    assert estimate.noise_level(plane).abs().max() < 1e-5
+    torch.testing.assert_close(estimate.noise_level(noisy), sigma, rtol=0.05, atol=0.0)
+    torch.testing.assert_close(estimate.noise_level(2 * noisy - 1), 2 * estimate.noise_level(noisy))
+    with pytest.raises(ValueError, match=r"H, W >= 3, got shape \(1, 3, 2, 8\)"):
+        estimate.noise_level(torch.zeros(1, 3, 2, 8))

@@ -26,8 +26,10 @@ from ud2m.solvers.ld_rps import (
     ld_rps,
     learned_degradation,
     num_steps_total,
+    opponent_metric,
     predict_x0_cfg,
     restart_index,
+    start_index,
     task_defaults,
     threshold_x0,
     timestep_grid,
@@ -515,11 +517,11 @@ def test_method_passes_its_guidance_factor_and_estimate_to_the_solver(monkeypatc
     monkeypatch.setattr(module, "ld_rps", fake)
     problem = types.SimpleNamespace(prior=tiny_pixel_prior(), captions=None)
     y = torch.zeros(1, 3, 16, 16)
-    s_sum = task_defaults("noise").guidance_scale / REFERENCE_PIXELS  # the resolution-independent "sum" scale
+    s_sum = task_defaults("haze").guidance_scale / REFERENCE_PIXELS  # the resolution-independent "sum" scale
     for method, scale, zhat in [
-        (LDRPS("noise", guidance_factor=0.3, zhat_from="z_t"), 0.3 * s_sum, "z_t"),
-        (LDRPS("noise"), s_sum, None),
-        (LDRPS("noise", num_steps=150), 3 * s_sum, None),  # 450/N: a pass's total guidance is the reference's
+        (LDRPS("haze", guidance_factor=0.3, zhat_from="z_t"), 0.3 * s_sum, "z_t"),
+        (LDRPS("haze"), s_sum, None),
+        (LDRPS("haze", num_steps=150), 3 * s_sum, None),  # 450/N: a pass's total guidance is the reference's
     ]:
         seen.clear()
         with pytest.raises(Captured):
@@ -527,4 +529,103 @@ def test_method_passes_its_guidance_factor_and_estimate_to_the_solver(monkeypatc
         assert seen["guidance_scale"] == pytest.approx(scale) and seen.get("zhat_from") == zhat
         assert seen["guidance_norm"] == "sum"
     with pytest.raises(ValueError, match="guidance_factor must be > 0, got 0"):
-        LDRPS("noise", guidance_factor=0)
+        LDRPS("haze", guidance_factor=0)
+
+
+# ---------------------------------------------------------------------------------------------------- start [ours]
+def first_state(prior, y, **kw):
+    """``(z at the first step (B, n, c, h, w), its time, info)`` of an unguided run with ``kw``."""
+    steps = []
+    _, info = ld_rps(prior, small_op(), y, guidance_scale=0.0, generator=gens(5), on_step=steps.append, **kw)
+    return steps[0]["z"].view(len(y), -1, *y.shape[1:]), steps[0]["t"], info
+
+
+def test_start_index_is_the_smallest_grid_time_at_or_above():
+    grid = [900, 600, 300, 0]
+    assert [start_index(grid, t) for t in (1000, 900, 899, 600, 400, 300, 1, 0)] == [0, 0, 0, 1, 1, 2, 2, 3]
+
+
+def test_start_tops_the_noise_up_to_the_grid_time(prior):
+    """z = a_τ·x_init + √(b_τ² − a_τ²σ²)·ε at τ_s for every chain: with σ = s(τ_s) no noise is added; the
+    remainder z − a_τ x_init is the same draw scaled by the top-up for any x_init and σ."""
+    y, x_init, N = measurement(20), measurement(21), 10
+    grid = timestep_grid(N)
+    i0 = max(i for i, t in enumerate(grid) if t >= 450)
+    a, b = (float(v) for v in prior.scales(float(grid[i0])))
+    kw = dict(num_recurrences=0, num_steps=N, free_chains=1)
+    z, t, _ = first_state(prior, y, start="measurement", start_sigma=b / a, start_time=450, **kw)  # σ = s(τ_s)
+    s_450 = float(prior.sigma(450.0))  # without start_time: the time of σ, rounded up to the grid
+    assert t == grid[i0] == first_state(prior, y, start="measurement", start_sigma=s_450, **kw)[1]
+    torch.testing.assert_close(z, a * y[:, None].expand_as(z), rtol=0, atol=1e-6)
+    clean = first_state(prior, y, start=x_init, start_time=450, **kw)[0] - a * x_init[:, None]  # b·ε
+    noisy = first_state(prior, y, start=y, start_sigma=0.3, start_time=450, **kw)[0] - a * y[:, None]
+    torch.testing.assert_close(noisy, clean * math.sqrt(b**2 - a**2 * 0.09) / b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(clean[:, 0], clean[:, 1])  # each chain its own draw
+
+
+@pytest.mark.parametrize("t_start", [100, 800])
+def test_start_shortens_pass_zero_and_the_recurrences_restart_no_earlier(prior, t_start):
+    N, R = 10, 1
+    grid, k = timestep_grid(N), restart_index(N, 0.5)
+    i0 = start_index(grid, t_start)
+    _, _, info = first_state(prior, measurement(22), start="measurement", start_time=t_start, num_recurrences=R,
+                             num_steps=N)  # fmt: skip
+    assert info["steps"] == (N - i0) + R * (N - max(k, i0))
+    assert info["guided_steps"] == info["decoder_vjps"] == 0  # s = 0: no guidance and no decoder VJP
+
+
+def test_start_errors(prior, tmp_path):
+    from ud2m.priors.latent import LatentConsistencyPrior
+    from ud2m.priors.tiny_latent import write_tiny_pipeline
+
+    y, kw = measurement(23), dict(num_recurrences=0, guidance_scale=1.0, num_steps=4)
+    with pytest.raises(ValueError, match="'measurement' or an image tensor, got 'noise'"):
+        ld_rps(prior, small_op(), y, start="noise", **kw)
+    with pytest.raises(ValueError, match=r"start has shape \(1, 3, 8, 8\), the restored images have \(1, 3, 16, 16\)"):
+        ld_rps(prior, small_op(), y, start=torch.zeros(1, 3, 8, 8), start_time=300, **kw)
+    with pytest.raises(ValueError, match="needs start_time"):
+        ld_rps(prior, small_op(), y, start=torch.zeros_like(y), **kw)
+    with pytest.raises(ValueError, match="expected >= 0"):
+        ld_rps(prior, small_op(), y, start="measurement", start_sigma=-0.1, **kw)
+    latent = LatentConsistencyPrior.from_pretrained(write_tiny_pipeline(tmp_path / "lcm", "lcm"))
+    with pytest.raises(ValueError, match="needs a pixel prior"):
+        ld_rps(latent, small_op(), y, start="measurement", **kw)
+
+
+def test_noise_preset_denoises_from_the_measurement(prior):
+    """The noise task's preset [ours]: start at y's estimated noise level, no guidance, no recurrence."""
+    kw = task_defaults("noise").solver_kwargs(guidance_norm="sum", image_size=16)
+    assert kw["start"] == "measurement" and kw["guidance_scale"] == 0.0 and kw["num_recurrences"] == 0
+    assert all(task_defaults(t).start is None for t in ("low-light", "haze", "colour"))
+
+
+# ---------------------------------------------------------------------------------------------------- opponent [ours]
+def test_opponent_metric_is_spd_and_turns_luma_gradients_grey():
+    basis = torch.eye(3).view(3, 3, 1, 1)
+    M = opponent_metric(basis)[..., 0, 0]  # column j = M e_j
+    torch.testing.assert_close(M, M.T)
+    assert bool((torch.linalg.eigvalsh(M.double()) > 0).all())
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    r = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # a luma-only loss's residual
+    torch.testing.assert_close(opponent_metric(w * r), r.expand(2, 3, 4, 4))  # M w = (1, 1, 1)
+    with pytest.raises(ValueError, match=r"needs RGB pixels \(B, 3, H, W\), got \(1, 4, 2, 2\)"):
+        opponent_metric(torch.zeros(1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("space", ["rgb", "opponent"])
+def test_luma_fidelity_guides_along_luma_weights_or_grey(prior, space):
+    """Given the grey conversion, the fidelity's gradient is w·r per pixel: ``"rgb"`` guides along w (green 0.587
+    to red 0.299), ``"opponent"`` moves the three channels equally."""
+    from ud2m.operators.simulate import KnownDegradation
+
+    steps, y = [], Grayscale(3).A(measurement(24))
+    ld_rps(prior, KnownDegradation(Grayscale(3)), y, num_recurrences=0, guidance_scale=1e3, num_steps=6, t1=999,
+           adapt=False, guidance_space=space, on_step=steps.append)  # fmt: skip
+    g = steps[-1]["g"].view(1, 2, 3, 16, 16)[:, 0]
+    assert g.abs().max() > 0
+    if space == "rgb":
+        torch.testing.assert_close(g[:, 1] * 0.299, g[:, 0] * 0.587)
+        torch.testing.assert_close(g[:, 2] * 0.299, g[:, 0] * 0.114)
+    else:
+        torch.testing.assert_close(g[:, 1], g[:, 0])
+        torch.testing.assert_close(g[:, 2], g[:, 0])

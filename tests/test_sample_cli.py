@@ -466,8 +466,10 @@ def test_bad_inputs_fail_before_writing(kwargs, error, match, photos, tmp_path):
 def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_path):
     """Issue [ld-rps]: ``--task`` runs LD-RPS on observations with no operator (tiny pixel prior, 6 DDIM steps);
     every pass and psi's output are written, and the §13.5 counters in the metrics equal the solver's count: N + R·⌊γN⌋
-    steps, one batched prior call per step."""
-    from ud2m.solvers.ld_rps import num_steps_total, task_defaults
+    steps, one batched prior call per step; the noise task starts at y's estimated noise level (N − i_s steps)."""
+    from ud2m.operators.estimate import noise_level
+    from ud2m.priors import PixelDiffusionPrior
+    from ud2m.solvers.ld_rps import num_steps_total, start_index, task_defaults, timestep_grid
 
     observation = tmp_path / "dark.png"
     save_image(load_image("skimage:astronaut")[..., 200:232, 200:232] * 0.5 - 0.5, observation)
@@ -478,6 +480,10 @@ def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_pa
     row = result["images"][0]
     R = task_defaults(task).num_recurrences
     steps = num_steps_total(6, 0.5, R)
+    if task == "noise":  # the time of Immerkær's σ of y, rounded up to the grid (y and the estimate on [-1, 1])
+        sigma = 2 * noise_level((load_image(observation, channels=3) + 1) / 2)
+        t_s = float(PixelDiffusionPrior.from_pretrained(pixel_model).t_of_sigma(sigma.max()))
+        steps = 6 - start_index(timestep_grid(6), t_s)
     assert row["cost_steps"] == steps and row["nfe"] == row["cost_nfe"] == steps
     assert row["cost_psi_steps"] == steps and np.isfinite(row["psi_fit_psnr"])
     written = sorted(p.name for p in (tmp_path / "out").iterdir())

@@ -482,7 +482,8 @@ class LDRPS(Method):
         guidance_factor: factor on the task's guidance scale (None: 1, the reference's value, made for SD1.5 latents
             at 512²); the blind benchmark tunes it on training crops for the offline ``photos`` prior (docs/blind.md).
             The scale is the resolution-independent ``"sum"`` one times 450/N (a pass's total guidance as the
-            reference's at any N), as in the benchmark, so its tuned factors apply here.
+            reference's at any N), as in the benchmark, so its tuned factors apply here. The ``noise`` preset is
+            unguided (it starts from y at its estimated noise level, docs/blind.md): no factor changes it.
         zhat_from: ``"z_next"`` (the reference's off-by-one estimate, None) or ``"z_t"`` (the Tweedie estimate
             of the current state [ours], §13.3).
     """

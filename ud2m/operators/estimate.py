@@ -10,6 +10,10 @@ no randomness and no network:
 * **low light**: a grey-world exposure with a display gamma: :math:`y = g\,x^{\gamma_0}` with
   :math:`\gamma_0` = 2.2 (sRGB's display gamma) and g chosen so that the inverse :math:`(y/g)^{1/\gamma_0}`
   (:func:`brighten`) has mean ``mean_level`` (0.45, mid-grey).
+* **noise**: the noise level σ of additive white Gaussian noise (Immerkær, CVIU 1996, "Fast noise variance
+  estimation"): the 3×3 mask N = L₁ − L₂ of two Laplacians annihilates every locally planar image, so on noise
+  alone N∗y has standard deviation 6σ (‖N‖₂ = 6) and :math:`\hat\sigma = \sqrt{\pi/2}\,\overline{|N * y|}/6`
+  (:func:`noise_level`); image texture adds a small positive bias.
 
 ``benchmarks/blind.py`` scores them as the rows "dark channel prior" and "grey-world exposure". Used as the start of
 LD-RPS's physical ψ they did not help (the paired fit washes the start out; measured in docs/method.md §13.11).
@@ -17,6 +21,7 @@ LD-RPS's physical ψ they did not help (the paired fit washes the start out; mea
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -84,6 +89,21 @@ def brighten(y01: torch.Tensor, gain: torch.Tensor, *, gamma: float = DISPLAY_GA
     return (y01.clamp(min=floor) / gain.reshape(-1, *([1] * (y01.ndim - 1)))).pow(1 / gamma)
 
 
+IMMERKAER_MASK = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))  # ‖N‖₂ = 6
+
+
+def noise_level(y: torch.Tensor) -> torch.Tensor:
+    r"""Immerkær's estimate of the standard deviation of additive white Gaussian noise in ``y`` ``(B, C, H, W)``
+    (module docstring), ``(B,)``: the mean over channels of :math:`\sqrt{\pi/2}\,\overline{|N * y_c|}/6` over
+    the valid (H−2)×(W−2) positions. Linear in the scale: the σ of ``2y − 1`` is twice that of ``y``."""
+    if y.ndim != 4 or min(y.shape[-2:]) < 3:
+        raise ValueError(f"noise_level: expected (B, C, H, W) images with H, W >= 3, got shape {tuple(y.shape)}")
+    B, C, H, W = y.shape
+    mask = torch.tensor(IMMERKAER_MASK, dtype=y.dtype, device=y.device)[None, None]
+    response = F.conv2d(y.reshape(B * C, 1, H, W), mask).abs().flatten(1).mean(1)  # (B·C,)
+    return (math.sqrt(math.pi / 2) / 6 * response).view(B, C).mean(1)
+
+
 __all__ = [
     "HazeEstimate",
     "brighten",
@@ -91,4 +111,5 @@ __all__ = [
     "dehaze",
     "estimate_exposure",
     "estimate_haze",
+    "noise_level",
 ]

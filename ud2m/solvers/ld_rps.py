@@ -36,7 +36,13 @@ DEFAULT_THRESHOLD = ("clip_quantile", 0.995, 1.0, 100.0)
 REFERENCE_PIXELS = 786_432  # 3·512²: "sum" normalisation s̃ = s / 786,432 (§13.3)
 REFERENCE_STEPS = 450  # §13.4's N; a run with N steps may scale its per-step guidance by 450/N (same total per pass)
 SPACINGS, ZHAT_FROM = DDIM_SPACINGS, ("z_next", "z_t")
-GUIDANCE_NORMS, GUIDANCE_STEPS = ("mean", "sum"), ("latent", "x0")
+GUIDANCE_NORMS, GUIDANCE_STEPS, GUIDANCE_SPACES = ("mean", "sum"), ("latent", "x0"), ("rgb", "opponent")
+#: BT.601 luma and chroma rows, (Y, Cb, Cr) = T·(R, G, B): the chroma rows sum to 0, so a grey shift is pure luma
+YCBCR = (
+    (0.299, 0.587, 0.114),
+    (-0.299 / 1.772, -0.587 / 1.772, 0.886 / 1.772),
+    (0.701 / 1.402, -0.587 / 1.402, -0.114 / 1.402),
+)
 
 
 # ---------------------------------------------------------------------------------------------------- grids
@@ -170,6 +176,7 @@ class TaskDefaults:
     physical_arch: str = "tone"  # ψ = "physical" [ours] (§13.9): the physical model of this task
     physical_iters: int = 5  # its paired Adam steps per adapt (0: ψ stays the identity, nothing to fit)
     physical_exposure: tuple[float, int, float] | None = None  # Q_exp with ψ = "physical": (w, P at 512², t <)
+    start: str | None = None  # pass 0's start (:func:`ld_rps`'s ``start``): None [ref] pure noise, "measurement" y
 
     def degradation_kwargs(self, psi: str = "physical") -> dict[str, Any]:
         """Keyword arguments of :class:`LearnedDegradation` for this task: ``psi="physical"`` [ours, default]
@@ -197,7 +204,7 @@ class TaskDefaults:
     def solver_kwargs(
         self, *, guidance_norm: str = "mean", image_size: int = 512, psi: str = "physical"
     ) -> dict[str, Any]:
-        """``guidance_scale``, ``num_recurrences``, ``regularisers`` and ``guidance_norm`` for :func:`ld_rps`
+        """``guidance_scale``, ``num_recurrences``, ``regularisers``, ``guidance_norm`` and ``start`` for :func:`ld_rps`
         (``psi`` as in :meth:`degradation_kwargs`)."""
         s = self.guidance_scale if guidance_norm == "mean" else self.guidance_scale / REFERENCE_PIXELS
         return dict(
@@ -205,6 +212,7 @@ class TaskDefaults:
             num_recurrences=self.num_recurrences,
             regularisers=self.regularisers(image_size, psi),
             guidance_norm=guidance_norm,
+            start=self.start,
         )
 
 
@@ -231,8 +239,18 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
         5,
         (1e-2, 64, 150),
     ),
-    "noise": TaskDefaults(4e4, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 1, False, "tone", 0, None),
+    # [ours] the noise column starts from y at its estimated noise level, unguided, without recurrences (the
+    # reference: pure noise, s = 4e4, R = 1); measured in docs/method.md §13.12
+    "noise": TaskDefaults(
+        0.0, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 0, False, "tone", 0, None, start="measurement"
+    ),
     "colour": TaskDefaults(2.5e4, 0.2, 0.5, 0.2, 1e-4, 5e-3, 0.0, 4e-5, None, None, 1, True, "luma", 5, None),
+}
+
+
+#: the §13.4 columns that :data:`TASK_DEFAULTS` replaces [ours], for comparisons (``benchmarks/blind.py``)
+REFERENCE_TASK_DEFAULTS: dict[str, TaskDefaults] = {
+    "noise": dataclasses.replace(TASK_DEFAULTS["noise"], guidance_scale=4e4, num_recurrences=1, start=None),
 }
 
 
@@ -275,6 +293,7 @@ class _Run:
     zhat_from: str
     guidance_norm: str
     guidance_step: str
+    guidance_space: str
     adapt: bool
     on_step: Callable[[dict[str, Any]], None] | None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -306,7 +325,24 @@ def _guidance(run: _Run, z0_plus: torch.Tensor, t: float, t_reg: Sequence[float]
         (grad,) = torch.autograd.grad(loss.sum(), z0)
     run.count("decoder_vjps")
     scale = run.guidance_scale * (run.y[0].numel() if run.guidance_norm == "sum" else 1.0)
-    return -scale * grad
+    return -scale * (opponent_metric(grad) if run.guidance_space == "opponent" else grad)
+
+
+def opponent_metric(grad: torch.Tensor) -> torch.Tensor:
+    r"""The gradient step taken in (Y, Cb, Cr) coordinates and mapped back to RGB [ours]: :math:`M\nabla` with
+    :math:`M = T^{-1}T^{-\top}` (T = :data:`YCBCR`), symmetric positive definite, per pixel.
+
+    The Euclidean RGB gradient of a loss that sees only luma, w·x with w = (0.299, 0.587, 0.114), points along w:
+    a step raises green twice as much as red and five times as much as blue, a chroma change that the fidelity
+    cannot see and the guidance repeats every step (magenta and green casts on the ``colour`` task, §13.12).
+    Since :math:`T^\top e_Y = w` and the chroma rows annihilate (1, 1, 1), :math:`Mw = T^{-1}e_Y = (1, 1, 1)`:
+    the same loss moves all three channels equally, a grey shift, and leaves chroma to the prior."""
+    if grad.ndim != 4 or grad.shape[1] != 3:
+        raise ValueError(f"guidance_space='opponent' needs RGB pixels (B, 3, H, W), got {tuple(grad.shape)}")
+    T = torch.tensor(YCBCR, dtype=torch.float64)
+    T_inv = torch.linalg.inv(T)
+    M = (T_inv @ T_inv.T).to(grad)
+    return torch.einsum("ij,bjhw->bihw", M, grad)
 
 
 def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float, t_reg, info: dict) -> tuple:
@@ -332,7 +368,7 @@ def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float,
             if key in logs and not bool(torch.isnan(logs[key]).all()):
                 run.count(f"{key}_steps")
     g = torch.zeros_like(z_next).view(B, n, *z.shape[1:])
-    if guided:  # 13.-16.
+    if guided and run.guidance_scale != 0:  # 13.-16. (s = 0: no guidance, no decoder VJP [ours])
         g_plus = _guidance(run, z0_chk[:, 0], t, t_reg, state)
         g[:, 0] = g_plus * (a2.view(B, n, *a2.shape[1:])[:, 0] if run.guidance_step == "x0" else 1.0)
         run.count("guided_steps")
@@ -360,7 +396,11 @@ def ld_rps(
     zhat_from: str = "z_next",
     guidance_norm: str = "mean",
     guidance_step: str = "latent",
+    guidance_space: str = "rgb",
     schedule_transfer: str | None = None,
+    start: torch.Tensor | str | None = None,
+    start_sigma: float | torch.Tensor | None = None,
+    start_time: float | None = None,
     adapt: bool = True,
     generator: Generator = None,
     on_pass: Callable[[int, torch.Tensor, Any], None] | None = None,
@@ -391,8 +431,23 @@ def ld_rps(
         zhat_from: ``"z_next"`` [ref, off-by-one] or ``"z_t"`` [ours, the Tweedie estimate of z_t].
         guidance_norm: ``"mean"`` [ref] or ``"sum"`` [ours].
         guidance_step: ``"latent"`` [ref] or ``"x0"`` [ours].
+        guidance_space: ``"rgb"`` [ref], the plain gradient, or ``"opponent"`` [ours], the gradient step taken in
+            (Y, Cb, Cr) coordinates (:func:`opponent_metric`; pixel RGB priors only): a luma-only loss then shifts
+            grey instead of green (the ``colour`` preset).
         schedule_transfer: None or ``"sigma"``: t1, t_j and the restart time move to the prior's times with the
             reference (SD scaled-linear) noise levels [ours].
+        start: where pass 0 starts [ours]. None [ref]: pure noise at τ_1. ``"measurement"``: from y itself, which
+            for additive Gaussian noise on a pixel prior *is* a draw of the forward process at the time whose
+            noise level is y's (the ``noise`` task's preset); a tensor: any initial estimate x_init of the image's
+            shape (internal scale). Pass 0 then starts at τ_s, the smallest grid time at or above ``start_time``,
+            from :math:`z = a_{\tau_s} E(x_\text{init}) + \sqrt{b_{\tau_s}^2 - a_{\tau_s}^2\sigma^2}\,\varepsilon`
+            (the noise topped up to τ_s's level; E the encoder), and the recurrences restart at the later of τ_k
+            and τ_s (:func:`start_index`).
+        start_sigma: σ, the noise std (internal scale) already in the start, float or ``(B,)``. None: Immerkær's
+            estimate (:func:`ud2m.operators.estimate.noise_level`) for ``"measurement"``, 0 (a clean estimate,
+            SDEdit) for a tensor. A latent prior takes only σ = 0 (the noise lives in pixel space).
+        start_time: the time to start from; None: the prior's time of the largest σ of the batch (required when
+            σ = 0).
         adapt: fit ψ at every step (False: ψ stays at its initialisation; for tests and ablations).
         generator: a generator or a list of B (per image: state, then z, then ε_1..ε_R).
         on_pass: ``on_pass(r, x_r, state)`` after every pass.
@@ -403,7 +458,7 @@ def ld_rps(
         image (``steps``, ``guided_steps``, ``nfe`` batched prior calls, ``nfe_paper`` per chain and CFG branch,
         ``decoder_forwards``, ``decoder_vjps``, ``output_decodes``, ``psi_steps``, ``d1_steps``, ``d2_steps``).
     """
-    _check_options(spacing, zhat_from, guidance_norm, guidance_step, schedule_transfer, free_chains)
+    _check_options(spacing, zhat_from, guidance_norm, guidance_step, guidance_space, schedule_transfer, free_chains)
     n, B = 1 + free_chains, y.shape[0]
     grid = [*timestep_grid(num_steps, spacing, round(prior.schedule.t_max) + 1), 0]  # τ_{N+1} = 0: ᾱ_0 [ref]
     k = restart_index(num_steps, gamma)
@@ -413,19 +468,24 @@ def ld_rps(
         t_reg = [transfer_time(prior, t_j) for t_j in t_reg]
         k = next(i for i in range(num_steps) if grid[i] <= t_restart)  # the first grid entry at or below
     run = _Run(prior, op, y, cond, n, guidance_scale, tuple(regularisers), threshold, zhat_from, guidance_norm,
-               guidance_step, adapt, on_step)  # fmt: skip
+               guidance_step, guidance_space, adapt, on_step)  # fmt: skip
     nfe0 = prior.nfe
     c, h, w = prior.latent_shape(_image_shape(op, y))[1:]
     state = op.init_state(y, generator=generator)  # 1. fresh per call [ours]
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32  # fp32 latents (§1.4); fp64 for tests
     z = randn((B, n * c, h, w), generator, device=y.device, dtype=dtype).view(B * n, c, h, w)  # 2.
+    i0 = 0
+    if start is not None:  # [ours] from an estimate, its noise topped up to τ_s (the draw of line 2 is the top-up)
+        x_init, sigma = start_image(op, y, start, start_sigma)
+        i0 = start_index(grid[:num_steps], _start_time(prior, sigma, start_time))
+        z = _start_latent(prior, x_init, sigma, grid[i0], z.view(B, n, c, h, w)).view_as(z)
     passes = []
     for r in range(num_recurrences + 1):  # 3.
-        start = 0 if r == 0 else k  # 4.
+        start_i = i0 if r == 0 else max(k, i0)  # 4.
         if r > 0:  # 5. latent re-noise
             eps = randn((B, n * c, h, w), generator, device=y.device, dtype=dtype).view_as(z)
-            z = prior.add_noise(z, torch.full((B * n,), float(grid[start]), device=y.device), eps)
-        for i in range(start, num_steps):  # 6.
+            z = prior.add_noise(z, torch.full((B * n,), float(grid[start_i]), device=y.device), eps)
+        for i in range(start_i, num_steps):  # 6.
             z, state = _step(run, z, state, grid[i], grid[i + 1], t1, t_reg, dict(r=r, i=i))
         x_r = prior.decode(z.view(B, n, c, h, w)[:, 0]).clamp(-1.0, 1.0)  # 17.
         run.count("output_decodes")
@@ -433,6 +493,55 @@ def ld_rps(
         if on_pass is not None:
             on_pass(r, x_r, state)
     return passes, _info(run, prior.nfe - nfe0)
+
+
+def start_index(grid: Sequence[float], t_start: float) -> int:
+    """Index of τ_s, the smallest time of the descending ``grid`` at or above ``t_start`` (0 when even τ_1 is
+    below it), so that a start with noise level ≤ s(t_start) needs only a non-negative top-up."""
+    above = [i for i, t in enumerate(grid) if t >= t_start]
+    return above[-1] if above else 0
+
+
+def start_image(op: Any, y: torch.Tensor, start: torch.Tensor | str, sigma: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_init, σ (B,))`` of the ``start`` option of :func:`ld_rps` (see there), with clear errors."""
+    from ud2m.operators.estimate import noise_level
+
+    measured = isinstance(start, str)
+    if measured and start != "measurement":
+        raise ValueError(f"start: expected None, 'measurement' or an image tensor, got {start!r}")
+    x_init = y if measured else start
+    shape = _image_shape(op, y)
+    if tuple(x_init.shape) != tuple(shape):
+        what = "y" if measured else "start"
+        raise ValueError(f"start: {what} has shape {tuple(x_init.shape)}, the restored images have {tuple(shape)}")
+    if sigma is None:
+        sigma = 2 * noise_level((x_init + 1) / 2) if measured else 0.0  # Immerkær on [0, 1], doubled to [-1, 1]
+    B = x_init.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=x_init.dtype, device=x_init.device).expand(B).clone()
+    if not bool((sigma >= 0).all()):
+        raise ValueError(f"start_sigma: expected >= 0, got {sigma.tolist()}")
+    return x_init, sigma
+
+
+def _start_time(prior: Prior, sigma: torch.Tensor, start_time: float | None) -> float:
+    if start_time is not None:
+        return float(start_time)
+    if not bool((sigma > 0).any()):
+        raise ValueError("start: a clean start (start_sigma = 0) needs start_time, the time to re-noise it to")
+    return float(prior.t_of_sigma(sigma.max().float()))
+
+
+def _start_latent(prior: Prior, x_init: torch.Tensor, sigma: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
+    """z = a_t E(x_init) + √(b_t² − a_t²σ²) ε per image, for every chain: ``eps`` is ``(B, n, c, h, w)``."""
+    z0 = prior.encode(x_init.to(eps.dtype))
+    if bool((sigma > 0).any()) and tuple(z0.shape) != tuple(x_init.shape):
+        raise ValueError(
+            f"start_sigma: {type(prior).__name__} works on latents of shape {tuple(z0.shape[1:])}; a noisy start "
+            "(start_sigma > 0) needs a pixel prior, whose state is the image itself"
+        )
+    a, b = (v.to(eps.dtype) for v in prior.scales(torch.tensor(float(t), dtype=torch.float64)))
+    top_up = (b**2 - a**2 * sigma.to(eps.dtype) ** 2).clamp_min(0).sqrt()  # (B,)
+    return a * z0[:, None] + append_dims(top_up, eps.ndim) * eps
 
 
 def _image_shape(op: Any, y: torch.Tensor) -> tuple[int, ...]:
@@ -459,12 +568,13 @@ def _info(run: _Run, nfe: int) -> dict[str, Any]:
     )
 
 
-def _check_options(spacing, zhat_from, guidance_norm, guidance_step, schedule_transfer, free_chains) -> None:
+def _check_options(spacing, zhat_from, guidance_norm, guidance_step, guidance_space, schedule_transfer, free_chains):
     for name, value, allowed in (
         ("spacing", spacing, SPACINGS),
         ("zhat_from", zhat_from, ZHAT_FROM),
         ("guidance_norm", guidance_norm, GUIDANCE_NORMS),
         ("guidance_step", guidance_step, GUIDANCE_STEPS),
+        ("guidance_space", guidance_space, GUIDANCE_SPACES),
         ("schedule_transfer", schedule_transfer, (None, "sigma")),
     ):
         if value not in allowed:
