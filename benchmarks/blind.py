@@ -293,6 +293,7 @@ def ld_rps_row(
     kw = (defaults or task_defaults(task)).solver_kwargs(guidance_norm="sum", image_size=x.shape[-1])
     if args.guidance_scaling == "steps":  # keep the reference's total guidance per pass on a shorter grid
         kw["guidance_scale"] *= REFERENCE_STEPS / args.num_steps
+    kw.setdefault("free_chains", 1)  # F = 1 [ref] unless the preset sets it (noise: 0, ψ has nothing to fit)
     if guidance is not None:
         kw.update(guidance_scale=kw["guidance_scale"] * guidance["factor"], zhat_from=guidance["zhat_from"])
     last_state: dict[str, Any] = {}
@@ -303,7 +304,6 @@ def ld_rps_row(
             op,
             y,
             num_steps=args.num_steps,
-            free_chains=1,
             schedule_transfer="sigma",
             adapt=adapt,
             generator=generators(keys, task, 2),
@@ -435,6 +435,70 @@ def merge_runs(runs: list[dict], new: dict) -> list[dict]:
     return [*(r for r in kept if r["tasks"]), new]
 
 
+def cost(args) -> Path:
+    """What a user pays per 64×64 image (issue [ld-rps]): blind LD-RPS with the shipped presets (guidance ×450/N) at
+    the presets' N = 450 and cheaper step counts (``--cost_steps``), one image at a time on ``--cost_crops``
+    held-out crops with ``--threads`` threads; PSNR, SSIM, steps and seconds per image into
+    ``results/blind_cost.json`` (tabled by ``report``)."""
+    from ud2m.priors import PixelDiffusionPrior
+    from ud2m.solvers.ld_rps import learned_degradation
+
+    torch.set_num_threads(args.threads)
+    start, load_start = time.perf_counter(), os.getloadavg()
+    names, x = load_crops(args.work_dir / "test_crops", HELD_OUT_PHOTOS, args.cost_crops)
+    keys = [(0, c) for c in range(len(names))]
+    prior = PixelDiffusionPrior.from_pretrained(PRIOR)
+    tasks: dict[str, dict] = {}
+    for task in args.tasks:
+        p = simulate(task, x, keys)
+        tasks[task] = {}
+        for n in args.cost_steps:
+            steps_args = argparse.Namespace(num_steps=n, guidance_scaling="steps")
+            one = [slice(i, i + 1) for i in range(len(x))]  # one image per call: a user's cost per image
+            runs = [
+                ld_rps_row(
+                    prior, task, f"N = {n}", learned_degradation(task), p.y[i], x[i], p.truth_Ax[i], keys[i], steps_args
+                )
+                for i in one
+            ]
+            tasks[task][str(n)] = {
+                "psnr": summary([r["psnr"]["mean"] for r in runs]),
+                "ssim": summary([r["ssim"]["mean"] for r in runs]),
+                "steps": runs[0]["costs"]["steps"],
+                "nfe": runs[0]["costs"]["nfe_paper"],
+                "seconds_per_image": statistics.mean(r["seconds_per_image"] for r in runs),
+            }
+    meta = {"crops": names, "threads": torch.get_num_threads(), "load_average_start": load_start,
+            "load_average_end": os.getloadavg(), "wall_seconds": time.perf_counter() - start,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    path = RESULTS / "blind_cost.json"
+    path.write_text(json.dumps({"meta": meta, "tasks": tasks}, indent=2, default=float))
+    print(f"wrote {path} ({meta['wall_seconds']:.0f} s)")
+    return path
+
+
+def cost_text(data: dict) -> str:
+    """The step-count table of :func:`cost`."""
+    m = data["meta"]
+    load = ", ".join(f"{v:.1f}" for v in m["load_average_start"])
+    lines = [
+        f"**Cost per 64×64 image** (`python benchmarks/blind.py cost`: blind LD-RPS, shipped presets, guidance ×450/N, "
+        f"one image at a time on {len(m['crops'])} held-out crops, {m['threads']} thread(s), load average {load} at "
+        f"the start, {m['date']}; N = 450 is the presets' step count, the smaller N the cheaper settings "
+        "(`LDRPS(num_steps=N)`); the noise preset's steps are those below y's noise level):",
+        "",
+        "| task | N | DDIM steps | NFE | PSNR (dB) | SSIM | s / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, rows in data["tasks"].items():
+        for n, r in rows.items():
+            lines.append(
+                f"| {task} | {n} | {r['steps']} | {r['nfe']} | {_pm(r['psnr'])} | {_pm(r['ssim'], '.3f')} | "
+                f"{r['seconds_per_image']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def _run_cost(meta: dict) -> dict:
     return {k: meta[k] for k in ("wall_seconds", "load_average_start", "load_average_end")}
 
@@ -501,6 +565,9 @@ def report_text(data: dict) -> str:
         sigma = SIGMA_Y[task]
         note = [TASK_NOTES[task], ""] if REFERENCE in rows and task in TASK_NOTES else []
         parts += [f"**{task}** (σ_y = {sigma:g})", "", *note, *task_table(rows), ""]
+    cost_file = RESULTS / "blind_cost.json"
+    if m["mode"] == "full" and cost_file.is_file():
+        parts += [cost_text(json.loads(cost_file.read_text())), ""]
     return "\n".join(parts)
 
 
@@ -512,7 +579,7 @@ def report(args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
+    parser.add_argument("command", nargs="?", choices=["run", "report", "cost"], default="run")
     parser.add_argument("--quick", action="store_true", help="2 crops, N = 20 (≤ 5 minutes); blind_quick.json")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--crops", type=int, default=None, help="held-out crops (1-16)")
@@ -529,6 +596,8 @@ def main(argv: list[str] | None = None) -> None:
         help="steps: multiply the §13.4 guidance scale by 450/N (default); none: keep the per-step value",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost_crops", type=int, default=2, help="cost: held-out crops, one image at a time")
+    parser.add_argument("--cost_steps", type=int, nargs="+", default=[450, 200, 100, 50], help="cost: the N to time")
     parser.add_argument("--work_dir", type=Path, default=WORK)
     args = parser.parse_args(argv)
     for key, value in SETTINGS["quick" if args.quick else "full"].items():
@@ -536,6 +605,10 @@ def main(argv: list[str] | None = None) -> None:
             setattr(args, key, value)
     if args.command == "report":
         report(args)
+        return
+    if args.command == "cost":
+        cost(args)
+        report(argparse.Namespace(quick=False))
         return
     run(args)
     report(args)

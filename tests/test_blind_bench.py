@@ -13,3 +13,18 @@ def test_a_run_of_some_tasks_keeps_the_runs_behind_the_other_rows(benchmark_scri
     for r in meta["partial_runs"]:
         r.update(load_average_start=[1.0, 1.0, 1.0], load_average_end=[2.0, 2.0, 2.0])
     assert bench._timing(meta).startswith("rows from 2 runs: low-light and haze: 60.0 min")
+
+
+def test_cost_table_lists_every_task_and_step_count(benchmark_script):
+    bench = benchmark_script("blind")
+    row = {"psnr": {"mean": 30.0, "std": 1.0}, "ssim": {"mean": 0.8, "std": 0.1}, "steps": 13, "nfe": 26}
+    data = {
+        "meta": {"crops": ["a", "b"], "threads": 2, "load_average_start": [1.0, 1.0, 1.0], "date": "today"},
+        "tasks": {"noise": {"450": {**row, "seconds_per_image": 2.5}, "50": {**row, "seconds_per_image": 0.25}}},
+    }
+    lines = bench.cost_text(data).splitlines()
+    assert lines[-2:] == [
+        "| noise | 450 | 13 | 26 | 30.00 ± 1.00 | 0.800 ± 0.100 | 2.5 |",
+        "| noise | 50 | 13 | 26 | 30.00 ± 1.00 | 0.800 ± 0.100 | 0.2 |",
+    ]
+    assert "2 held-out crops, 2 thread(s)" in lines[0]

@@ -20,6 +20,7 @@ from ud2m.operators.learned import AdamState, LearnedDegradation, adam_step, phy
 from ud2m.operators.simulate import Grayscale, PixelScale
 from ud2m.priors.tiny import tiny_pixel_prior
 from ud2m.solvers.ld_rps import (
+    REFERENCE_TASK_DEFAULTS,
     CFGCondition,
     colour_loss,
     exposure_loss,
@@ -28,6 +29,7 @@ from ud2m.solvers.ld_rps import (
     num_steps_total,
     opponent_metric,
     predict_x0_cfg,
+    preset_for,
     restart_index,
     start_index,
     task_defaults,
@@ -590,13 +592,22 @@ def test_start_errors(prior, tmp_path):
     latent = LatentConsistencyPrior.from_pretrained(write_tiny_pipeline(tmp_path / "lcm", "lcm"))
     with pytest.raises(ValueError, match="needs a pixel prior"):
         ld_rps(latent, small_op(), y, start="measurement", **kw)
+    # so the noise preset on a latent prior is the reference's column, on a pixel prior the measurement start
+    assert preset_for("noise", latent) is REFERENCE_TASK_DEFAULTS["noise"]
+    assert preset_for("noise", prior) is task_defaults("noise") and preset_for("haze", latent) is task_defaults("haze")
 
 
 def test_noise_preset_denoises_from_the_measurement(prior):
     """The noise task's preset [ours]: start at y's estimated noise level, no guidance, no recurrence."""
     kw = task_defaults("noise").solver_kwargs(guidance_norm="sum", image_size=16)
     assert kw["start"] == "measurement" and kw["guidance_scale"] == 0.0 and kw["num_recurrences"] == 0
+    assert kw["free_chains"] == 0  # ψ is the identity: free chains would feed an adapt with nothing to fit
     assert all(task_defaults(t).start is None for t in ("low-light", "haze", "colour"))
+    assert "free_chains" not in task_defaults("haze").solver_kwargs()
+    y = measurement(25, B=2) + 0.2 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    op = learned_degradation("noise")
+    runs = [ld_rps(prior, op, y, num_steps=10, generator=gens(6, 7), **{**kw, "free_chains": f})[0][-1] for f in (0, 1)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5)  # chain 0 draws the same noise either way
 
 
 # ---------------------------------------------------------------------------------------------------- opponent [ours]

@@ -495,6 +495,17 @@ def test_ld_rps_restores_each_task_without_an_operator(task, pixel_model, tmp_pa
     assert result["run"]["settings"]["psi"] == "physical" and row["cost_d1_steps"] == 0  # paired fit: no D1
 
 
+def test_ld_rps_noise_preset_runs_one_chain_and_records_it(pixel_model, tmp_path):
+    """The noise preset's F = 0 (ψ has nothing to fit) is what runs and what the run record says."""
+    observation = tmp_path / "noisy.png"
+    save_image(load_image("skimage:astronaut")[..., 200:232, 200:232], observation)
+    result = run(tmp_path / "out", input=str(observation), simulate=False, model=str(pixel_model),
+                 method=LDRPS("noise", num_steps=6))  # fmt: skip
+    row = result["images"][0]
+    assert result["run"]["settings"]["free_chains"] == 0 and row["cost_chains"] == 1
+    assert row["cost_nfe_paper"] == row["cost_steps"]
+
+
 def test_ld_rps_reference_psi_is_a_setting(pixel_model, tmp_path):
     """``LDRPS(psi="fpam")`` restores with the reference's F-PAM ψ and its adversarial D1 (counted), and the run
     record tells it from the default physical ψ, so resuming one into the other's folder is refused."""

@@ -476,7 +476,7 @@ class LDRPS(Method):
         task: ``low-light``, ``haze``, ``noise`` or ``colour`` (its defaults: §13.4).
         captions: a folder of ``<stem>.txt`` captions for text-conditioned priors (None: ``--prompt``).
         num_steps: DDIM steps N (None: the solver's default).
-        free_chains: free chains F (None: the solver's default).
+        free_chains: free chains F (None: the task preset's, else the solver's default 1).
         psi: the learned degradation: ``"physical"`` (the task's physical ψ fitted paired, §13.9 [ours]; the
             default) or ``"fpam"`` (the reference's F-PAM network with its adversarial loss, §13.2).
         guidance_factor: factor on the task's guidance scale (None: 1, the reference's value, made for SD1.5 latents
@@ -511,7 +511,13 @@ class LDRPS(Method):
     def settings(self, problem=None):
         # the two later settings stay None at their defaults (factor 1, z_next), so older run records still resume
         later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from}
-        return {**super().settings(problem), "psi": self.psi or "physical", **later}
+        out = {**super().settings(problem), "psi": self.psi or "physical", **later}
+        if self.free_chains is None and problem is not None:  # the preset's F where the task sets one (noise: 0)
+            from ud2m.solvers.ld_rps import preset_for
+
+            preset = preset_for(self.task, problem.prior).free_chains
+            out["free_chains"] = out["free_chains"] if preset is None else preset
+        return out
 
     @classmethod
     def solver_function(cls):
@@ -521,9 +527,9 @@ class LDRPS(Method):
 
     def restore(self, problem, y, generators, index):
         """The last pass, and as extras every pass, ψ's output on the result and the §13.5 cost counters."""
-        from ud2m.solvers.ld_rps import REFERENCE_STEPS, CFGCondition, ld_rps, learned_degradation, task_defaults
+        from ud2m.solvers.ld_rps import REFERENCE_STEPS, CFGCondition, ld_rps, learned_degradation, preset_for
 
-        defaults, psi = task_defaults(self.task), self.psi or "physical"
+        defaults, psi = preset_for(self.task, problem.prior), self.psi or "physical"
         op = learned_degradation(self.task, psi=psi).to(y.device)
         captions = None if problem.captions is None else [problem.captions[i] for i in index.tolist()]
         cond = None

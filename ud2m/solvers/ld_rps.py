@@ -177,6 +177,7 @@ class TaskDefaults:
     physical_iters: int = 5  # its paired Adam steps per adapt (0: ψ stays the identity, nothing to fit)
     physical_exposure: tuple[float, int, float] | None = None  # Q_exp with ψ = "physical": (w, P at 512², t <)
     start: str | None = None  # pass 0's start (:func:`ld_rps`'s ``start``): None [ref] pure noise, "measurement" y
+    free_chains: int | None = None  # F; None: the solver's default (1 [ref]); 0 where ψ has nothing to fit [ours]
 
     def degradation_kwargs(self, psi: str = "physical") -> dict[str, Any]:
         """Keyword arguments of :class:`LearnedDegradation` for this task: ``psi="physical"`` [ours, default]
@@ -204,7 +205,8 @@ class TaskDefaults:
     def solver_kwargs(
         self, *, guidance_norm: str = "mean", image_size: int = 512, psi: str = "physical"
     ) -> dict[str, Any]:
-        """``guidance_scale``, ``num_recurrences``, ``regularisers``, ``guidance_norm`` and ``start`` for :func:`ld_rps`
+        """``guidance_scale``, ``num_recurrences``, ``regularisers``, ``guidance_norm``, ``start`` (and ``free_chains``
+        where the task sets it) for :func:`ld_rps`
         (``psi`` as in :meth:`degradation_kwargs`)."""
         s = self.guidance_scale if guidance_norm == "mean" else self.guidance_scale / REFERENCE_PIXELS
         return dict(
@@ -213,6 +215,7 @@ class TaskDefaults:
             regularisers=self.regularisers(image_size, psi),
             guidance_norm=guidance_norm,
             start=self.start,
+            **({} if self.free_chains is None else {"free_chains": self.free_chains}),
         )
 
 
@@ -239,10 +242,10 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
         5,
         (1e-2, 64, 150),
     ),
-    # [ours] the noise column starts from y at its estimated noise level, unguided, without recurrences (the
-    # reference: pure noise, s = 4e4, R = 1); measured in docs/method.md §13.12
+    # [ours] the noise column starts from y at its estimated noise level, unguided, without recurrences and without
+    # free chains (ψ is the identity: nothing to fit); the reference: pure noise, s = 4e4, R = 1, F = 1 (§13.12)
     "noise": TaskDefaults(
-        0.0, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 0, False, "tone", 0, None, start="measurement"
+        0.0, 3.0, 0.002, 0.001, 1e-4, 0.0, 0.0, 4e-5, None, None, 0, False, "tone", 0, None, "measurement", 0
     ),
     "colour": TaskDefaults(2.5e4, 0.2, 0.5, 0.2, 1e-4, 5e-3, 0.0, 4e-5, None, None, 1, True, "luma", 5, None),
 }
@@ -250,7 +253,9 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
 
 #: the §13.4 columns that :data:`TASK_DEFAULTS` replaces [ours], for comparisons (``benchmarks/blind.py``)
 REFERENCE_TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "noise": dataclasses.replace(TASK_DEFAULTS["noise"], guidance_scale=4e4, num_recurrences=1, start=None),
+    "noise": dataclasses.replace(
+        TASK_DEFAULTS["noise"], guidance_scale=4e4, num_recurrences=1, start=None, free_chains=None
+    ),
 }
 
 
@@ -263,6 +268,16 @@ def task_defaults(task: str) -> TaskDefaults:
     if task not in TASK_DEFAULTS:
         raise ValueError(f"task: unknown LD-RPS task {task!r}; known tasks: {', '.join(TASK_DEFAULTS)}")
     return TASK_DEFAULTS[task]
+
+
+def preset_for(task: str, prior: Prior) -> TaskDefaults:
+    """The shipped column of ``task`` for ``prior``: a measurement start needs a pixel prior (its state is the
+    image, and the noise is Gaussian there), so a prior with an encoder (a latent prior) gets the reference's column
+    (:data:`REFERENCE_TASK_DEFAULTS`)."""
+    defaults = task_defaults(task)
+    if defaults.start == "measurement" and type(prior).encode is not Prior.encode:
+        return REFERENCE_TASK_DEFAULTS[task]
+    return defaults
 
 
 def learned_degradation(task: str, *, psi: str | None = None, **overrides: Any) -> LearnedDegradation:
