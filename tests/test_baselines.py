@@ -107,6 +107,22 @@ def test_forward_difference_adjoint_and_norm_bound(shape, reg, rng):
     assert v.norm() <= diff_norm_sq_bound(weights) * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 5, 6, 7), (1, 2, 2, 1, 3), (1, 1, 1, 2, 1)])
+def test_forward_difference_fast_and_autograd_paths_agree(shape, rng):
+    """Without autograd D and D^T run one-pass out= kernels, with it the differentiable ones: equal results, on any
+    length (1 and 2 included), and D^T's gradient under autograd is D."""
+    weights = reg_weights("tv3", 5, alpha=2.5)
+    x = torch.randn(shape, generator=rng, dtype=F64)
+    Dx = forward_diff(x, weights)
+    q = torch.randn(Dx.shape, generator=rng, dtype=F64)
+    xt, qt = x.clone().requires_grad_(), q.clone().requires_grad_()
+    assert torch.equal(forward_diff(xt, weights).detach(), Dx)
+    adjoint = forward_diff_adjoint(qt, weights)
+    torch.testing.assert_close(adjoint.detach(), forward_diff_adjoint(q, weights), rtol=0, atol=1e-15)
+    (grad,) = torch.autograd.grad(batch_dot(adjoint, x).sum(), qt)
+    torch.testing.assert_close(grad, Dx)
+
+
 def test_forward_difference_matches_definition_and_tv3(rng):
     """D has components lambda_k D_k x, zero at the last index; TV3 = sum sqrt(a Dt^2 + Dh^2 + Dv^2)."""
     x = torch.randn(2, 3, 4, 5, 6, generator=rng, dtype=F64)

@@ -144,7 +144,8 @@ def smoothed_tv3_grad(u: torch.Tensor, alpha: float, eps_tv: float) -> torch.Ten
     = D^\top\big(Du/\sqrt{|Du|^2 + \epsilon_\text{TV}^2}\big)` (per voxel and colour channel)."""
     weights = reg_weights("tv3", u.ndim, alpha)
     du = forward_diff(u, weights)  # (B, K, C, T, H, W)
-    return forward_diff_adjoint(du / (du.square().sum(1, keepdim=True) + eps_tv**2).sqrt(), weights)
+    inv_norm = torch.rsqrt(torch.linalg.vecdot(du, du, dim=1).add(eps_tv**2)).unsqueeze(1)  # 1/√(|Du|² + ε²)
+    return forward_diff_adjoint(du * inv_norm, weights)
 
 
 def data_step_adam(
@@ -182,10 +183,14 @@ def data_step_adam(
     )  # exactly 0 for gamma = inf
     (b1, b2), u = betas, x_tilde
     m, v = torch.zeros_like(u), torch.zeros_like(u)
+    proximal = bool(inv_gamma.any())
     for i in range(1, iters + 1):
-        g = _objective_grad(op, u, y) + lam * smoothed_tv3_grad(u, alpha, eps_tv) + inv_gamma * (u - x_tilde)
-        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.square()
-        u = (u - lr * (m / (1 - b1**i)) / ((v / (1 - b2**i)).sqrt() + eps)).clamp(-1.0, 1.0)
+        g = torch.addcmul(_objective_grad(op, u, y), lam, smoothed_tv3_grad(u, alpha, eps_tv))
+        if proximal:
+            g = g + inv_gamma * (u - x_tilde)
+        m, v = torch.lerp(m, g, 1 - b1), torch.addcmul(b2 * v, g, g, value=1 - b2)  # fused torch.optim.Adam moments
+        denom = (v.sqrt() / math.sqrt(1 - b2**i)).add(eps)
+        u = torch.addcdiv(u, m, denom, value=-lr / (1 - b1**i)).clamp(-1.0, 1.0)
     return u
 
 
@@ -326,7 +331,7 @@ LVTINO_SCHEDULES: dict[str, tuple[LVTINOStep, ...]] = {
     "C": _rows(T_VIDEO_C, T_IMAGE_C, [_adam_c(6.1785e-7)] + [_adam_c(1.5583e-6)] * 2, [_CG_C] * 2),
     # [ours] A with a quarter of the PDHG work: the §6.3 step rule τ = σ = 1/√L and over-relaxation ρ = 1.9 at
     # 50 iterations reach the released 200 (on the 8 tuning clips of benchmarks/video.py ablation: 32.44 against
-    # 32.47 dB, flicker 2.71 against 2.69; the solver overhead on the tiny models falls from 1.98 to 1.34)
+    # 32.47 dB, flicker 2.71 against 2.69; the solver overhead on the tiny models falls from 2.18 to 1.43, README)
     "A_fast": _rows(
         T_VIDEO_AB,
         T_IMAGE_AB,

@@ -44,19 +44,36 @@ def _axes(x: torch.Tensor, weights: tuple[float, ...]) -> list[tuple[int, float]
     return [(x.ndim - 1 - i, float(w)) for i, w in enumerate(weights) if float(w) != 0.0]
 
 
-def _diff(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Forward difference along ``dim``, zero at the last index."""
+def _tracked(x: torch.Tensor) -> bool:
+    """Whether autograd records ops on ``x`` (then the out=/in-place fast paths, which it refuses, are skipped)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _diff(x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward difference along ``dim``, zero at the last index (written into ``out`` when given: one pass)."""
     n = x.shape[dim]
-    d = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
-    return torch.cat([d, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+    if _tracked(x):
+        d = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
+        return torch.cat([d, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+    out = torch.empty_like(x) if out is None else out
+    torch.sub(x.narrow(dim, 1, n - 1), x.narrow(dim, 0, n - 1), out=out.narrow(dim, 0, n - 1))
+    out.narrow(dim, n - 1, 1).zero_()
+    return out
 
 
 def _diff_adjoint(q: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""Adjoint of :func:`_diff`: :math:`(D^\top q)_j = q_{j-1}[j \ge 1] - q_j[j \le n-2]`."""
+    r"""Adjoint of :func:`_diff`: :math:`(D^\top q)_j = q_{j-1}[j \ge 1] - q_j[j \le n-2]` (the last entry of q
+    is ignored: Dx is always 0 there), in one pass over the interior."""
     n = q.shape[dim]
-    zero = torch.zeros_like(q.narrow(dim, 0, 1))
-    qm = torch.cat([q.narrow(dim, 0, n - 1), zero], dim)  # the last entry of Dx is always 0: ignore q there
-    return torch.cat([zero, qm.narrow(dim, 0, n - 1)], dim) - qm
+    if _tracked(q) or n == 1:
+        zero = torch.zeros_like(q.narrow(dim, 0, 1))
+        qm = torch.cat([q.narrow(dim, 0, n - 1), zero], dim)
+        return torch.cat([zero, qm.narrow(dim, 0, n - 1)], dim) - qm
+    out = torch.empty_like(q)
+    out.narrow(dim, 0, 1).copy_(q.narrow(dim, 0, 1)).neg_()
+    torch.sub(q.narrow(dim, 0, n - 2), q.narrow(dim, 1, n - 2), out=out.narrow(dim, 1, n - 2))
+    out.narrow(dim, n - 1, 1).copy_(q.narrow(dim, n - 2, 1))
+    return out
 
 
 def forward_diff(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
@@ -73,7 +90,15 @@ def forward_diff(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     tensor([[1., 2., 0.],
             [0., 0., 0.]])
     """
-    return torch.stack([w * _diff(x, dim) for dim, w in _axes(x, weights)], dim=1)
+    axes = _axes(x, weights)
+    if _tracked(x):
+        return torch.stack([w * _diff(x, dim) for dim, w in axes], dim=1)
+    out = x.new_empty(x.shape[0], len(axes), *x.shape[1:])
+    for k, (dim, w) in enumerate(axes):
+        _diff(x, dim, out=out[:, k])  # dims of x are those of out[:, k]
+        if w != 1.0:
+            out[:, k].mul_(w)
+    return out
 
 
 def forward_diff_adjoint(q: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
@@ -86,7 +111,13 @@ def forward_diff_adjoint(q: torch.Tensor, weights: tuple[float, ...]) -> torch.T
     axes = _axes(q[:, 0], weights)
     if q.shape[1] != len(axes):
         raise ValueError(f"TV: dual field has {q.shape[1]} components, weights {weights} give {len(axes)}")
-    return sum(w * _diff_adjoint(q[:, k], dim) for k, (dim, w) in enumerate(axes))
+    if _tracked(q):
+        return sum(w * _diff_adjoint(q[:, k], dim) for k, (dim, w) in enumerate(axes))
+    out = None
+    for k, (dim, w) in enumerate(axes):
+        term = _diff_adjoint(q[:, k], dim)
+        out = (term.mul_(w) if w != 1.0 else term) if out is None else out.add_(term, alpha=w)
+    return out
 
 
 def diff_norm_sq_bound(weights: tuple[float, ...]) -> float:
@@ -122,7 +153,7 @@ def project_dual(q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     :math:`[-\lambda, \lambda]`. ``lam`` is ``(B,)``; ``lam = 0`` gives 0."""
     if q.shape[1] == 1:  # one direction: the clip, without the norm's square root (TV_t's PDHG runs it 200 times)
         lam = append_dims(lam, q.ndim)
-        return torch.minimum(torch.maximum(q, -lam), lam)
+        return torch.clamp(q, -lam, lam)
     lam = append_dims(lam, q.ndim - 1)  # (B, 1, ...) against the norm over K
     norm = q.square().sum(1).sqrt()  # (B, C, ...)
     return q * (lam / torch.maximum(norm, lam).clamp_min(torch.finfo(q.dtype).tiny)).unsqueeze(1)
@@ -229,10 +260,16 @@ def pdhg_solve(
         return _pdhg_relaxed(op, x_tilde, y, p, q, lam, weights, t_u, s_p, s_q, c, iters, relaxation)
     for _ in range(iters):
         p = (p + s_p * (op.A(u_bar) - y)) / (1 + s_p)
-        q = project_dual(q + s_q * forward_diff(u_bar, weights), lam)
-        u_next = (u - t_u * (op.A_adjoint(p) + forward_diff_adjoint(q, weights)) + c * x_tilde) / (1 + c)
-        u_bar, u = 2 * u_next - u, u_next  # θ = 1
+        q = project_dual(torch.addcmul(q, s_q, forward_diff(u_bar, weights)), lam)
+        u_next = _primal(u, op.A_adjoint(p) + forward_diff_adjoint(q, weights), t_u, c, x_tilde)
+        u_bar, u = torch.lerp(u, u_next, 2.0), u_next  # ū = 2u⁺ − u (θ = 1)
     return PDHGState(u, p, q)
+
+
+def _primal(u: torch.Tensor, grad: torch.Tensor, t_u: torch.Tensor, c: torch.Tensor, x_tilde: torch.Tensor):
+    """u⁺ = (u − τ·grad + (τ/γ)x̃)/(1 + τ/γ), fused (one pass) when γ = ∞ for every sample (τ/γ = 0)."""
+    step = torch.addcmul(u, t_u, grad, value=-1.0)
+    return step if not bool(c.any()) else (step + c * x_tilde) / (1 + c)
 
 
 def _pdhg_relaxed(op, x_tilde, y, p, q, lam, weights, t_u, s_p, s_q, c, iters: int, rho: float) -> PDHGState:
@@ -243,15 +280,15 @@ def _pdhg_relaxed(op, x_tilde, y, p, q, lam, weights, t_u, s_p, s_q, c, iters: i
     ``rho = 1`` the result is the plain iteration's (tested)."""
 
     def primal(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return (u - t_u * (op.A_adjoint(p) + forward_diff_adjoint(q, weights)) + c * x_tilde) / (1 + c)
+        return _primal(u, op.A_adjoint(p) + forward_diff_adjoint(q, weights), t_u, c, x_tilde)
 
     u = x_tilde
     for _ in range(iters):
         u_new = primal(u, p, q)
-        u_bar = 2 * u_new - u
+        u_bar = torch.lerp(u, u_new, 2.0)
         p_new = (p + s_p * (op.A(u_bar) - y)) / (1 + s_p)
-        q_new = project_dual(q + s_q * forward_diff(u_bar, weights), lam)
-        u, p, q = u + rho * (u_new - u), p + rho * (p_new - p), q + rho * (q_new - q)
+        q_new = project_dual(torch.addcmul(q, s_q, forward_diff(u_bar, weights)), lam)
+        u, p, q = torch.lerp(u, u_new, rho), torch.lerp(p, p_new, rho), torch.lerp(q, q_new, rho)
     return PDHGState(primal(u, p, q), p, q)
 
 
