@@ -130,9 +130,6 @@ class TemporalAveragePool(LinearOperator):
             raise ValueError(f"TemporalAveragePool: num_frames must be a positive integer, got {num_frames}")
         self.factor = int(factor)
         self.num_frames = int(num_frames)
-        # padded frame j reads real frame min(j, T-1) (replicate padding)
-        index = torch.arange(self.num_frames_lr * self.factor).clamp_max(self.num_frames - 1)
-        self.register_buffer("frame_index", index, persistent=False)
 
     @property
     def num_frames_lr(self) -> int:
@@ -155,18 +152,32 @@ class TemporalAveragePool(LinearOperator):
         return p
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, T, H, W) -> (B, C, T_lr, H, W)``."""
+        """``(B, C, T, H, W) -> (B, C, T_lr, H, W)``: the mean of each full window of f frames (a view, no copy),
+        and of the last, partial one with the last frame repeated (replicate padding)."""
         self._check(x, self.num_frames, "the video")
-        B, C, _, H, W = x.shape
-        padded = x.index_select(2, self.frame_index)  # (B, C, T_lr*f, H, W)
-        return padded.reshape(B, C, self.num_frames_lr, self.factor, H, W).mean(3)
+        B, C, T, H, W = x.shape
+        f, m = self.factor, T // self.factor  # m full windows, r = T − m·f frames left over
+        pooled = x[:, :, : m * f].reshape(B, C, m, f, H, W).mean(3)
+        if m * f == T:
+            return pooled
+        r = T - m * f
+        last = (x[:, :, m * f :].sum(2, keepdim=True) + (f - r) * x[:, :, T - 1 :]) / f
+        return torch.cat([pooled, last], dim=2)
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """``(B, C, T_lr, H, W) -> (B, C, T, H, W)``: repeat / f, padded frames summed into the last real one."""
+        """``(B, C, T_lr, H, W) -> (B, C, T, H, W)``: each pooled frame / f on its window's frames, the padded
+        frames' shares summed into the last real one."""
         self._check(y, self.num_frames_lr, "the measurement")
         B, C, _, H, W = y.shape
-        spread = (y / self.factor).repeat_interleave(self.factor, dim=2)  # (B, C, T_lr*f, H, W)
-        return y.new_zeros(B, C, self.num_frames, H, W).index_add(2, self.frame_index, spread)
+        f, T = self.factor, self.num_frames
+        m = T // f
+        out = y.new_empty(B, C, T, H, W)
+        out[:, :, : m * f].view(B, C, m, f, H, W).copy_((y[:, :, :m] / f).unsqueeze(3))
+        if m * f < T:
+            r = T - m * f
+            out[:, :, m * f :] = y[:, :, m:] / f
+            out[:, :, T - 1 :] += (f - r) / f * y[:, :, m:]
+        return out
 
     def _gains(self, like: torch.Tensor) -> torch.Tensor:
         return self.frame_gains(dtype=like.dtype, device=like.device)[:, None, None]  # (T_lr, 1, 1)
