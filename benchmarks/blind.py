@@ -16,7 +16,7 @@ task degrades them with the simulators of ``ud2m.operators.simulate`` (parameter
 Methods, all on the same observations: **LD-RPS blind** (the shipped presets, §13.4 but for noise, with
 ``guidance_norm="sum"``, no feature network, ``schedule_transfer="sigma"``, Q patches scaled by 64/512, F = 1, the
 pixel prior unconditional: no caption; noise [ours, §13.12]: from y at its estimated noise level, unguided, R = 0,
-so it gets no tuned-guidance rows and the reference's preset is run beside it, as published and tuned);
+F = 0, so it gets no tuned-guidance rows and the reference's preset is run beside it, as published and tuned);
 **LD-RPS with the true linear part** (``LearnedDegradation(base=...)``: x ↦ t ⊙ x on y′ = y − (1 − t)(2A − 1) for haze,
 the identity for noise, ``Grayscale(3)`` for colour; §13.2) where the task is linear; **LD-RPS with the true operator**
 (``KnownDegradation(simulator)``, ``adapt=False``: the same sampler and guidance with ψ replaced by the truth, every
@@ -110,7 +110,8 @@ REFERENCE = "LD-RPS blind, the reference's preset (pure-noise start, guided, rec
 REFERENCE_TUNED = "LD-RPS blind, the reference's preset, tuned guidance"
 TASK_NOTES = {
     "noise": "Our preset [ours, docs/method.md §13.12]: pass 0 starts from y itself at the time of its noise level "
-    "(Immerkær's estimate from y alone), unguided, without recurrence; ψ is the identity. The last two rows are "
+    "(Immerkær's estimate from y alone), unguided, without recurrence or free chains (ψ is the identity). The last "
+    "two rows are "
     "the reference's §13.4 preset (pure-noise start, s = 4e4, R = 1).",
 }
 
@@ -464,8 +465,8 @@ def cost(args) -> Path:
             tasks[task][str(n)] = {
                 "psnr": summary([r["psnr"]["mean"] for r in runs]),
                 "ssim": summary([r["ssim"]["mean"] for r in runs]),
-                "steps": runs[0]["costs"]["steps"],
-                "nfe": runs[0]["costs"]["nfe_paper"],
+                "steps": statistics.mean(r["costs"]["steps"] for r in runs),  # noise: per image (its σ̂)
+                "nfe": statistics.mean(r["costs"]["nfe_paper"] for r in runs),
                 "seconds_per_image": statistics.mean(r["seconds_per_image"] for r in runs),
             }
     meta = {"crops": names, "threads": torch.get_num_threads(), "load_average_start": load_start,
@@ -493,7 +494,7 @@ def cost_text(data: dict) -> str:
     for task, rows in data["tasks"].items():
         for n, r in rows.items():
             lines.append(
-                f"| {task} | {n} | {r['steps']} | {r['nfe']} | {_pm(r['psnr'])} | {_pm(r['ssim'], '.3f')} | "
+                f"| {task} | {n} | {r['steps']:g} | {r['nfe']:g} | {_pm(r['psnr'])} | {_pm(r['ssim'], '.3f')} | "
                 f"{r['seconds_per_image']:.1f} |"
             )
     return "\n".join(lines)

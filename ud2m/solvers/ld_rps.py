@@ -448,7 +448,8 @@ def ld_rps(
         guidance_step: ``"latent"`` [ref] or ``"x0"`` [ours].
         guidance_space: ``"rgb"`` [ref], the plain gradient, or ``"opponent"`` [ours], the gradient step taken in
             (Y, Cb, Cr) coordinates (:func:`opponent_metric`; pixel RGB priors only): a luma-only loss then shifts
-            grey instead of green (the ``colour`` preset).
+            grey instead of green (for a known grey conversion; measured on the ``colour`` task and not its
+            default, docs/method.md §13.12).
         schedule_transfer: None or ``"sigma"``: t1, t_j and the restart time move to the prior's times with the
             reference (SD scaled-linear) noise levels [ours].
         start: where pass 0 starts [ours]. None [ref]: pure noise at τ_1. ``"measurement"``: from y itself, which
