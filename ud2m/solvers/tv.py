@@ -251,6 +251,7 @@ def pdhg_solve(
     tau = batch_scalar(step if tau is None else tau, B, device=dev, dtype=dtype, name="tau")
     sigma = batch_scalar(step if sigma is None else sigma, B, device=dev, dtype=dtype, name="sigma")
     c = append_dims(tau / gamma, x_tilde.ndim)  # τ/γ, exactly 0 for γ = inf
+    c = c if bool(c.any()) else None  # None: no proximity term anywhere (the fused primal step)
     t_u, s_p = append_dims(tau, x_tilde.ndim), append_dims(sigma, y.ndim)
     s_q = append_dims(sigma, x_tilde.ndim + 1)
     u = u_bar = x_tilde
@@ -266,10 +267,11 @@ def pdhg_solve(
     return PDHGState(u, p, q)
 
 
-def _primal(u: torch.Tensor, grad: torch.Tensor, t_u: torch.Tensor, c: torch.Tensor, x_tilde: torch.Tensor):
-    """u⁺ = (u − τ·grad + (τ/γ)x̃)/(1 + τ/γ), fused (one pass) when γ = ∞ for every sample (τ/γ = 0)."""
+def _primal(u: torch.Tensor, grad: torch.Tensor, t_u: torch.Tensor, c: torch.Tensor | None, x_tilde: torch.Tensor):
+    """u⁺ = (u − τ·grad + (τ/γ)x̃)/(1 + τ/γ), one fused pass when ``c`` (τ/γ) is None: γ = ∞ for every sample
+    (decided once per solve, so no device sync per iteration)."""
     step = torch.addcmul(u, t_u, grad, value=-1.0)
-    return step if not bool(c.any()) else (step + c * x_tilde) / (1 + c)
+    return step if c is None else (step + c * x_tilde) / (1 + c)
 
 
 def _pdhg_relaxed(op, x_tilde, y, p, q, lam, weights, t_u, s_p, s_q, c, iters: int, rho: float) -> PDHGState:
