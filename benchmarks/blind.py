@@ -348,6 +348,21 @@ def tune_guidance(prior, task: str, x_tune: torch.Tensor, keys, args, *, known: 
     return {"factor": float(best), "zhat_from": "z_t", "tuning": scores_}
 
 
+def tuned_row(prior, task: str, label: str, p: Problem, x, keys, x_tune, tune_keys, args, *, known: bool = False,
+              defaults=None) -> dict:  # fmt: skip
+    """LD-RPS blind (``known``: given the true operator, no ψ fit) with the guidance factor that
+    :func:`tune_guidance` chose on the training crops for that variant, and the tuning scores."""
+    from ud2m.operators.simulate import KnownDegradation
+    from ud2m.solvers.ld_rps import learned_degradation
+
+    tuned = tune_guidance(prior, task, x_tune, tune_keys, args, known=known, defaults=defaults)
+    op = KnownDegradation(p.simulator) if known else learned_degradation(task)
+    guidance = {k: tuned[k] for k in ("factor", "zhat_from")}
+    row = ld_rps_row(prior, task, label, op, p.y, x, p.truth_Ax, keys, args, adapt=not known, guidance=guidance,
+                     defaults=defaults)  # fmt: skip
+    return {**row, "tuning": tuned["tuning"]}
+
+
 def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -> dict:
     from ud2m.operators.simulate import KnownDegradation
     from ud2m.solvers.ld_rps import REFERENCE_TASK_DEFAULTS, learned_degradation, task_defaults
@@ -366,27 +381,13 @@ def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -
     if reference is not None:  # the §13.4 column our preset replaced, as published and with tuned guidance
         rows[REFERENCE] = ld_rps_row(prior, task, REFERENCE, learned_degradation(task), p.y, x, p.truth_Ax, keys,
                                      args, defaults=reference)  # fmt: skip
-        tuned = tune_guidance(prior, task, x_tune, tune_keys, args, defaults=reference)
-        guidance = {k: tuned[k] for k in ("factor", "zhat_from")}
-        rows[REFERENCE_TUNED] = {
-            **ld_rps_row(prior, task, REFERENCE_TUNED, learned_degradation(task), p.y, x, p.truth_Ax, keys, args,
-                         guidance=guidance, defaults=reference),
-            "tuning": tuned["tuning"],
-        }  # fmt: skip
+        rows[REFERENCE_TUNED] = tuned_row(prior, task, REFERENCE_TUNED, p, x, keys, x_tune, tune_keys, args,
+                                          defaults=reference)  # fmt: skip
     if task_defaults(task).guidance_scale == 0:  # an unguided preset: no guidance to tune
         return rows
-    tuned = tune_guidance(prior, task, x_tune, tune_keys, args)
-    guidance = {k: tuned[k] for k in ("factor", "zhat_from")}
-    rows[TUNED] = {
-        **ld_rps_row(prior, task, TUNED, learned_degradation(task), p.y, x, p.truth_Ax, keys, args, guidance=guidance),
-        "tuning": tuned["tuning"],
-    }
-    known = tune_guidance(prior, task, x_tune, tune_keys, args, known=True)  # its own factor, as every row's weight
-    rows[KNOWN_TUNED] = {
-        **ld_rps_row(prior, task, KNOWN_TUNED, KnownDegradation(p.simulator), p.y, x, p.truth_Ax, keys, args,
-                     adapt=False, guidance={k: known[k] for k in ("factor", "zhat_from")}),
-        "tuning": known["tuning"],
-    }  # fmt: skip
+    rows[TUNED] = tuned_row(prior, task, TUNED, p, x, keys, x_tune, tune_keys, args)
+    # the true-operator row gets its own factor, as every row's weight
+    rows[KNOWN_TUNED] = tuned_row(prior, task, KNOWN_TUNED, p, x, keys, x_tune, tune_keys, args, known=True)
     return rows
 
 

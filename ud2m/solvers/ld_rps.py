@@ -354,10 +354,16 @@ def opponent_metric(grad: torch.Tensor) -> torch.Tensor:
     the same loss moves all three channels equally, a grey shift, and leaves chroma to the prior."""
     if grad.ndim != 4 or grad.shape[1] != 3:
         raise ValueError(f"guidance_space='opponent' needs RGB pixels (B, 3, H, W), got {tuple(grad.shape)}")
-    T = torch.tensor(YCBCR, dtype=torch.float64)
-    T_inv = torch.linalg.inv(T)
-    M = (T_inv @ T_inv.T).to(grad)
-    return torch.einsum("ij,bjhw->bihw", M, grad)
+    return torch.einsum("ij,bjhw->bihw", _OPPONENT_M.to(grad), grad)
+
+
+def _opponent_m() -> torch.Tensor:
+    """M = T⁻¹T⁻ᵀ of :func:`opponent_metric` in float64, computed once."""
+    T_inv = torch.linalg.inv(torch.tensor(YCBCR, dtype=torch.float64))
+    return T_inv @ T_inv.T
+
+
+_OPPONENT_M = _opponent_m()
 
 
 def _step(run: _Run, z: torch.Tensor, state, t: float, t_next: float, t1: float, t_reg, info: dict) -> tuple:
