@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "cap 1, energy, D(y, x_t, t) for the first quarter": (C1, dict(ES, adv_end_step=250), XTT, True),
     "cap 1, energy, D(y, x_t, t), ω_gp 1": (C1, dict(ES, omega_gp=1.0), XTT, True),
     "cap 1, energy, D(y, x_t, t), ω_gp 10": (C1, dict(ES, omega_gp=10.0), XTT, True),
+    "cap 1, energy, D(y, x_t, t), adversarial term weighted 1 - ᾱ_t": (C1, dict(ES, adv_weighting="nu"), XTT, True),
     "cap 0.35, L2, no D": (C035, L2, None, True),
     "cap 0.35, L2, D(y)": (C035, L2, ("y",), True),
     "cap 0.35, L2, D(y, x_t, t)": (C035, L2, XTT, True),

@@ -20,6 +20,7 @@ from torch import nn
 from ud2m.discriminator import ConditionalDiscriminator, block_channels, default_num_blocks
 from ud2m.losses import (
     UD2MLoss,
+    adv_weight,
     discriminator_loss,
     energy_score,
     generator_adversarial,
@@ -353,3 +354,19 @@ def test_ud2m_loss_is_the_weighted_sum_of_its_terms():
         UD2MLoss()(a, None, x0, alpha_bar)
     with pytest.raises(ValueError, match="expected 'energy' or 'l2', got 'l1'"):
         UD2MLoss("l1")
+
+
+def test_adversarial_weighting_nu_scales_each_sample_by_its_noise_variance():
+    """adv_weighting="nu": the generator's adversarial term is mean((1 − ᾱ_t)·softplus(−D)); the other terms and the
+    unweighted default are unchanged."""
+    g = torch.Generator().manual_seed(1)
+    x0, a, b = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1 for _ in range(3))
+    alpha_bar, logits = torch.tensor([0.999, 0.5, 0.01]), torch.randn(3, generator=g)
+    plain, plain_terms = UD2MLoss(omega_adv=0.1)(a, b, x0, alpha_bar, logits)
+    weighted, terms = UD2MLoss(omega_adv=0.1, adv_weighting="nu")(a, b, x0, alpha_bar, logits)
+    expected_adv = ((1 - alpha_bar) * generator_adversarial(logits)).mean()
+    torch.testing.assert_close(terms["adv_g"], expected_adv)
+    torch.testing.assert_close(weighted - 0.1 * expected_adv, plain - 0.1 * plain_terms["adv_g"])
+    assert torch.equal(adv_weight(alpha_bar, "nu"), 1 - alpha_bar) and adv_weight(alpha_bar, "none") is None
+    with pytest.raises(ValueError, match="adv_weighting"):
+        UD2MLoss(adv_weighting="snr")

@@ -97,6 +97,29 @@ _L2_WEIGHTS = {
 }
 
 
+#: Per-sample weights of the generator's adversarial term [ours]: ``"nu"`` is the VP noise variance 1 − ᾱ_t.
+_ADV_WEIGHTS = {"none": None, "nu": lambda alpha_bar: 1.0 - alpha_bar}
+
+
+def adv_weight(alpha_bar: torch.Tensor, kind: str = "none") -> torch.Tensor | None:
+    r"""Per-sample weight of the generator's adversarial term [ours] (§7.5), or None for ``"none"`` (uniform).
+
+    ``"nu"``: :math:`1 - \bar\alpha_t`, the noise variance of x_t. Near t = 0 the conditional law p(x0 | x_t, y)
+    is almost a point mass at x_t / a_t: the energy score already pins the block there, and a discriminator that
+    sees (y, x_t, t) can only push the samples away from it, which the exact Gaussian study measures as W2 rising
+    with N. This weight fades the adversarial term where the noise fades and keeps it where x_t says little.
+    Measured (README, "Sampler design"): W2 lower than with ``"none"`` at every N of the Gaussian study, but still
+    rising after N = 3; on the digits quick start equal PSNR and equal or better CFID and coverage at N <= 4.
+
+    >>> adv_weight(torch.tensor([0.99, 0.5]), "nu")
+    tensor([0.0100, 0.5000])
+    """
+    if kind not in _ADV_WEIGHTS:
+        raise ValueError(f"adv_weighting: kind must be one of {sorted(_ADV_WEIGHTS)}, got {kind!r}")
+    rule = _ADV_WEIGHTS[kind]
+    return None if rule is None else rule(torch.as_tensor(alpha_bar))
+
+
 def l2_weight(alpha_bar: torch.Tensor, kind: str = "none", gamma: float = 5.0) -> torch.Tensor:
     r"""Per-sample L2 weight :math:`w(t)` of the conditional-consistency loss (§7.5).
 
@@ -220,6 +243,7 @@ class UD2MLoss:
         consistency: ``"energy"`` or ``"l2"``.
         omega_l2, omega_lpips, omega_adv: the weights.
         weighting: None (uniform) or a callable ``(B,) alpha_bar -> (B,)`` weight.
+        adv_weighting: the adversarial term's per-sample weight, ``"none"`` or ``"nu"`` (:func:`adv_weight`).
         perceptual: an LPIPS callable (:func:`ud2m.perceptual.make_lpips`) or None (no perceptual term). Held by
             reference: it is registered (and frozen) by whoever owns it.
     """
@@ -232,11 +256,14 @@ class UD2MLoss:
         omega_lpips: float = 0.0,
         omega_adv: float = 0.0,
         weighting: Weighting | None = None,
+        adv_weighting: str = "none",
         perceptual: PerceptualFn | None = None,
     ) -> None:
         if consistency not in ("energy", "l2"):
             raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency!r}")
+        adv_weight(torch.zeros(1), adv_weighting)  # validates the name
         self.consistency, self.weighting, self.perceptual = consistency, weighting, perceptual
+        self.adv_weighting = adv_weighting
         self.omega = {"l2": omega_l2, "lpips": omega_lpips, "adv": omega_adv}
 
     def __call__(
@@ -273,7 +300,9 @@ class UD2MLoss:
             logs["lpips_random_backbone"] = float(getattr(self.perceptual, "random_backbone", False))
             loss = loss + self.omega["lpips"] * logs["lpips"]
         if d_fake_logits is not None:
-            logs["adv_g"] = generator_adversarial(d_fake_logits).mean()
+            adv = generator_adversarial(d_fake_logits)
+            w_adv = adv_weight(alpha_bar.to(adv.device), self.adv_weighting)
+            logs["adv_g"] = (adv if w_adv is None else w_adv.to(adv.dtype) * adv).mean()
             loss = loss + self.omega["adv"] * logs["adv_g"]
         logs["loss_g"] = loss
         return loss, logs

@@ -95,6 +95,8 @@ class UnfoldedDistillation(pl.LightningModule):
             quick start loses 0.8 dB, README "Sampler design").
         l2_weighting: ``"none"`` (paper), ``"snr"`` (reference code), ``"min_snr"`` or ``"max_snr1"`` (§7.5);
             weights either consistency loss per sample.
+        adv_weighting: ``"none"`` (paper) or ``"nu"`` [ours]: the generator's adversarial term weighted per sample
+            by 1 − ᾱ_t (:func:`ud2m.losses.adv_weight`); the discriminator's own loss is unweighted.
         perceptual_net: LPIPS backbone (``"vgg"`` for the UD2M loss).
         perceptual_weights: local path of the torchvision backbone weights (no download ever).
         allow_random_lpips: use a random-backbone LPIPS when no weights exist (plumbing only; logged as
@@ -136,6 +138,7 @@ class UnfoldedDistillation(pl.LightningModule):
         omega_adv: float = 0.1,
         omega_gp: float = 0.01,
         l2_weighting: Literal["none", "snr", "min_snr", "max_snr1"] = "none",
+        adv_weighting: Literal["none", "nu"] = "none",
         perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
         perceptual_weights: str | None = None,
         allow_random_lpips: bool = False,
@@ -187,6 +190,7 @@ class UnfoldedDistillation(pl.LightningModule):
             omega_lpips=omega_lpips,
             omega_adv=omega_adv,
             weighting=None if l2_weighting == "none" else functools.partial(l2_weight, kind=l2_weighting),
+            adv_weighting=adv_weighting,
             perceptual=self.perceptual,
         )
         self.skipped_steps = 0
