@@ -17,6 +17,8 @@ std / truth of the first two test images for every method, read back from the im
 - ``variant``: one change of the digits quick-start config (``--set model.lr_g=1e-3 ...``, ``--ud2m_steps``),
   distilled and scored like the digits UD2M rows (90 held-out digits, one sample, N = 3 and 4) into
   ``quality_variants.json`` under ``--name``: the learning-rate, LoRA and schedule ablations of docs/training.md.
+  ``--problem <photos problem>``: the same for that problem's photos config, scored like the photos UD2M rows
+  (stored as ``<problem>/<name>``).
 
 Methods (sample.py's own ``sample()``, so every figure is what a user gets): the measurement lifted to image space
 (op.lift: Aᵀy, bilinear upsampling for SR), Tikhonov and TV with their weight tuned on training images (never the test
@@ -34,6 +36,7 @@ weights offline.
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
     python benchmarks/quality.py grid --samples 16
     python benchmarks/quality.py variant --name lr2e-3_1500 --ud2m_steps 1500 --set model.lr_g=2e-3 model.lr_d=2e-3
+    python benchmarks/quality.py variant --problem sr_x4 --name aug --set data.init_args.rot90=true
     python benchmarks/quality.py report
 """
 
@@ -705,10 +708,13 @@ def _yaml_value(text: str):
 
 def suite_variant(args) -> dict:
     """The digits quick-start config (``--ud2m_steps`` steps) with ``--set`` applied, distilled into
-    ``<work_dir>/digits/ud2m_K3_<name>`` and scored like the digits UD2M rows at N = 3 and 4."""
+    ``<work_dir>/digits/ud2m_K3_<name>`` and scored like the digits UD2M rows at N = 3 and 4; with ``--problem``
+    one of the photos problems, that problem's photos config instead (:func:`photos_variant`)."""
     if not args.name:
         raise SystemExit("variant: --name is required (it names the run's folder and its entry in the results)")
     sample = load_entry("sample", "sample")
+    if getattr(args, "problem", "digits") != "digits":
+        return photos_variant(args, sample)
     cfg = apply_overrides(quickstart_config(3, max_steps=args.ud2m_steps), args.set)
     work = args.work_dir / "digits" / f"ud2m_K3_{args.name}"
     export = ensure_export(cfg, work)
@@ -725,19 +731,65 @@ def suite_variant(args) -> dict:
     }
 
 
-def variants_table(variants: dict) -> list[str]:
-    """The ``variant`` runs: changes, steps and one-sample PSNR at each N."""
-    ns = sorted({n for v in variants.values() for n in v["by_n"]}, key=int)
-    lines = [
-        "| variant | change of configs/quickstart.yaml | steps | "
-        + " | ".join(f"PSNR N = {n} (dB)" for n in ns)
-        + " |",
-        "|---|---|---|" + "---|" * len(ns),
-    ]
+def photos_variant(args, sample) -> dict:
+    """``photos_config(problem)`` with ``--set`` applied, distilled into ``<work_dir>/photos/<problem>/ud2m_<name>``
+    and scored exactly like the photos benchmark's UD2M rows (:func:`ud2m_rows_of`: the 16 held-out crops, N = 3 and
+    4, each also with its start and closing data step tuned on the training crops); ``rows`` keeps every row."""
+    work = args.work_dir / "photos"
+    test_input = str(write_crops(work / "test_inputs", HELD_OUT_PHOTOS))
+    tune_input = str(write_crops(work / "tune_inputs", TRAIN_PHOTOS[:2]))
+    cfg = apply_overrides(photos_config(args.problem, args.ud2m_steps), args.set)
+    folder = work / args.problem / f"ud2m_{args.name}"
+    export = ensure_export(cfg, folder)
+    rows = {}
+    for n in VARIANT_N:
+        extra = {"num_steps": n} if n != 3 else {}
+        rows.update(ud2m_rows_of(sample, folder, f"N = {n}", export, extra, test_input=test_input,
+                                 tune_input=tune_input))  # fmt: skip
+    return {
+        "problem": args.problem,
+        "set": list(args.set),
+        "steps": cfg["trainer"]["max_steps"],
+        "train_seconds": _train_seconds(export),
+        "rows": rows,
+    }
+
+
+def photos_variants_table(variants: dict) -> list[str]:
+    """The photos ``variant`` runs: problem, changes, steps, and per N the one sample from pure noise and the best
+    tuned row (start and closing data step tuned on the training crops)."""
+    head = ["variant", "problem", "change of configs/experiments/photos_sr4.yaml", "steps"]
+    lines = _table_head(head + [f"N = {n}: from noise / tuned (dB)" for n in VARIANT_N])
     for name, v in variants.items():
-        change = ", ".join(f"`{a}`" for a in v["set"]) or "none"
+        cells = []
+        for n in VARIANT_N:
+            rows = {k: r for k, r in v["rows"].items() if k == f"N = {n}" or k.startswith(f"N = {n},")}
+            plain = rows.get(f"N = {n}", {})
+            tuned = rows[list(rows)[-1]] if rows else {}  # the last row: the most tuned one that was kept
+            cells.append(f"{_pm(plain, 'psnr')} / {_pm(tuned, 'psnr')}")
+        lines.append(
+            f"| {name.split('/', 1)[-1]} | {v['problem']} | {_change(v)} | {v['steps']:,} | {' | '.join(cells)} |"
+        )
+    return lines
+
+
+def _table_head(columns: list[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _change(variant: dict) -> str:
+    """A variant's ``--set`` assignments as code spans ("none": the config as it is)."""
+    return ", ".join(f"`{a}`" for a in variant["set"]) or "none"
+
+
+def variants_table(variants: dict) -> list[str]:
+    """The digits ``variant`` runs: changes, steps and one-sample PSNR at each N."""
+    ns = sorted({n for v in variants.values() for n in v["by_n"]}, key=int)
+    lines = _table_head(["variant", "change of configs/quickstart.yaml", "steps"] + [f"PSNR N = {n} (dB)" for n in ns])
+    for name, v in variants.items():
         cells = [_pm(v["by_n"][n], "psnr") if n in v["by_n"] else "–" for n in ns]
-        lines.append(f"| {name} | {change} | {v['steps']:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {_change(v)} | {v['steps']:,} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -927,7 +979,11 @@ def make_figures(grid: dict | None, suites: dict[str, dict], out: Path) -> list[
     for suite, data in suites.items():
         for problem, rows in data["problems"].items():
             caption = f"{SUITE_TITLES.get(suite, suite)}: {problem}, first two test images"
-            path = plot_samples(rows, out / f"samples_{suite}_{problem}.png", caption)
+            target = out / f"samples_{suite}_{problem}.png"
+            path = plot_samples(rows, target, caption)
+            if path is None and target.is_file():  # the outputs are gone (a fresh checkout): keep the earlier figure
+                print(f"note: {suite}/{problem}: no output images on disk; {target.name} kept from its last run")
+                path = target
             if path is None:
                 print(
                     f"note: no sample figure for {suite}/{problem}: no method's output images on disk (run the suite)"
@@ -975,9 +1031,19 @@ def report(args=None) -> str:
     f = RESULTS / "quality_variants.json"
     if f.is_file():  # the ablations (quality.md only; docs/training.md reads them)
         variants = json.loads(f.read_text())["variants"]
+        digits = {k: v for k, v in variants.items() if v.get("problem", "digits") == "digits"}
+        photos = {k: v for k, v in variants.items() if v.get("problem", "digits") != "digits"}
         text += "\n\n" + "\n".join(
-            ["**Digits ×4 SR: distillation variants (90 held-out digits, one sample)**", "", *variants_table(variants)]
+            ["**Digits ×4 SR: distillation variants (90 held-out digits, one sample)**", "", *variants_table(digits)]
         )
+        if photos:
+            text += "\n\n" + "\n".join(
+                [
+                    "**Photos: distillation variants (16 held-out crops, one sample)**",
+                    "",
+                    *photos_variants_table(photos),
+                ]
+            )
     (RESULTS / "quality.md").write_text(text + "\n")
     replace_section(README, README_BEGIN, README_END, "\n".join(parts + figure_links(figures, README.parent)))
     print(text)
@@ -1021,6 +1087,12 @@ def main() -> None:
         "--tune_budget", choices=sorted(TUNE_GRIDS), default="full", help="DPS/DiffPIR tuning grid (TUNE_GRIDS)"
     )
     parser.add_argument("--problems", nargs="+", default=list(PHOTO_PROBLEMS), choices=PHOTO_PROBLEMS)
+    parser.add_argument(
+        "--problem",
+        default="digits",
+        choices=("digits", *PHOTO_PROBLEMS),
+        help="variant: the base config (digits: the quick start; a photos problem: its photos config)",
+    )
     parser.add_argument("--blocks", nargs="+", type=int, default=list(GRID_K))
     parser.add_argument("--samples", type=int, default=16, help="posterior samples per observation (grid)")
     args = parser.parse_args()
@@ -1065,9 +1137,11 @@ def write_variant(args, result: dict, start: float, path: Path | None = None) ->
         "wall_seconds": time.perf_counter() - start,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    payload["variants"][args.name] = result
+    problem = getattr(args, "problem", "digits")
+    payload["variants"][args.name if problem == "digits" else f"{problem}/{args.name}"] = result
     path.write_text(json.dumps(payload, indent=2, default=str))
-    print("\n".join(variants_table({args.name: result})))
+    table = variants_table if getattr(args, "problem", "digits") == "digits" else photos_variants_table
+    print("\n".join(table({args.name: result})))
 
 
 if __name__ == "__main__":

@@ -75,3 +75,6 @@ def test_photo_clips_batches_are_seeded_and_stacked():
     assert val["x"].shape == (1, 15, 32, 32) and val["key"][0].startswith("coffee-")
     with pytest.raises(ValueError, match="channels \\(16\\) must be a multiple of frames \\(5\\)"):
         PhotoClips(["skimage:astronaut"], frames=5, channels=16)
+    for augment in ({"rot90": True}, {"zoom": [0.5, 1.0]}):  # image-crop options would be ignored: refused
+        with pytest.raises(ValueError, match="rot90 and zoom"):
+            PhotoClips(["skimage:astronaut"], frames=5, channels=15, **augment)

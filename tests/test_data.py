@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import math
@@ -418,6 +419,65 @@ def test_image_folder_images(photo_folder):
     for x, key in zip(batch["x"], batch["key"], strict=True):
         if key != "tiny":
             assert is_window(x, load_image(files[key], channels=3)[0])
+
+
+def is_dihedral_window(x: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether ``x`` equals a crop of ``image`` in one of the 8 orientations (rotations of it and of its mirror)."""
+    return any(is_window(x.rot90(-k, (-2, -1)), image) for k in range(4))
+
+
+def test_rot90_crops_are_dihedral_windows_in_every_orientation():
+    from ud2m.training.data import CropFlip
+
+    image = torch.rand(3, 12, 13) * 2 - 1
+    crop = CropFlip(5, train=True, seed=0, rot90=True)
+    outs = [crop(image) for _ in range(64)]
+    assert all(is_dihedral_window(x, image) for x in outs)
+    # every rotation occurs (a crop that is a plain window, mirror or not, is rotation k = 0 only for generic pixels)
+    ks = {next(k for k in range(4) if is_window(x.rot90(-k, (-2, -1)), image)) for x in outs}
+    assert ks == {0, 1, 2, 3}
+    plain = CropFlip(5, train=True, seed=0)  # off by default: only windows and their mirrors
+    assert all(is_window(plain(image), image) for _ in range(16))
+
+
+def test_zoom_crops_resize_a_larger_window():
+    from ud2m.training.data import CropFlip
+
+    image = torch.rand(3, 16, 16) * 2 - 1
+    # scale 1/2 of a 16-pixel image at side 8: the window is the whole image, resized with antialiasing
+    crop = CropFlip(8, train=True, seed=0, random_flip=False, zoom=(0.5, 0.5))
+    expected = F.interpolate(image[None], size=(8, 8), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert torch.allclose(crop(image), expected, atol=1e-6)
+    # on a linear ramp a window of side w resized to s keeps the ramp with slope w / s (the zoom factor)
+    ramp = torch.arange(64.0).div(64).expand(1, 64, 64).contiguous()
+    zoom = CropFlip(8, train=True, seed=1, random_flip=False, zoom=(0.25, 0.5))
+    for _ in range(8):
+        x = zoom(ramp)[0]
+        slope = (x[4, 5] - x[4, 2]) / 3 * 64  # interior columns: exact for a linear function
+        assert 2.0 - 1e-4 <= slope <= 4.0 + 1e-4
+        assert torch.allclose(x - x.mean(0, keepdim=True), torch.zeros(8, 8), atol=1e-5)  # rows stay constant
+    with pytest.raises(ValueError, match="zoom"):
+        CropFlip(8, train=True, zoom=(0.5, 1.5))
+    with pytest.raises(ValueError, match="zoom"):
+        CropFlip(8, train=True, zoom=(0.0, 1.0))
+
+
+def test_image_folder_images_pass_augmentation_to_the_crops(photo_folder):
+    dm = ImageFolderImages(str(photo_folder), image_size=SIZE, batch_size=4, val_fraction=0.3, seed=0, rot90=True)
+    dm.setup()
+    files = {p.stem: p for p in photo_folder.rglob("*.png")}
+    rotated = 0
+    for batch in itertools.islice(dm.train_dataloader(), 4):
+        for x, key in zip(batch["x"], batch["key"], strict=True):
+            if key != "tiny":
+                image = load_image(files[key], channels=3)[0]
+                assert is_dihedral_window(x, image)
+                rotated += not is_window(x, image)
+    assert rotated > 0
+    for batch in dm.val_dataloader():  # validation stays the central crop
+        for x, key in zip(batch["x"], batch["key"], strict=True):
+            if key != "tiny":
+                assert torch.equal(x, center_crop(load_image(files[key], channels=3), SIZE)[0])
 
 
 def test_synthetic_images_are_seeded_smooth_and_batch_independent():

@@ -235,3 +235,64 @@ def test_variant_distils_the_changed_config_scores_each_n_and_merges_results(qua
     assert table[2].startswith("| other | none | 30 |")  # the earlier entry keeps its place
     with pytest.raises(SystemExit, match="--name"):
         quality.suite_variant(quality.argparse.Namespace(name=None, set=[], ud2m_steps=None, work_dir=tmp_path))
+
+
+def test_photos_variant_distils_the_problem_config_and_tables_it_apart(quality, tmp_path, monkeypatch):
+    """--problem sr_x4: the photos config of that problem with the changes, scored by ud2m_rows_of at each VARIANT_N
+    on the held-out crops (tuned on training crops), stored as '<problem>/<name>' and tabled apart from digits."""
+    seen = {}
+
+    def fake_ensure(cfg, work):
+        seen["cfg"], seen["work"] = cfg, work
+        return work / "export"
+
+    def fake_rows(sample, work, name, export, extra, *, test_input, tune_input):
+        seen.setdefault("rows", []).append((name, extra, test_input, tune_input))
+        n = extra.get("num_steps", 3)
+        return {
+            name: {"psnr": {"mean": 20.0 + n, "std": 1.0}},
+            f"{name}, tuned start (t ≤ 500)": {"psnr": {"mean": 21.0 + n, "std": 1.0}},
+        }
+
+    monkeypatch.setattr(quality, "ensure_export", fake_ensure)
+    monkeypatch.setattr(quality, "ud2m_rows_of", fake_rows)
+    monkeypatch.setattr(quality, "write_crops", lambda folder, photos: folder)
+    monkeypatch.setattr(quality, "load_entry", lambda *a: None)
+    args = quality.argparse.Namespace(
+        name="aug", set=["data.init_args.rot90=true"], ud2m_steps=20, work_dir=tmp_path, problem="deblur_gaussian"
+    )
+    result = quality.suite_variant(args)
+    preset = quality.yaml.safe_load((quality.ROOT / "ud2m/assets/operators/photos/deblur_gaussian.yaml").read_text())
+    assert seen["cfg"]["model"]["operator"] == preset["operator"]
+    assert seen["cfg"]["data"]["init_args"]["rot90"] is True and seen["cfg"]["trainer"]["max_steps"] == 20
+    assert seen["work"] == tmp_path / "photos" / "deblur_gaussian" / "ud2m_aug"
+    assert [extra.get("num_steps", 3) for _, extra, _, _ in seen["rows"]] == list(quality.VARIANT_N)
+    assert all(t == str(tmp_path / "photos" / "test_inputs") for _, _, t, _ in seen["rows"])
+    assert all(t == str(tmp_path / "photos" / "tune_inputs") for _, _, _, t in seen["rows"])
+    assert result["problem"] == "deblur_gaussian" and "N = 4, tuned start (t ≤ 500)" in result["rows"]
+
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps({"variants": {"lr2": {"set": [], "steps": 30, "by_n": {"3": {"psnr": None}}}}}))
+    quality.write_variant(args, result, start=0.0, path=path)
+    stored = json.loads(path.read_text())["variants"]
+    assert set(stored) == {"lr2", "deblur_gaussian/aug"}
+    table = quality.photos_variants_table({"deblur_gaussian/aug": stored["deblur_gaussian/aug"]})
+    assert table[2] == (
+        "| aug | deblur_gaussian | `data.init_args.rot90=true` | 20 | 23.00 ± 1.00 / 24.00 ± 1.00 | "
+        "24.00 ± 1.00 / 25.00 ± 1.00 |"
+    )
+
+
+def test_sample_figures_of_an_earlier_run_are_kept_when_the_outputs_are_gone(quality, tmp_path):
+    """A report on a fresh checkout (no output images under the work dir) keeps and links the sample figure the last
+    full run drew, instead of silently dropping it from the README; with no earlier figure there is none."""
+    pytest.importorskip("matplotlib")
+    rows = {"TV": {"output_dir": str(tmp_path / "gone")}}
+    suites = {"photos": {"problems": {"sr_x4": rows, "inpaint_box": rows}}}
+    out = tmp_path / "figures"
+    out.mkdir()
+    earlier = out / "samples_photos_sr_x4.png"
+    earlier.write_bytes(b"\x89PNG earlier")
+    figures = quality.make_figures(None, suites, out)
+    assert figures == [("photos sr_x4: y, mean, std and truth per method", earlier)]
+    assert earlier.read_bytes() == b"\x89PNG earlier" and not (out / "samples_photos_inpaint_box.png").exists()

@@ -149,6 +149,8 @@ class PhotoClips(ImageFolderImages):
             raise ValueError(f"PhotoClips: channels ({channels}) must be a multiple of frames ({frames})")
         if channels // frames not in (1, 3):
             raise ValueError(f"PhotoClips: {channels} channels / {frames} frames: frames must be gray (1) or RGB (3)")
+        if kwargs.get("rot90") or kwargs.get("zoom") is not None:
+            raise ValueError("PhotoClips: rot90 and zoom are image-crop options; a clip's motion is its augmentation")
         super().__init__(root, image_size=image_size, channels=channels, random_flip=False, **kwargs)
         self.frames = frames
         self.motion = {"max_pan": max_pan, "max_zoom": max_zoom, "max_rotation": max_rotation}
