@@ -128,6 +128,14 @@ def write_crops(folder: Path, photos: tuple[str, ...], rows: int = 2, cols: int 
     return folder
 
 
+def photos_inputs(work: Path) -> tuple[str, str]:
+    """The photos suite's test crops (the held-out photographs) and tuning crops (two training photographs), written
+    under ``work``: the folders every photos row, benchmark or variant, reads."""
+    return str(write_crops(work / "test_inputs", HELD_OUT_PHOTOS)), str(
+        write_crops(work / "tune_inputs", TRAIN_PHOTOS[:2])
+    )
+
+
 def write_digits(folder: Path, names: list[str]) -> Path:
     """Built-in digits as 8-bit PNG files (the tuning set)."""
     from ud2m.io import load_image, save_image
@@ -527,8 +535,7 @@ def suite_digits(args) -> dict:
 def suite_photos(args) -> dict:
     sample = load_entry("sample", "sample")
     work = args.work_dir / "photos"
-    test_input = str(write_crops(work / "test_inputs", HELD_OUT_PHOTOS))
-    tune_input = str(write_crops(work / "tune_inputs", TRAIN_PHOTOS[:2]))
+    test_input, tune_input = photos_inputs(work)
     out = {}
     for problem in args.problems:
         print(f"photos/{problem}", flush=True)
@@ -736,8 +743,7 @@ def photos_variant(args, sample) -> dict:
     and scored exactly like the photos benchmark's UD2M rows (:func:`ud2m_rows_of`: the 16 held-out crops, N = 3 and
     4, each also with its start and closing data step tuned on the training crops); ``rows`` keeps every row."""
     work = args.work_dir / "photos"
-    test_input = str(write_crops(work / "test_inputs", HELD_OUT_PHOTOS))
-    tune_input = str(write_crops(work / "tune_inputs", TRAIN_PHOTOS[:2]))
+    test_input, tune_input = photos_inputs(work)
     cfg = apply_overrides(photos_config(args.problem, args.ud2m_steps), args.set)
     folder = work / args.problem / f"ud2m_{args.name}"
     export = ensure_export(cfg, folder)

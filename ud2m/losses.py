@@ -114,10 +114,15 @@ def adv_weight(alpha_bar: torch.Tensor, kind: str = "none") -> torch.Tensor | No
     >>> adv_weight(torch.tensor([0.99, 0.5]), "nu")
     tensor([0.0100, 0.5000])
     """
+    rule = _adv_rule(kind)
+    return None if rule is None else rule(torch.as_tensor(alpha_bar))
+
+
+def _adv_rule(kind: str):
+    """The rule of ``kind`` in :data:`_ADV_WEIGHTS` (None: uniform); an unknown name is refused."""
     if kind not in _ADV_WEIGHTS:
         raise ValueError(f"adv_weighting: kind must be one of {sorted(_ADV_WEIGHTS)}, got {kind!r}")
-    rule = _ADV_WEIGHTS[kind]
-    return None if rule is None else rule(torch.as_tensor(alpha_bar))
+    return _ADV_WEIGHTS[kind]
 
 
 def l2_weight(alpha_bar: torch.Tensor, kind: str = "none", gamma: float = 5.0) -> torch.Tensor:
@@ -261,7 +266,7 @@ class UD2MLoss:
     ) -> None:
         if consistency not in ("energy", "l2"):
             raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency!r}")
-        adv_weight(torch.zeros(1), adv_weighting)  # validates the name
+        _adv_rule(adv_weighting)  # an unknown name fails here, not at the first adversarial step
         self.consistency, self.weighting, self.perceptual = consistency, weighting, perceptual
         self.adv_weighting = adv_weighting
         self.omega = {"l2": omega_l2, "lpips": omega_lpips, "adv": omega_adv}
