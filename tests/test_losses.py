@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -370,3 +371,25 @@ def test_adversarial_weighting_nu_scales_each_sample_by_its_noise_variance():
     assert torch.equal(adv_weight(alpha_bar, "nu"), 1 - alpha_bar) and adv_weight(alpha_bar, "none") is None
     with pytest.raises(ValueError, match="adv_weighting"):
         UD2MLoss(adv_weighting="snr")
+
+
+def test_minimax_generator_loss_is_log_one_minus_sigmoid_and_weighs_fakes_by_p_over_p_plus_q():
+    """adv_loss="minimax": log(1 − σ(l)); its gradient in l is −σ(l) = −p/(p + q) at the optimal D (l = log p/q),
+    the non-saturating one's −(1 − σ(l)) = −q/(p + q); UD2MLoss uses the chosen one; an unknown name is refused."""
+    logits = torch.tensor([-4.0, -0.5, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    mm = generator_adversarial(logits, "minimax").double()
+    torch.testing.assert_close(mm, torch.log(1 - torch.sigmoid(logits.detach())))
+    (grad_mm,) = torch.autograd.grad(mm.sum(), logits)
+    (grad_ns,) = torch.autograd.grad(generator_adversarial(logits).double().sum(), logits)
+    p_over_pq = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(grad_mm, -p_over_pq.float().double())
+    torch.testing.assert_close(grad_ns, -(1 - p_over_pq).float().double())
+    g = torch.Generator().manual_seed(2)
+    x0, a, b = (torch.rand(4, 1, 8, 8, generator=g) * 2 - 1 for _ in range(3))
+    alpha_bar = torch.tensor([0.9, 0.5, 0.2, 0.01])
+    _, terms = UD2MLoss(omega_adv=0.1, adv_loss="minimax")(a, b, x0, alpha_bar, logits.detach().float())
+    torch.testing.assert_close(terms["adv_g"], -F.softplus(logits.detach().float()).mean())
+    with pytest.raises(ValueError, match="adv_loss"):
+        UD2MLoss(adv_loss="hinge")
+    with pytest.raises(ValueError, match="adv_loss"):
+        generator_adversarial(logits, "wasserstein")

@@ -88,10 +88,11 @@ def test_adapted_prior_equals_frozen_prior_at_init(kind, rng):
     assert set(model.scalars()) == {"lambda", "rho_scale", "sigma_z_scale"}
 
 
+@pytest.mark.parametrize("renoise", ["continuous", "residual"])
 @pytest.mark.parametrize("kind", ["pixel", "latent"])
-def test_one_generator_step_reaches_every_trainable_tensor(kind, rng):
+def test_one_generator_step_reaches_every_trainable_tensor(kind, renoise, rng):
     prior, cond, x_t, t, y, op, sigma_y = problem(kind, rng)
-    model = UnfoldedSampler(prior, num_blocks=2)
+    model = UnfoldedSampler(prior, num_blocks=2, renoise=renoise)
     out = model(x_t, t, y, op, sigma_y, cond=cond, generator=torch.Generator().manual_seed(1))
     assert out.shape == y.shape  # pixel space for both families
     out.square().mean().backward()
@@ -147,6 +148,7 @@ def test_nearest_renoise_has_no_sigma_parameter_and_picks_the_nearest_time(rng):
         (dict(noise_rule="reference", rho_sigma_scale=2.0), lambda sn: 2 * sn, lambda sn: 2 * sn),
         (dict(sigma_cap=0.7), lambda sn: 0.7, lambda sn: 0.7),  # the default rule: σ_e on the data scale
         (dict(sigma_cap=0.7, renoise_cap=0.3), lambda sn: 0.7, lambda sn: 0.3),
+        (dict(sigma_cap=0.7, renoise="residual"), lambda sn: 0.7, lambda sn: 0.7),  # only the missing noise is fresh
     ],
 )
 def test_block_matches_a_dense_rederivation_of_the_spec(rule, sigma_e, sigma_e_z, rng):
@@ -184,7 +186,13 @@ def test_block_matches_a_dense_rederivation_of_the_spec(rule, sigma_e, sigma_e_z
     torch.testing.assert_close(infos[0]["sigma_z"], sigma_z)
     torch.testing.assert_close(prior.sigma(infos[0]["t_z"]), sigma_z)  # continuous inverse
     xi = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(7), dtype=F64)
-    z_in = prior.add_noise(z.reshape(2, 1, 4, 4), infos[0]["t_z"], xi)
+    a_z, b_z = prior.scales(infos[0]["t_z"])
+    if rule.get("renoise") == "residual":  # a_z z + c ξ with c² + a_z² τ² = b_z²: z_in's noise level is b_z
+        c = torch.sqrt(b_z**2 - a_z**2 * tau)
+        assert (b_z**2 > a_z**2 * tau).all()  # the formula's branch, not the clamp
+    else:
+        c = b_z
+    z_in = append_dims(a_z, 4) * z.reshape(2, 1, 4, 4) + append_dims(c, 4) * xi
     torch.testing.assert_close(out, prior.predict_x0(z_in, infos[0]["t_z"]))
 
 

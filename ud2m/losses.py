@@ -176,13 +176,29 @@ def lpips_loss(perceptual: PerceptualFn, x0_hat: torch.Tensor, x0: torch.Tensor)
 # --------------------------------------------------------------------------------------------- adversarial
 
 
-def generator_adversarial(d_fake_logits: torch.Tensor) -> torch.Tensor:
-    r"""Non-saturating generator loss :math:`L_{adv}^G = \mathrm{softplus}(-D(\hat x_0, c))` on logits (§7.5).
+#: Generator losses on D's logits ``l`` [ours: the choice]. With the optimal balanced-BCE discriminator
+#: ``l = log p/q`` (p the data law, q the sampler's), each weighs a fake sample's ``∇l`` by a different factor:
+#: ``non_saturating`` by q/(p + q) (the paper; at the optimum it minimises KL(q‖p) − 2 JS, mode-seeking: it pulls in
+#: samples where the sampler over-covers and barely moves the under-covered tails), ``minimax`` by p/(p + q) (the
+#: original GAN loss, JS: it pushes out where the sampler under-covers).
+ADV_LOSSES = ("non_saturating", "minimax")
+
+
+def generator_adversarial(d_fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
+    r"""Generator adversarial loss per sample on logits (§7.5): ``"non_saturating"`` (the paper),
+    :math:`L_{adv}^G = \mathrm{softplus}(-D(\hat x_0, c))`, or ``"minimax"`` [ours: the option],
+    :math:`L_{adv}^G = -\mathrm{softplus}(D(\hat x_0, c)) = \log(1 - \sigma(D))` (:data:`ADV_LOSSES`).
 
     >>> generator_adversarial(torch.zeros(2))  # log 2
     tensor([0.6931, 0.6931])
+    >>> generator_adversarial(torch.zeros(1), "minimax")  # -log 2
+    tensor([-0.6931])
     """
-    return F.softplus(-d_fake_logits.float())
+    if kind == "non_saturating":
+        return F.softplus(-d_fake_logits.float())
+    if kind == "minimax":
+        return -F.softplus(d_fake_logits.float())
+    raise ValueError(f"adv_loss: expected one of {ADV_LOSSES}, got {kind!r}")
 
 
 def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -249,6 +265,8 @@ class UD2MLoss:
         omega_l2, omega_lpips, omega_adv: the weights.
         weighting: None (uniform) or a callable ``(B,) alpha_bar -> (B,)`` weight.
         adv_weighting: the adversarial term's per-sample weight, ``"none"`` or ``"nu"`` (:func:`adv_weight`).
+        adv_loss: the generator's adversarial loss, ``"non_saturating"`` or ``"minimax"``
+            (:func:`generator_adversarial`).
         perceptual: an LPIPS callable (:func:`ud2m.perceptual.make_lpips`) or None (no perceptual term). Held by
             reference: it is registered (and frozen) by whoever owns it.
     """
@@ -262,13 +280,16 @@ class UD2MLoss:
         omega_adv: float = 0.0,
         weighting: Weighting | None = None,
         adv_weighting: str = "none",
+        adv_loss: str = "non_saturating",
         perceptual: PerceptualFn | None = None,
     ) -> None:
         if consistency not in ("energy", "l2"):
             raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency!r}")
-        _adv_rule(adv_weighting)  # an unknown name fails here, not at the first adversarial step
+        _adv_rule(adv_weighting)  # unknown names fail here, not at the first adversarial step
+        if adv_loss not in ADV_LOSSES:
+            raise ValueError(f"adv_loss: expected one of {ADV_LOSSES}, got {adv_loss!r}")
         self.consistency, self.weighting, self.perceptual = consistency, weighting, perceptual
-        self.adv_weighting = adv_weighting
+        self.adv_weighting, self.adv_loss = adv_weighting, adv_loss
         self.omega = {"l2": omega_l2, "lpips": omega_lpips, "adv": omega_adv}
 
     def __call__(
@@ -305,7 +326,7 @@ class UD2MLoss:
             logs["lpips_random_backbone"] = float(getattr(self.perceptual, "random_backbone", False))
             loss = loss + self.omega["lpips"] * logs["lpips"]
         if d_fake_logits is not None:
-            adv = generator_adversarial(d_fake_logits)
+            adv = generator_adversarial(d_fake_logits, self.adv_loss)
             w_adv = adv_weight(alpha_bar.to(adv.device), self.adv_weighting)
             logs["adv_g"] = (adv if w_adv is None else w_adv.to(adv.dtype) * adv).mean()
             loss = loss + self.omega["adv"] * logs["adv_g"]

@@ -97,6 +97,8 @@ class UnfoldedDistillation(pl.LightningModule):
             weights either consistency loss per sample.
         adv_weighting: ``"none"`` (paper) or ``"nu"`` [ours]: the generator's adversarial term weighted per sample
             by 1 − ᾱ_t (:func:`ud2m.losses.adv_weight`); the discriminator's own loss is unweighted.
+        adv_loss: the generator's adversarial loss on D's logits, ``"non_saturating"`` (paper) or ``"minimax"``
+            [ours: the option] (:func:`ud2m.losses.generator_adversarial`); D's own loss is the same BCE for both.
         perceptual_net: LPIPS backbone (``"vgg"`` for the UD2M loss).
         perceptual_weights: local path of the torchvision backbone weights (no download ever).
         allow_random_lpips: use a random-backbone LPIPS when no weights exist (plumbing only; logged as
@@ -139,6 +141,7 @@ class UnfoldedDistillation(pl.LightningModule):
         omega_gp: float = 0.01,
         l2_weighting: Literal["none", "snr", "min_snr", "max_snr1"] = "none",
         adv_weighting: Literal["none", "nu"] = "none",
+        adv_loss: Literal["non_saturating", "minimax"] = "non_saturating",
         perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
         perceptual_weights: str | None = None,
         allow_random_lpips: bool = False,
@@ -191,6 +194,7 @@ class UnfoldedDistillation(pl.LightningModule):
             omega_adv=omega_adv,
             weighting=None if l2_weighting == "none" else functools.partial(l2_weight, kind=l2_weighting),
             adv_weighting=adv_weighting,
+            adv_loss=adv_loss,
             perceptual=self.perceptual,
         )
         self.skipped_steps = 0
