@@ -11,9 +11,11 @@ beside them with S samples per observation (empirical W2; the same estimator on 
 Monte-Carlo floor).
 
 Problem: 1x16x16 (d = 256), SR x2 (circular box filter), sigma_y = 0.05, K = 3, batch 64, 1,000 steps, AdamW
-lr 1e-3 (the same for every variant), W2 averaged (RMS) over 8 held-out observations.
+lr 1e-3 (the same for every variant), W2 averaged (RMS) over 8 held-out observations, then averaged over the training
+seeds (``--seeds``, default 0 1 2: the training data, the sampler's noise and D's initial weights; one run's W2 at
+N = 8 moves by up to 0.1 between seeds).
 
-    python benchmarks/gaussian_study.py [--steps 1000] [--variants ...]   # writes results/gaussian_study.json
+    python benchmarks/gaussian_study.py [--steps 1000] [--seeds 0 1 2] [--variants ...]   # results/gaussian_study.json
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ CAP_DATA = 0.35
 XTT = ("y", "x_t", "t")
 L2, ES = dict(consistency_loss="l2"), dict(consistency_loss="energy")
 ES_W = dict(consistency_loss="energy", l2_weighting="max_snr1")
+ES_MM_NU = dict(consistency_loss="energy", adv_loss="minimax", adv_weighting="nu")
+ES_W_MM_NU = dict(ES_MM_NU, l2_weighting="max_snr1")
+ES_W_NU = dict(ES_W, adv_weighting="nu")
 REF, C1, C035 = dict(noise_rule="reference"), dict(sigma_cap=1.0), dict(sigma_cap=CAP_DATA)
+C1R = dict(C1, renoise="residual")
+SHIPPED = "cap 1, energy weighted max(SNR, 1), D(y, x_t, t) (shipped defaults)"
+OLD_DEFAULTS = "cap 1, energy, D(y, x_t, t) (the defaults before the max(SNR, 1) weighting)"
 #: name -> (UnfoldedSampler kwargs, UnfoldedDistillation kwargs, discriminator condition or None, train?)
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "untrained, reference rule": (REF, {}, None, False),
@@ -59,7 +67,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "old defaults: reference rule, L2, D(y)": (REF, L2, ("y",), True),
     "cap 1, L2, no D": (C1, L2, None, True),
     "cap 1, energy, no D": (C1, ES, None, True),
-    "cap 1, energy, D(y, x_t, t) (shipped defaults)": (C1, ES, XTT, True),
+    OLD_DEFAULTS: (C1, ES, XTT, True),
     "cap 1, energy, D(y, x_t, t), ω_adv 0.03": (C1, dict(ES, omega_adv=0.03), XTT, True),
     "cap 1, energy, D(y, x_t, t), ω_adv 0.01": (C1, dict(ES, omega_adv=0.01), XTT, True),
     "cap 1, energy, D(y, x_t, t) for the first half": (C1, dict(ES, adv_end_step=500), XTT, True),
@@ -67,6 +75,16 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...] | None, bool]] = {
     "cap 1, energy, D(y, x_t, t), ω_gp 1": (C1, dict(ES, omega_gp=1.0), XTT, True),
     "cap 1, energy, D(y, x_t, t), ω_gp 10": (C1, dict(ES, omega_gp=10.0), XTT, True),
     "cap 1, energy, D(y, x_t, t), adversarial term weighted 1 - ᾱ_t": (C1, dict(ES, adv_weighting="nu"), XTT, True),
+    "cap 1, energy, D(y, x_t, t), minimax generator loss": (C1, dict(ES, adv_loss="minimax"), XTT, True),
+    "cap 1, energy, D(y, x_t, t), minimax generator loss weighted 1 - ᾱ_t": (C1, ES_MM_NU, XTT, True),
+    "cap 1, energy weighted max(SNR, 1), no D": (C1, ES_W, None, True),
+    SHIPPED: (C1, ES_W, XTT, True),
+    "cap 1, energy weighted max(SNR, 1), D(y, x_t, t), adversarial term weighted 1 - ᾱ_t": (C1, ES_W_NU, XTT, True),
+    "cap 1, energy weighted max(SNR, 1), D(y, x_t, t), minimax loss weighted 1 - ᾱ_t": (C1, ES_W_MM_NU, XTT, True),
+    "untrained, prior rule (cap 1), residual re-noise": (C1R, {}, None, False),
+    "cap 1, residual re-noise, energy, no D": (C1R, ES, None, True),
+    "cap 1, residual re-noise, energy, D(y, x_t, t)": (C1R, ES, XTT, True),
+    "cap 1, residual re-noise, energy weighted max(SNR, 1), D(y, x_t, t)": (C1R, ES_W, XTT, True),
     "cap 0.35, L2, no D": (C035, L2, None, True),
     "cap 0.35, L2, D(y)": (C035, L2, ("y",), True),
     "cap 0.35, L2, D(y, x_t, t)": (C035, L2, XTT, True),
@@ -96,7 +114,9 @@ RENAMED = {
     ),
     "prior rule, energy weighted max(SNR, 1), no D": "cap 0.35, energy weighted max(SNR, 1), no D",
     "prior rule, energy weighted max(SNR, 1), D(y, x_t, t)": "cap 0.35, energy weighted max(SNR, 1), D(y, x_t, t)",
-    "prior rule cap 1 (4x data scale), energy, D(y, x_t, t)": "cap 1, energy, D(y, x_t, t) (shipped defaults)",
+    "prior rule cap 1 (4x data scale), energy, D(y, x_t, t)": OLD_DEFAULTS,
+    "cap 1, energy, D(y, x_t, t) (shipped defaults)": OLD_DEFAULTS,
+    "cap 1, energy weighted max(SNR, 1), D(y, x_t, t)": SHIPPED,
     "prior rule cap 1 (4x data scale), L2, no D": "cap 1, L2, no D",
 }
 
@@ -159,6 +179,7 @@ def train(model: UnfoldedSampler, prior, module_kw: dict, condition, steps: int,
     from ud2m.discriminator import ConditionalDiscriminator
     from ud2m.training.module import UnfoldedDistillation
 
+    torch.manual_seed(seed)  # D's initial weights: a run is a function of its seed, not of what ran before it
     D = None if condition is None else ConditionalDiscriminator(1, 16, condition=condition)
     kw = dict(operator=make_operator(), sigma_y=SIGMA_Y, omega_lpips=0.0, lr_g=1e-3, lr_d=1e-3, omega_gp=0.01)
     kw.update({"omega_adv": 0.1 if D is not None else 0.0, "seed": seed, **module_kw})  # a variant may set omega_adv
@@ -251,11 +272,29 @@ def zero_shot_rows(prior, op, ys, samples: int, seed: int) -> dict:
     return {k: math.sqrt(sum(v * v for v in vals) / len(vals)) for k, vals in rows.items()}
 
 
+def run_variant(name: str, op, ys, steps: int, seeds: list[int]) -> dict:
+    """Train (when the variant trains) and evaluate ``name`` once per seed (the training data, the sampler's noise
+    and D's initial weights); ``by_n`` holds the mean W2 and spread ratio over the seeds and ``by_seed`` each run."""
+    sampler_kw, module_kw, condition, trained = VARIANTS[name]
+    runs, seconds = {}, 0.0
+    for seed in seeds if trained else seeds[:1]:  # an untrained sampler has no seed
+        prior = make_prior()
+        model = UnfoldedSampler(prior, num_blocks=K, **sampler_kw)
+        seconds += train(model, prior, module_kw, condition, steps, seed=seed) if trained else 0.0
+        runs[str(seed)] = {"by_n": evaluate(model, prior, op, ys), "scalars": {
+            k: v.tolist() for k, v in model.scalars().items()}}  # fmt: skip
+    by_n = {n: {key: sum(r["by_n"][n][key] for r in runs.values()) / len(runs) for key in ("w2", "spread_ratio")}
+            for n in NS}  # fmt: skip
+    return {"train_seconds": seconds, "steps": steps if trained else 0, "seeds": list(runs), "by_n": by_n,
+            "by_seed": {seed: r["by_n"] for seed, r in runs.items()}}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
     parser.add_argument("--observations", type=int, default=8)
     parser.add_argument("--zero_shot_samples", type=int, default=2048, help="0 skips LATINO and DPS")
     parser.add_argument("--out", type=Path, default=RESULTS / "gaussian_study.json")
@@ -272,14 +311,9 @@ def main() -> None:
     renamed = {RENAMED.get(k, k): v for k, v in previous.get("variants", {}).items()}
     results = {k: v for k, v in renamed.items() if k in VARIANTS}  # resumable by variant
     for name in args.variants:
-        sampler_kw, module_kw, condition, trained = VARIANTS[name]
-        prior = make_prior()
-        model = UnfoldedSampler(prior, num_blocks=K, **sampler_kw)
-        seconds = train(model, prior, module_kw, condition, args.steps, seed=0) if trained else 0.0
-        row = {"train_seconds": seconds, "steps": args.steps if trained else 0, "scalars": {
-            k: v.tolist() for k, v in model.scalars().items()}, "by_n": evaluate(model, prior, op, ys)}  # fmt: skip
-        results[name] = row
-        print(name, {n: round(c["w2"], 3) for n, c in row["by_n"].items()}, f"({seconds:.0f} s)", flush=True)
+        results[name] = run_variant(name, op, ys, args.steps, args.seeds)
+        by_n = results[name]["by_n"]
+        print(name, {n: round(c["w2"], 3) for n, c in by_n.items()}, f"({results[name]['train_seconds']:.0f} s)")
     zero_shot = previous.get("zero_shot", {})
     if args.zero_shot_samples:
         zero_shot = zero_shot_rows(make_prior(), op, ys[:2], args.zero_shot_samples, seed=1)
@@ -303,18 +337,26 @@ def write_readme(table: str, readme: Path = ROOT / "README.md") -> str:
 
 def report(path: Path) -> str:
     data = json.loads(path.read_text())
-    head = "| variant | " + " | ".join(f"W2, N = {n}" for n in NS) + " | spread ratio, N = 1 / 8 |"
-    lines = [head, "|---|" + "---|" * (len(NS) + 1)]
+    head = "| variant | seeds | " + " | ".join(f"W2, N = {n}" for n in NS) + " | spread ratio, N = 1 / 8 |"
+    lines = [head, "|---|---|" + "---|" * (len(NS) + 1)]
     order = {name: i for i, name in enumerate(VARIANTS)}
     for name, row in sorted(data["variants"].items(), key=lambda kv: order.get(kv[0], len(order))):
         by_n = row["by_n"]
-        w2 = " | ".join(f"{by_n[str(n)]['w2']:.3f}" if str(n) in by_n else "–" for n in NS)
+        w2 = " | ".join(_w2_cell(row, str(n)) if str(n) in by_n else "–" for n in NS)
         spread = f"{by_n['1']['spread_ratio']:.2f} / {by_n['8']['spread_ratio']:.2f}"
-        lines.append(f"| {name} | {w2} | {spread} |")
+        seeds = len(row.get("seeds", [0])) if row.get("steps") else "–"  # rows of the first runs: seed 0 only
+        lines.append(f"| {name} | {seeds} | {w2} | {spread} |")
     for name, w2 in data.get("zero_shot", {}).items():  # one figure per method: its NFE is fixed
-        lines.append(f"| {name} (empirical, {data['meta'].get('zero_shot_samples', '')} samples) | {w2:.3f} |"
+        lines.append(f"| {name} (empirical, {data['meta'].get('zero_shot_samples', '')} samples) | – | {w2:.3f} |"
                      + " – |" * len(NS))  # fmt: skip
     return "\n".join(lines)
+
+
+def _w2_cell(row: dict, n: str) -> str:
+    """The mean W2 over seeds, with the range of the seeds' W2 when there are several."""
+    cell = f"{row['by_n'][n]['w2']:.3f}"
+    runs = [r[n]["w2"] for r in row.get("by_seed", {}).values()]
+    return cell if len(runs) < 2 else f"{cell} ({min(runs):.2f}–{max(runs):.2f})"
 
 
 if __name__ == "__main__":

@@ -789,6 +789,14 @@ def _change(variant: dict) -> str:
     return ", ".join(f"`{a}`" for a in variant["set"]) or "none"
 
 
+#: what a variant's change is relative to (the variants table's caption)
+VARIANTS_BASE = (
+    "A change is relative to the config on the day of the run (each run's command and date are in "
+    "`quality_variants.json`). The runs down to `resid_600` (digits) and `snr1` (photos) predate the configs' "
+    "`l2_weighting: max_snr1`: their base is the former default `none`, and `snr1_600` / `snr1` are today's configs."
+)
+
+
 def variants_table(variants: dict) -> list[str]:
     """The digits ``variant`` runs: changes, steps and one-sample PSNR at each N."""
     ns = sorted({n for v in variants.values() for n in v["by_n"]}, key=int)
@@ -1040,12 +1048,15 @@ def report(args=None) -> str:
         digits = {k: v for k, v in variants.items() if v.get("problem", "digits") == "digits"}
         photos = {k: v for k, v in variants.items() if v.get("problem", "digits") != "digits"}
         text += "\n\n" + "\n".join(
-            ["**Digits ×4 SR: distillation variants (90 held-out digits, one sample)**", "", *variants_table(digits)]
-        )
+            ["**Digits ×4 SR: distillation variants (90 held-out digits, one sample)**", "", VARIANTS_BASE, "",
+             *variants_table(digits)]
+        )  # fmt: skip
         if photos:
             text += "\n\n" + "\n".join(
                 [
                     "**Photos: distillation variants (16 held-out crops, one sample)**",
+                    "",
+                    VARIANTS_BASE,
                     "",
                     *photos_variants_table(photos),
                 ]
