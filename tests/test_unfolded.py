@@ -422,3 +422,25 @@ def test_gradcheck_through_two_blocks(rng):
     inputs = (*(v.requires_grad_() for v in values), x_t.requires_grad_())
     assert len(names) == 5 and model.log_lambda.shape == (2,)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gaussian_study_report_averages_seeds_and_shows_their_range(tmp_path):
+    """The study's table: a row trained with several seeds shows the mean W2 and the seeds' range, its seed count,
+    and a row of the earlier single-seed runs (no ``seeds`` key) shows one seed and the plain value."""
+    import json
+
+    gs = _gaussian_study()
+    by_seed = {"0": {n: {"w2": 1.0 + i, "spread_ratio": 1.0} for i, n in enumerate(map(str, gs.NS))},
+               "1": {n: {"w2": 3.0 + i, "spread_ratio": 0.5} for i, n in enumerate(map(str, gs.NS))}}  # fmt: skip
+    mean = {n: {"w2": 2.0 + i, "spread_ratio": 0.75} for i, n in enumerate(map(str, gs.NS))}
+    old = {n: {"w2": 0.5, "spread_ratio": 0.9} for n in map(str, gs.NS)}
+    data = {"meta": {"zero_shot_samples": 16}, "zero_shot": {"DPS": 1.25}, "variants": {
+        gs.SHIPPED: {"steps": 10, "seeds": ["0", "1"], "by_n": mean, "by_seed": by_seed},
+        "cap 1, L2, no D": {"steps": 10, "by_n": old}}}  # fmt: skip
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(data))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in gs.report(path).splitlines()[2:]}
+    assert rows[gs.SHIPPED].startswith(f"| {gs.SHIPPED} | 2 | 2.000 (1.00–3.00) | 3.000 (2.00–4.00) |")
+    assert rows[gs.SHIPPED].endswith("| 0.75 / 0.75 |")
+    assert rows["cap 1, L2, no D"].startswith("| cap 1, L2, no D | 1 | 0.500 | 0.500 |")
+    assert rows["DPS (empirical, 16 samples)"] == "| DPS (empirical, 16 samples) | – | 1.250 | – | – | – | – | – |"
