@@ -359,7 +359,7 @@ class UnfoldedSampler(nn.Module):
         if self.renoise == "residual":  # 6'. [ours]: a_{t_z} z + √(b² − a² τ²) ξ
             rho = rho0 if self.latent else rho0 * rho_scale  # the anchor std of this block's data step
             a_z, _ = self.prior.scales(t_z)
-            z_in = append_dims(a_z.to(z.dtype), z.ndim) * z + append_dims(self.renoise_std(t_z, s, rho), z.ndim) * xi
+            z_in = append_dims(a_z.to(z), z.ndim) * z + append_dims(self.renoise_std(t_z, s, rho).to(z), z.ndim) * xi
         else:
             z_in = self.prior.add_noise(z, t_z, xi)  # 6. a_{t_z} z + b_{t_z} ξ
         x_prior = self.prior.predict_x0(z_in, t_z, cond)  # 7. 1 NFE, LoRA-adapted prior
@@ -388,7 +388,7 @@ class UnfoldedSampler(nn.Module):
         """
         a_z, b_z = self.prior.scales(t_z)
         tau2 = 1.0 / (1.0 / s**2 + 1.0 / rho**2)
-        return (b_z.to(s.dtype) ** 2 - a_z.to(s.dtype) ** 2 * tau2).clamp_min(1e-12).sqrt()
+        return (b_z.to(s) ** 2 - a_z.to(s) ** 2 * tau2).clamp_min(1e-12).sqrt()
 
     def sigma_e(self, sigma_n: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma_e` of the noise rule, ``(B,)``: ``sigma_cap`` (``"prior"``) or ``rho_sigma_scale`` · σ_n
