@@ -181,7 +181,18 @@ def lpips_loss(perceptual: PerceptualFn, x0_hat: torch.Tensor, x0: torch.Tensor)
 #: ``non_saturating`` by q/(p + q) (the paper; at the optimum it minimises KL(q‖p) − 2 JS, mode-seeking: it pulls in
 #: samples where the sampler over-covers and barely moves the under-covered tails), ``minimax`` by p/(p + q) (the
 #: original GAN loss, JS: it pushes out where the sampler under-covers).
-ADV_LOSSES = ("non_saturating", "minimax")
+_ADV_LOSSES = {
+    "non_saturating": lambda logits: F.softplus(-logits),
+    "minimax": lambda logits: -F.softplus(logits),
+}
+ADV_LOSSES = tuple(_ADV_LOSSES)
+
+
+def _adv_loss_rule(kind: str):
+    """The generator loss ``kind`` of :data:`_ADV_LOSSES`; an unknown name is refused."""
+    if kind not in _ADV_LOSSES:
+        raise ValueError(f"adv_loss: expected one of {ADV_LOSSES}, got {kind!r}")
+    return _ADV_LOSSES[kind]
 
 
 def generator_adversarial(d_fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
@@ -194,11 +205,7 @@ def generator_adversarial(d_fake_logits: torch.Tensor, kind: str = "non_saturati
     >>> generator_adversarial(torch.zeros(1), "minimax")  # -log 2
     tensor([-0.6931])
     """
-    if kind == "non_saturating":
-        return F.softplus(-d_fake_logits.float())
-    if kind == "minimax":
-        return -F.softplus(d_fake_logits.float())
-    raise ValueError(f"adv_loss: expected one of {ADV_LOSSES}, got {kind!r}")
+    return _adv_loss_rule(kind)(d_fake_logits.float())
 
 
 def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -286,8 +293,7 @@ class UD2MLoss:
         if consistency not in ("energy", "l2"):
             raise ValueError(f"consistency_loss: expected 'energy' or 'l2', got {consistency!r}")
         _adv_rule(adv_weighting)  # unknown names fail here, not at the first adversarial step
-        if adv_loss not in ADV_LOSSES:
-            raise ValueError(f"adv_loss: expected one of {ADV_LOSSES}, got {adv_loss!r}")
+        _adv_loss_rule(adv_loss)
         self.consistency, self.weighting, self.perceptual = consistency, weighting, perceptual
         self.adv_weighting, self.adv_loss = adv_weighting, adv_loss
         self.omega = {"l2": omega_l2, "lpips": omega_lpips, "adv": omega_adv}

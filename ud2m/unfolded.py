@@ -105,7 +105,7 @@ class UnfoldedSampler(nn.Module):
         renoise: ``"continuous"`` (learnable :math:`\sigma_z`, float :math:`t_z`), ``"nearest"`` (reference
             parity: :math:`t_z = \arg\min_t |s_t - \rho_0|` over integers 1..999; no ``log_sigma_z_scale``) or
             ``"residual"`` [ours]: as ``"continuous"``, but the data step's own uncertainty counts toward the
-            re-noise level (:meth:`renoise_std`): only the missing part of :math:`b_{t_z}` is fresh noise.
+            re-noise level (:meth:`residual_renoise`): only the missing part of :math:`b_{t_z}` is fresh noise.
         s0: prior std of the Wiener warm start.
         lora_rank, lora_alpha, lora_targets: the peft ``LoraConfig`` (r = 5, α = 1.5 [ref]).
         train_out_layer: also train ``conv_norm_out``/``conv_out`` fully (cast to fp32), as the reference did.
@@ -358,8 +358,7 @@ class UnfoldedSampler(nn.Module):
         sigma_z, t_z = self._renoise_level(k, rho0_z, t)  # 5.
         if self.renoise == "residual":  # 6'. [ours]: a_{t_z} z + √(b² − a² τ²) ξ
             rho = rho0 if self.latent else rho0 * rho_scale  # the anchor std of this block's data step
-            a_z, _ = self.prior.scales(t_z)
-            z_in = append_dims(a_z.to(z), z.ndim) * z + append_dims(self.renoise_std(t_z, s, rho).to(z), z.ndim) * xi
+            z_in = self.residual_renoise(z, t_z, xi, s=s, rho=rho)
         else:
             z_in = self.prior.add_noise(z, t_z, xi)  # 6. a_{t_z} z + b_{t_z} ξ
         x_prior = self.prior.predict_x0(z_in, t_z, cond)  # 7. 1 NFE, LoRA-adapted prior
@@ -374,9 +373,11 @@ class UnfoldedSampler(nn.Module):
         zeta = self.prior.encode(z_pix.detach() if self.detach_encoder else z_pix)  # (ii) VAE mean
         return latent_fusion(zeta, x_t, a=a, s=s, rho0=rho0)  # (iii) Gaussian fusion with x_t in latent space
 
-    def renoise_std(self, t_z: torch.Tensor, s: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        r"""Fresh-noise std of ``renoise="residual"`` [ours], ``(B,)``:
-        :math:`\sqrt{\max(b_{t_z}^2 - a_{t_z}^2\tau^2, 0)}`, :math:`1/\tau^2 = 1/s_t^2 + 1/\rho^2`.
+    def residual_renoise(
+        self, z: torch.Tensor, t_z: torch.Tensor, xi: torch.Tensor, *, s: torch.Tensor, rho: torch.Tensor
+    ) -> torch.Tensor:
+        r"""The prior's input under ``renoise="residual"`` [ours]: :math:`a_{t_z} z + c\,\xi` with fresh-noise std
+        :math:`c = \sqrt{\max(b_{t_z}^2 - a_{t_z}^2\tau^2, 0)}`, :math:`1/\tau^2 = 1/s_t^2 + 1/\rho^2` (``(B,)``).
 
         Under the block's own model (x_t/a and the estimate x are Gaussian observations of x0 with stds s_t and ρ)
         the data step's output z already differs from x0 by noise of std ≤ τ (τ exactly on the components y does
@@ -386,9 +387,10 @@ class UnfoldedSampler(nn.Module):
         prior on x_t). Adding only the missing variance keeps :math:`a_{t_z}z + c\xi` at noise level
         :math:`b_{t_z}` (41.0 dB there). Tested against the closed form; measured in docs/method.md §7.1.
         """
-        a_z, b_z = self.prior.scales(t_z)
+        a_z, b_z = (v.to(s) for v in self.prior.scales(t_z))
         tau2 = 1.0 / (1.0 / s**2 + 1.0 / rho**2)
-        return (b_z.to(s) ** 2 - a_z.to(s) ** 2 * tau2).clamp_min(1e-12).sqrt()
+        c = (b_z**2 - a_z**2 * tau2).clamp_min(1e-12).sqrt()
+        return append_dims(a_z.to(z), z.ndim) * z + append_dims(c.to(z), z.ndim) * xi
 
     def sigma_e(self, sigma_n: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma_e` of the noise rule, ``(B,)``: ``sigma_cap`` (``"prior"``) or ``rho_sigma_scale`` · σ_n
