@@ -13,7 +13,8 @@ std / truth of the first two test images for every method, read back from the im
   sigma_y = 0.025, with the shipped photos prior.
 - ``grid``: the UD2M MNIST ablation, K x N for K in {2, 4, 8} blocks and N in {1, 2, 4, 8} steps: S posterior samples
   per digit, PSNR of the sample mean and of one sample, CFID (conditional W2), FID and coverage in the shipped digits
-  VAE embedding (``ud2m.embedding``, docs/method.md §10.3-10.4).
+  VAE embedding (``ud2m.embedding``, docs/method.md §10.3-10.4). Each K's column is kept beside its export
+  (``grid/K<k>/grid_cells_S<samples>.json``), so an interrupted run resumes and a re-run scores only new exports.
 - ``variant``: one change of the digits quick-start config (``--set model.lr_g=1e-3 ...``, ``--ud2m_steps``),
   distilled and scored like the digits UD2M rows (90 held-out digits, one sample, N = 3 and 4) into
   ``quality_variants.json`` under ``--name``: the learning-rate, LoRA and schedule ablations of docs/training.md.
@@ -675,8 +676,21 @@ def suite_grid(args) -> dict:
     out = {"samples_per_observation": args.samples, "embedding": "ud2m/assets/embeddings/digits_vae", "cells": {}}
     for k in args.blocks:
         export = ensure_export(quickstart_config(k), args.work_dir / "grid" / f"K{k}")
-        out["cells"][k] = {"train_seconds": _train_seconds(export), **_grid_for_export(export, x, vae, args)}
+        out["cells"][k] = {"train_seconds": _train_seconds(export), **_cached_grid_cells(export, x, vae, args)}
     return out
+
+
+def _cached_grid_cells(export: Path, x, vae, args) -> dict:
+    """An export's grid cells, read from ``<run>/grid_cells_S<samples>.json`` when that export was already scored
+    with this many samples (the cells depend only on the export, the samples and the fixed seeds), else scored and
+    written there: a long grid run resumes column by column."""
+    cache = export.parent / f"grid_cells_S{args.samples}.json"
+    if cache.is_file() and cache.stat().st_mtime >= (export / "ud2m.json").stat().st_mtime:
+        print(f"  {export}: cells read from {cache}", flush=True)
+        return {int(n): cell for n, cell in json.loads(cache.read_text()).items()}
+    cells = _grid_for_export(export, x, vae, args)
+    cache.write_text(json.dumps(cells, indent=1, default=str))
+    return cells
 
 
 def apply_overrides(cfg: dict, assignments: list[str]) -> dict:

@@ -185,6 +185,35 @@ def test_a_cached_export_is_reused_only_for_the_config_it_was_distilled_with(qua
     assert quality.ensure_export(config, work) == work / "export" and len(calls) == 1
 
 
+def test_grid_cells_are_cached_per_export_and_rescored_after_a_new_export(quality, tmp_path, monkeypatch):
+    """A grid column already scored for an export (same sample count) is read back, not recomputed; another sample
+    count or a newer export scores again."""
+    import argparse
+    import os
+
+    scored = []
+
+    def fake_score(export, x, vae, args):
+        scored.append((export, args.samples))
+        return {n: _cell(3, n) for n in (1, 2)}
+
+    monkeypatch.setattr(quality, "_grid_for_export", fake_score)
+    export = tmp_path / "K3" / "export"
+    export.mkdir(parents=True)
+    (export / "ud2m.json").write_text("{}")
+    args = argparse.Namespace(samples=4)
+    first = quality._cached_grid_cells(export, None, None, args)
+    again = quality._cached_grid_cells(export, None, None, args)
+    assert len(scored) == 1 and again == first and set(again) == {1, 2}  # JSON keys back to ints
+    quality._cached_grid_cells(export, None, None, argparse.Namespace(samples=8))
+    assert scored[-1] == (export, 8)
+    cache = tmp_path / "K3" / "grid_cells_S4.json"
+    stamp = cache.stat().st_mtime
+    os.utime(export / "ud2m.json", (stamp + 10, stamp + 10))  # distilled again after the cells were written
+    quality._cached_grid_cells(export, None, None, args)
+    assert len(scored) == 3 and scored[-1] == (export, 4)
+
+
 def test_variant_overrides_name_the_bad_key_and_leave_the_base_config(quality):
     base = quality.quickstart_config(3, max_steps=10)
     cfg = quality.apply_overrides(base, ["model.lr_g=2e-3", "model.sampler.init_args.lora_targets=[to_q, conv_out]"])
