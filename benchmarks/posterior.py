@@ -277,6 +277,8 @@ def report(f: Path = RESULTS / "posterior.json") -> str:
     runs = [m for m in (meta, *meta.get("earlier", [])) if "command" in m]
     said = [f"{m['command']} ({m['threads']} thread(s), load average {m['load_average'][0]:.1f})" for m in runs[::-1]]
     lines.append("*" + "; then ".join(said) + (": later runs replace the rows they name.*" if len(said) > 1 else ".*"))
+    notes = dict.fromkeys(m["note"] for m in (meta, *meta.get("earlier", [])) if m.get("note"))  # once each
+    lines += [f"*{note}*" for note in notes]
     text = "\n".join(lines)
     f.with_suffix(".md").write_text(text + "\n")
     if f.resolve() == (RESULTS / "posterior.json").resolve():

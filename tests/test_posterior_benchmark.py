@@ -89,3 +89,10 @@ def test_report_writes_the_tables_into_the_readme_section(posterior, tmp_path):
         "*python benchmarks/posterior.py run --samples 8 (1 thread(s), load average 1.5); then "
         f"{partial} (1 thread(s), load average 1.5): later runs replace the rows they name.*"
     )
+    # a note on the results (say, which rows came from older exports) is printed once, also after a later run
+    data["meta"]["earlier"][0]["note"] = "Rows marked 'former' came from older exports."
+    data["meta"] = {**data["meta"], "earlier": [{**data["meta"], "earlier": []}, *data["meta"]["earlier"]]}
+    (tmp_path / "results" / "posterior.json").write_text(json.dumps(data))
+    text = posterior.report(tmp_path / "results" / "posterior.json")
+    assert text.endswith("rows they name.*\n*Rows marked 'former' came from older exports.*")
+    assert text.count("older exports") == 1
