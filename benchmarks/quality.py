@@ -425,12 +425,20 @@ def run_problem(
     budget: str = "full",
     dps: bool = True,
     cm_prior: Path | None = None,
+    baselines: dict | None = None,
 ) -> dict:
     """All methods on one problem; returns ``{row name: summary (+ tuned weight and tuning scores)}``.
 
     ``ud2m_rows``: ``(row name, export folder, sample() keywords such as num_steps)`` for each UD2M row;
-    ``cm_prior``: the consistency model distilled from ``prior`` (a second LATINO row when it exists)."""
+    ``cm_prior``: the consistency model distilled from ``prior`` (a second LATINO row when it exists);
+    ``baselines``: the rows of an earlier run of this problem, whose non-UD2M rows are kept instead of run again
+    (``--ud2m_only``: they do not depend on UD2M's config, and the same images, observations and seeds)."""
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
+    if baselines is not None:
+        rows = {name: row for name, row in baselines.items() if not name.startswith("UD2M")}
+        for name, export, extra in ud2m_rows:
+            rows.update(ud2m_rows_of(sample, work, name, export, extra, **inputs))
+        return rows
     rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
     rows.update(classical_rows(sample, work, operator=operator, **inputs))
     latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
@@ -561,6 +569,9 @@ def suite_photos(args) -> dict:
             t_max = ensure_export(cfg, t_max)
             label = f"UD2M ({_steps(t_max)} on t ≤ {PHOTOS_TRAIN_T_MAX}, start {PHOTOS_TRAIN_T_MAX}), N x K = 3 x 3"
             ud2m_rows.append((label, t_max, {}))
+        kept = None
+        if args.ud2m_only:
+            kept = _previous_rows("photos", problem)
         out[problem] = run_problem(
             sample,
             work / problem,
@@ -573,8 +584,22 @@ def suite_photos(args) -> dict:
             budget=args.tune_budget,
             dps=not args.skip_dps,
             cm_prior=PRIORS / "photos-cm",
+            baselines=kept,
         )
     return out
+
+
+def _previous_rows(suite: str, problem: str) -> dict:
+    """``problem``'s rows in ``quality_<suite>.json`` (for ``--ud2m_only``).
+
+    Raises:
+        SystemExit: naming the file, when it holds no rows for ``problem``.
+    """
+    path = RESULTS / f"quality_{suite}.json"
+    rows = json.loads(path.read_text()).get("problems", {}).get(problem) if path.is_file() else None
+    if not rows:
+        raise SystemExit(f"--ud2m_only: {path} holds no rows for {problem!r} to keep; run the suite in full once")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- K x N grid
@@ -1091,6 +1116,11 @@ def main() -> None:
         "--skip_ud2m", action="store_true", help="photos: no UD2M distillation (rows only where an export exists)"
     )
     parser.add_argument(
+        "--ud2m_only",
+        action="store_true",
+        help="photos: run only the UD2M rows; keep every other row of the previous results (same inputs and seeds)",
+    )
+    parser.add_argument(
         "--ud2m_steps", type=int, default=None, help="photos, variant: distillation steps (the config's by default)"
     )
     parser.add_argument("--name", default=None, help="variant: the run's name (folder and results entry)")
@@ -1144,10 +1174,16 @@ def main() -> None:
     }
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
-    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps):
-        notes = ["DPS not run (--skip_dps)"] if args.skip_dps else []
+    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only):
+        notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not args.ud2m_only else []
         if args.skip_ud2m:
             notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
+        if args.ud2m_only:
+            earlier = json.loads(path.read_text())["meta"] if path.is_file() else {}
+            notes.append(
+                f"only the UD2M rows re-run (--ud2m_only, {time.strftime('%Y-%m-%d', time.gmtime())}); the other rows "
+                f"are the previous run's ({earlier.get('note', 'no note').rstrip('.')})"
+            )
         meta["note"] = "; ".join(notes) + "."
     previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
     if args.suite == "photos":  # a run over some problems keeps the others

@@ -214,6 +214,30 @@ def test_grid_cells_are_cached_per_export_and_rescored_after_a_new_export(qualit
     assert len(scored) == 3 and scored[-1] == (export, 4)
 
 
+def test_ud2m_only_keeps_the_other_rows_and_reruns_the_ud2m_rows(quality, tmp_path, monkeypatch):
+    """--ud2m_only: the earlier run's baselines are kept as they were (nothing else is run), its UD2M rows are
+    replaced by the new exports' rows; a problem without earlier rows is refused by name."""
+    monkeypatch.setattr(quality, "run_method", lambda *a, **k: pytest.fail("a baseline was run again"))
+    ran = []
+
+    def fake_rows(sample, work, name, export, extra, **inputs):
+        ran.append((name, export, extra))
+        return {name: {"psnr": {"mean": 30.0}}}
+
+    monkeypatch.setattr(quality, "ud2m_rows_of", fake_rows)
+    earlier = {"TV (λ = 3)": {"psnr": {"mean": 20.0}}, "UD2M (old), N x K = 3 x 3": {"psnr": {"mean": 10.0}}}
+    rows = quality.run_problem(
+        None, tmp_path, test_input="t", tune_input="u", operator="photos/sr_x4", prior=tmp_path,
+        ud2m_rows=[("UD2M (new), N x K = 3 x 3", tmp_path / "export", {})], dps1000=False, baselines=earlier,
+    )  # fmt: skip
+    assert rows == {"TV (λ = 3)": earlier["TV (λ = 3)"], "UD2M (new), N x K = 3 x 3": {"psnr": {"mean": 30.0}}}
+    assert ran == [("UD2M (new), N x K = 3 x 3", tmp_path / "export", {})]
+    (quality.RESULTS / "quality_photos.json").write_text(json.dumps({"problems": {"sr_x4": earlier}}))
+    assert quality._previous_rows("photos", "sr_x4") == earlier
+    with pytest.raises(SystemExit, match=r"quality_photos\.json holds no rows for 'inpaint_box'"):
+        quality._previous_rows("photos", "inpaint_box")
+
+
 def test_variant_overrides_name_the_bad_key_and_leave_the_base_config(quality):
     base = quality.quickstart_config(3, max_steps=10)
     cfg = quality.apply_overrides(base, ["model.lr_g=2e-3", "model.sampler.init_args.lora_targets=[to_q, conv_out]"])
