@@ -133,13 +133,17 @@ def suite_posterior(args) -> dict:
     return rows
 
 
-def grid_rows() -> dict:
+def grid_rows(samples: int | None = None) -> dict:
     """The UD2M K × N grid's cells of about LATINO's 8 NFE, for reference, read from ``quality_grid.json`` when the
-    table is written, so a re-run grid shows here without re-running LATINO."""
+    table is written, so a re-run grid shows here without re-running LATINO. A grid drawn with another number of
+    samples per digit than ``samples`` (the LATINO rows') says its own in the row name: the mean of 16 samples is not
+    the mean of 8."""
     f = RESULTS / "quality_grid.json"
-    grid = json.loads(f.read_text())["cells"] if f.is_file() else {}
+    data = json.loads(f.read_text()) if f.is_file() else {}
+    grid, drawn = data.get("cells", {}), data.get("samples_per_observation")
+    note = f", {drawn} samples" if samples is not None and drawn is not None and drawn != samples else ""
     cells = (("2", "4"), ("4", "2"), ("8", "1"))
-    return {f"UD2M K = {k}, N = {n} (quality grid)": grid[k][n] for k, n in cells if k in grid and n in grid[k]}
+    return {f"UD2M K = {k}, N = {n} (quality grid{note})": grid[k][n] for k, n in cells if k in grid and n in grid[k]}
 
 
 def report() -> str:
@@ -174,7 +178,7 @@ def report() -> str:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         latino = {k: v for k, v in post["rows"].items() if not k.endswith("(quality grid)")}  # older files held copies
-        for name, r in {**latino, **grid_rows()}.items():
+        for name, r in {**latino, **grid_rows(post["samples"])}.items():
             lines.append(
                 f"| {name} | {r['nfe']} | {r['psnr_mean']['mean']:.2f} | {r['psnr_sample']['mean']:.2f} | "
                 f"{r['cfid']:.3f} | {r['fid']:.3f} | {r['coverage_calibration_error']:.3f} |"

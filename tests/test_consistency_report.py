@@ -32,3 +32,9 @@ def test_report_reads_the_grid_cells_when_it_writes_the_table(benchmark_script):
     assert "| UD2M K = 2, N = 4 (quality grid) | 8 | 22.22 |" in text
     assert "K = 8, N = 1" not in text and "44.44" not in text  # only the cells of about 8 NFE
     assert "33.33" in consistency.README.read_text()
+    # a grid drawn with another sample count than LATINO's says so in its rows
+    (results / "quality_grid.json").write_text(json.dumps({**grid, "samples_per_observation": 16}))
+    text = consistency.report()
+    assert "| UD2M K = 4, N = 2 (quality grid, 16 samples) | 8 | 33.33 |" in text
+    (results / "quality_grid.json").write_text(json.dumps({**grid, "samples_per_observation": 8}))
+    assert "| UD2M K = 4, N = 2 (quality grid) | 8 | 33.33 |" in consistency.report()
