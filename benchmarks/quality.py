@@ -35,6 +35,7 @@ weights offline.
 
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
+    python benchmarks/quality.py photos --ud2m_only      # after a change of UD2M's defaults: only its rows again
     python benchmarks/quality.py grid --samples 16
     python benchmarks/quality.py variant --name lr2e-3_1500 --ud2m_steps 1500 --set model.lr_g=2e-3 model.lr_d=2e-3
     python benchmarks/quality.py variant --problem sr_x4 --name aug --set data.init_args.rot90=true
