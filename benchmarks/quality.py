@@ -437,16 +437,14 @@ def run_problem(
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
     if baselines is not None:
         rows = {name: row for name, row in baselines.items() if not name.startswith("UD2M")}
-        for name, export, extra in ud2m_rows:
-            rows.update(ud2m_rows_of(sample, work, name, export, extra, **inputs))
-        return rows
-    rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
-    rows.update(classical_rows(sample, work, operator=operator, **inputs))
-    latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
-    for model, suffix in latino_priors:
-        rows.update(latino_rows(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
-    options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
-    rows.update(diffusion_rows(sample, work, **options, **inputs))
+    else:
+        rows = {"A^T y (op.lift)": run_method(sample, "lift", work / "lift", method="lift", **kw)}
+        rows.update(classical_rows(sample, work, operator=operator, **inputs))
+        latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
+        for model, suffix in latino_priors:
+            rows.update(latino_rows(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
+        options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
+        rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:
         rows.update(ud2m_rows_of(sample, work, name, export, extra, **inputs))
     return rows
@@ -1175,18 +1173,18 @@ def main() -> None:
     }
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
+    previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
     if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only):
         notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not args.ud2m_only else []
         if args.skip_ud2m:
             notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
         if args.ud2m_only:
-            earlier = json.loads(path.read_text())["meta"] if path.is_file() else {}
+            earlier = previous.get("meta", {})
             notes.append(
                 f"only the UD2M rows re-run (--ud2m_only, {time.strftime('%Y-%m-%d', time.gmtime())}); the other rows "
                 f"are the previous run's ({earlier.get('note', 'no note').rstrip('.')})"
             )
         meta["note"] = "; ".join(notes) + "."
-    previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
     if args.suite == "photos":  # a run over some problems keeps the others
         result = {**previous.get("problems", {}), **result}
     payload = {"meta": meta, key: result} if key == "problems" else {"meta": meta, **result}
