@@ -529,3 +529,46 @@ def test_tiny_priors_run_every_operator_family(kind, family, tiny_priors, rng):
     assert solve_tikhonov(op, y, sigma_y=0.01).shape == x.shape
     if family != "jpeg":
         assert solve_total_variation(op, y, sigma_y=0.01, lam=1.0, iters=5).shape == x.shape
+
+
+class _ClampedPrior(torch.nn.Module):
+    """A prior whose x0-prediction is already clamped to [-1, 1] (what ``clip_x0`` must be equivalent to)."""
+
+    def __init__(self, prior):
+        super().__init__()
+        self.inner = prior
+        self.data_range, self.is_latent = None, False
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def predict_x0(self, z, t, cond=None):
+        return self.inner.predict_x0(z, t, cond).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("fn", [solve_dps, solve_diffpir])
+def test_clip_x0_equals_a_prior_with_clamped_estimates(fn, tiny_priors, rng):
+    """``clip_x0=True`` (the default, the references' ``clip_denoised``) is the unclamped solver on a pixel prior
+    whose x̂0 is clamped to its data range, gradients included (DPS differentiates through the clamp); the tiny
+    random prior's early x̂0 leave [-1, 1], so clamping changes the result; the Gaussian prior (no data range) is
+    untouched."""
+    prior, H, _ = tiny_priors["pixel"]
+    assert prior.data_range == (-1.0, 1.0) and not prior.is_latent
+    op = SuperResolution(2, "bicubic")
+    x = torch.rand(2, 3, H, H, generator=rng) * 2 - 1
+    y = measure(op, x, 0.01, rng)
+    kw = dict(sigma_y=0.01, num_steps=4)
+    clipped = fn(prior, op, y, generator=torch.Generator().manual_seed(3), **kw)
+    reference = fn(_ClampedPrior(prior), op, y, clip_x0=False, generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(clipped, reference, rtol=1e-5, atol=1e-5)
+    raw = fn(prior, op, y, clip_x0=False, generator=torch.Generator().manual_seed(3), **kw)
+    assert (raw - clipped).abs().max() > 1e-3
+    gop = GaussianBlur(1.0, 3)
+    gprior, gy = _gaussian_problem(gop, rng, batch=2)
+    assert gprior.data_range is None
+    a = fn(gprior, gop, gy, generator=torch.Generator().manual_seed(4), **kw)
+    b = fn(gprior, gop, gy, clip_x0=False, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b)

@@ -8,6 +8,7 @@
    feature-network errors, and ``freeze``.
 """
 
+import inspect
 import itertools
 import math
 
@@ -30,6 +31,7 @@ from ud2m.solvers.ld_rps import (
     opponent_metric,
     predict_x0_cfg,
     preset_for,
+    resolve_threshold,
     restart_index,
     start_index,
     task_defaults,
@@ -128,6 +130,27 @@ def test_clip_quantile_clamps_without_rescaling():
     torch.testing.assert_close(threshold_x0(x, ("clip_quantile", 0.995, 1.0, 100.0)), x.clamp(-s, s))
     torch.testing.assert_close(threshold_x0(x, ("dynamic", 0.995, 1.0, 100.0)), x.clamp(-s, s) / s)
     assert threshold_x0(x, None) is x
+
+
+def test_threshold_auto_clamps_pixel_priors_to_their_data_range(prior):
+    """``"auto"`` [ours]: a pixel prior's ẑ0 is clamped to [-1, 1] (its data range), a latent prior and the analytic
+    Gaussian keep the reference's quantile rule; the default of ``ld_rps`` is ``"auto"``; bad names are refused."""
+    from ud2m.priors.gaussian import GaussianPrior
+    from ud2m.priors.latent import LatentConsistencyPrior
+    from ud2m.priors.tiny_latent import tiny_pipeline
+    from ud2m.solvers.ld_rps import DEFAULT_THRESHOLD
+
+    rule = resolve_threshold("auto", prior)
+    x = torch.linspace(-60, 60, 101).view(1, 1, 1, 101)
+    torch.testing.assert_close(threshold_x0(x, rule), x.clamp(-1, 1))
+    assert resolve_threshold("data", prior) == rule and resolve_threshold("reference", prior) == DEFAULT_THRESHOLD
+    latent = LatentConsistencyPrior.from_pipeline(tiny_pipeline("lcm"))
+    assert resolve_threshold("auto", latent) == DEFAULT_THRESHOLD
+    assert resolve_threshold("auto", GaussianPrior(torch.zeros(1, 2, 2), 1.0)) == DEFAULT_THRESHOLD
+    assert resolve_threshold(None, prior) is None
+    with pytest.raises(ValueError, match="threshold"):
+        resolve_threshold("clip", prior)
+    assert inspect.signature(ld_rps).parameters["threshold"].default == "auto"
 
 
 # ---------------------------------------------------------------------------------------------------- 2. zero guidance

@@ -51,8 +51,8 @@ INITIALIZER_LR_SCALE = 0.1  # the reference trains a learned initialiser at lr Ã
 
 
 def is_latent_prior(prior: Prior) -> bool:
-    """True when the prior works in a latent space (it overrides ``decode``), e.g. latent consistency models."""
-    return type(prior).decode is not Prior.decode
+    """True when the prior works in a latent space (:attr:`Prior.is_latent`), e.g. latent consistency models."""
+    return prior.is_latent
 
 
 class UnfoldedSampler(nn.Module):

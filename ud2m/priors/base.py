@@ -355,6 +355,27 @@ class Prior(nn.Module):
         """Clean latent -> data (identity for pixel priors)."""
         return z0
 
+    #: Range of the data (decoded images): the internal [-1, 1] of §1.1 for image priors, None where the data are
+    #: unbounded (the analytic Gaussian prior), so that clamping estimates to it is the identity there.
+    data_range: tuple[float, float] | None = (-1.0, 1.0)
+
+    @property
+    def is_latent(self) -> bool:
+        """True when the prior works in a latent space (it overrides :meth:`decode`), e.g. latent consistency models."""
+        return type(self).decode is not Prior.decode
+
+    def clip_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp a data-space estimate (a decoded x̂0) to :attr:`data_range`, the identity when it is None.
+
+        The DiffPIR and DPS references do this to every x̂0 (guided-diffusion's ``clip_denoised=True``), as does
+        diffusers' DDIM for pixel models (``clip_sample``); on an ε-prediction DDPM x̂0 = (z_t − b_t ε̂)/a_t
+        reaches ±60 at t ≈ 950 (``photos`` prior), and unclamped it drives colours to saturation (docs/method.md
+        Appendix A).
+        """
+        if self.data_range is None:
+            return x
+        return x.clamp(*self.data_range)
+
     def encode_prompt(self, prompts: str | list[str] | None) -> Any:
         """Conditioning from text; unconditional priors return None for ``None`` and refuse real prompts.
 

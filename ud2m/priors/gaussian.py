@@ -102,6 +102,8 @@ class GaussianPrior(Prior):
         schedule: any :class:`NoiseSchedule`; the linear VP schedule (β 1e-4 to 0.02, 1000 steps) by default.
     """
 
+    data_range = None  # unbounded data: solvers never clamp its estimates (the exact-posterior tests rely on it)
+
     def __init__(self, mu: torch.Tensor, s: torch.Tensor | float, *, schedule: NoiseSchedule | None = None) -> None:
         schedule = schedule if schedule is not None else VPSchedule.from_betas(make_betas("linear"))
         super().__init__(None, schedule=schedule, prediction_type="x0", latent_channels=mu.shape[0])

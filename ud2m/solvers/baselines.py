@@ -11,8 +11,10 @@ One pure function per method:
 They share the prox (``op.prox_l2`` through :func:`~ud2m.solvers.steps.data_consistency`), the DDIM step and the
 re-noising kernel of ``ud2m.solvers.steps`` and the grids of ``ud2m.schedules``. Images are on [-1, 1]; ``sigma_y``
 is the user-facing [0, 1] noise std, converted once by :func:`~ud2m.operators.noise.sigma_internal`. No function
-here disables autograd; outputs are not clamped except by the TV solver (§6.3), so the Gaussian-prior tests see the
-exact affine maps. NFE: DPS and DiffPIR make exactly one ``predict_x0`` call per timestep.
+here disables autograd; outputs are not clamped except by the TV solver (§6.3). DPS and DiffPIR clamp their
+intermediate x̂0 to the prior's data range, as their references do (``clip_x0``, default on; the analytic Gaussian
+prior has no data range, so the Gaussian-prior tests still see the exact affine maps). NFE: DPS and DiffPIR make
+exactly one ``predict_x0`` call per timestep.
 """
 
 from __future__ import annotations
@@ -153,7 +155,14 @@ class DPSGuidance(NamedTuple):
 
 
 def dps_guidance(
-    prior: Prior, op: Operator, y: torch.Tensor, z: torch.Tensor, t: float | torch.Tensor, cond: Any = None
+    prior: Prior,
+    op: Operator,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    t: float | torch.Tensor,
+    cond: Any = None,
+    *,
+    clip_x0: bool = False,
 ) -> DPSGuidance:
     r"""One DPS measurement gradient (Chung et al. 2023, Algorithm 1 lines 4-7), 1 NFE:
 
@@ -165,12 +174,20 @@ def dps_guidance(
     differentiable operator, JPEG included). Autograd is enabled locally, so the caller may be under
     ``torch.no_grad()`` or ``torch.inference_mode()`` (inputs are cloned out of inference mode, as in
     ``NonlinearOperator.A_vjp``); the prior itself must have been built outside inference mode. No graph is kept.
+
+    ``clip_x0``: :math:`\hat x_0 \leftarrow \mathrm{clamp}(\hat x_0)` to the prior's data range
+    (:meth:`~ud2m.priors.base.Prior.clip_data`) inside the graph, so clipped pixels pass no gradient, as in the
+    reference (guided-diffusion's ``clip_denoised=True``); for pixel priors the returned ``z0_hat`` is the clamped
+    estimate too (latents are never clamped).
     """
     with torch.inference_mode(False), torch.enable_grad():
         z_in = z.detach().clone().requires_grad_(True)
         y_in = y.clone() if y.is_inference() else y
         z0_hat = prior.predict_x0(z_in, _time(t, z), cond)  # 1 NFE, with graph
         x0_hat = prior.decode(z0_hat)  # (B, C, H, W)
+        if clip_x0:
+            x0_hat = prior.clip_data(x0_hat)
+            z0_hat = z0_hat if prior.is_latent else x0_hat
         residual_norm = (y_in - op.A(x0_hat)).flatten(1).norm(dim=1)  # (B,)
         (grad,) = torch.autograd.grad(residual_norm.sum(), z_in)  # samples are independent: per-sample gradients
     return DPSGuidance(grad, z0_hat.detach(), x0_hat.detach(), residual_norm.detach())
@@ -202,6 +219,7 @@ def solve_dps(
     zeta_scaling: str = "none",
     step_rule: str = "norm",
     eta: float = 1.0,
+    clip_x0: bool = True,
     generator: Generator = None,
     callback: Callback = None,
 ) -> torch.Tensor:
@@ -243,6 +261,9 @@ def solve_dps(
             steps: multiplied by :math:`1000/N`, N = number of timesteps).
         step_rule: ``"norm"`` or ``"squared"``.
         eta: DDIM stochasticity (1 = DDPM ancestral sampling).
+        clip_x0: clamp :math:`\hat x_0` to the prior's data range before the loss and the DDIM step (the
+            reference's ``clip_denoised=True``; the identity on priors without one, e.g. the Gaussian prior; see
+            :func:`dps_guidance`).
         generator: torch generator or list of B generators.
         callback: called with ``dict(k, t, sigma, x, x0_hat, residual_norm)`` after every step.
 
@@ -255,7 +276,7 @@ def solve_dps(
     zeta = dps_zeta(zeta, len(grid), zeta_scaling)
     z = _start(prior, op, y, x_init, grid[0], generator)
     for k, t in enumerate(grid):
-        g = dps_guidance(prior, op, y, z, t, cond)  # 4.-5. x̂0 and ∇‖y − A x̂0‖ (1 NFE)
+        g = dps_guidance(prior, op, y, z, t, cond, clip_x0=clip_x0)  # 4.-5. x̂0 and ∇‖y − A x̂0‖ (1 NFE)
         a, b = _scales(prior, t, z)
         a_next, b_next = _scales(prior, grid[k + 1] if k + 1 < len(grid) else None, z)
         xi = randn(z.shape, generator, device=z.device, dtype=z.dtype)  # 6. z ~ N(0, I)
@@ -299,6 +320,7 @@ def solve_diffpir(
     lambda_: float = 1.75,
     zeta: float = 0.3,
     grid: str = "quad",
+    clip_x0: bool = True,
     generator: Generator = None,
     callback: Callback = None,
 ) -> torch.Tensor:
@@ -308,7 +330,7 @@ def solve_diffpir(
     :math:`\hat x_0`):
 
     .. math::
-        x_0^{(t)} &= D(\hat z_0(z_t, t)) \\
+        x_0^{(t)} &= \mathrm{clamp}(D(\hat z_0(z_t, t))) \\
         \hat x_0 &= \mathrm{prox}_{\gamma_t}(x_0^{(t)}, y), \quad \gamma_t = s_t^2/(\lambda\sigma_n^2)
             \quad (\text{:func:`diffpir_gamma`}) \\
         \hat\varepsilon &= (z_t - a_t E(\hat x_0))/b_t \\
@@ -340,6 +362,10 @@ def solve_diffpir(
             (:func:`~ud2m.schedules.quadratic_skip_grid`, 999 down to 0, denser near the clean end; at most 501
             steps); ``"uniform"``: :func:`~ud2m.schedules.uniform_grid` (from 999 in steps of ``1000 // N``, the former
             default).
+        clip_x0: clamp the denoiser's :math:`x_0^{(t)}` to the prior's data range before the data step
+            (:meth:`~ud2m.priors.base.Prior.clip_data`; the reference's ``clip_denoised=True``; the identity on
+            priors without a data range, e.g. the Gaussian prior). Unclamped, an ε-prediction DDPM's early
+            estimates reach ±60 and a colourisation ends with saturated colours (docs/method.md Appendix A).
         generator: torch generator or list of B generators.
         callback: called with ``dict(k, t, sigma, x, x0_hat, gamma)`` after every step (``x0_hat``: after the
             data step).
@@ -355,6 +381,7 @@ def solve_diffpir(
     for k, t in enumerate(times):
         a, b = _scales(prior, t, z)
         x0_t = prior.decode(prior.predict_x0(z, _time(t, z), cond))  # 3. denoiser (1 NFE)
+        x0_t = prior.clip_data(x0_t) if clip_x0 else x0_t
         gamma = diffpir_gamma((b / a).to(y.dtype), sigma_n, lambda_)
         x0 = data_consistency(op, x0_t, y, gamma)  # 4. data proximal subproblem
         last = k + 1 == len(times)
