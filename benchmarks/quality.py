@@ -36,6 +36,7 @@ weights offline.
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
     python benchmarks/quality.py photos --ud2m_only      # after a change of UD2M's defaults: only its rows again
+    python benchmarks/quality.py digits --diffusion_only # after a change of DPS/DiffPIR: only their rows, recomputed
     python benchmarks/quality.py grid --samples 16
     python benchmarks/quality.py variant --name lr2e-3_1500 --ud2m_steps 1500 --set model.lr_g=2e-3 model.lr_d=2e-3
     python benchmarks/quality.py variant --problem sr_x4 --name aug --set data.init_args.rot90=true
@@ -94,6 +95,7 @@ LATINO_T_MAX, LATINO_GAMMA = (999, 700, 500), (None, 100.0, 1000.0)
 # UD2M's tuned start (sample_ud2m's t_start, docs/method.md §8 revision): the first time of its quadratic grid, the
 # chain starting from the Wiener estimate re-noised there (999: the paper's start from pure noise)
 UD2M_T_START = (999, 700, 500, 300, 150)
+DIFFUSION_TITLES = ("DiffPIR", "DPS")  # row titles of diffusion_rows (what --diffusion_only re-runs)
 UD2M_FINAL_GAMMA = (1.0, 10.0, 100.0, 1000.0)  # the closing data step's weight, LATINO's convention (§8 revision)
 DIGITS_LONG_STEPS = 1500  # the benchmark's longer digits distillation (the quick start is the short one)
 DIGITS_LONGEST_STEPS = 4000  # does longer distillation close the gap? (--ud2m_long; rows wherever an export exists)
@@ -265,7 +267,7 @@ def run_method(
 ) -> dict:
     """One method over the inputs through ``sample()`` (resumable): ``method`` (a short name) with ``settings``
     and ``num_steps`` (:func:`method_object`); returns its metrics summary and folder."""
-    common = dict(seed=0, batch_size=16, lpips=None, progress=False, resume=True)
+    common = dict(seed=0, batch_size=16, lpips=None, progress=False, resume=kw.pop("resume", True))
     common["method"] = method_object(method, settings, num_steps)
     if operator is not None:
         common["operator"] = operator
@@ -396,16 +398,20 @@ def diffusion_rows(
     dps1000: bool,
     budget: str,
     dps: bool = True,
+    resume: bool = True,
 ) -> dict:
     """DiffPIR and DPS (unless ``dps`` is False) at 100 steps with their solver options tuned on the tuning images;
-    DPS at 1000 steps reuses DPS-100's zeta (per 1000 steps, so its effective step is the tuned one divided by 10)."""
+    DPS at 1000 steps reuses DPS-100's zeta (per 1000 steps, so its effective step is the tuned one divided by 10).
+    ``resume=False`` recomputes images already written (after a change of the solvers)."""
     rows = {}
-    for method, title in (("diffpir", "DiffPIR"), ("dps", "DPS"))[: 2 if dps else 1]:
+    for method, title in tuple(zip(("diffpir", "dps"), DIFFUSION_TITLES, strict=True))[: 2 if dps else 1]:
         candidates = {options_slug(o): o for o in diffusion_candidates(method, budget)}
         runs = {k: {"settings": o} for k, o in candidates.items()}
-        best, scores = tune(sample, work, tune_input, operator, method, runs, model=str(prior), num_steps=100)
+        best, scores = tune(
+            sample, work, tune_input, operator, method, runs, model=str(prior), num_steps=100, resume=resume
+        )
         options = candidates[best]
-        kw = dict(input=test_input, operator=operator, method=method, model=str(prior), settings=options)
+        kw = dict(input=test_input, operator=operator, method=method, model=str(prior), settings=options, resume=resume)
         for n in (100, 1000) if method == "dps" and dps1000 else (100,):
             summary = run_method(sample, f"{method}{n}", work / f"{method}{n}_{best}", num_steps=n, **kw)
             tuned = {"tuning": scores} if n == 100 else {"tuned_at": "100 steps"}
@@ -427,14 +433,23 @@ def run_problem(
     dps: bool = True,
     cm_prior: Path | None = None,
     baselines: dict | None = None,
+    rerun: str = "ud2m",
 ) -> dict:
     """All methods on one problem; returns ``{row name: summary (+ tuned weight and tuning scores)}``.
 
     ``ud2m_rows``: ``(row name, export folder, sample() keywords such as num_steps)`` for each UD2M row;
     ``cm_prior``: the consistency model distilled from ``prior`` (a second LATINO row when it exists);
-    ``baselines``: the rows of an earlier run of this problem, whose non-UD2M rows are kept instead of run again
-    (``--ud2m_only``: they do not depend on UD2M's config, and the same images, observations and seeds)."""
+    ``baselines``: the rows of an earlier run of this problem, kept instead of run again except ``rerun``'s:
+    ``"ud2m"`` (``--ud2m_only``: the other rows do not depend on UD2M's config, and the same images, observations
+    and seeds) or ``"diffusion"`` (``--diffusion_only``: the DiffPIR and DPS rows, recomputed without resuming,
+    after a change of those solvers; the UD2M rows are kept too)."""
     kw, inputs = dict(input=test_input, operator=operator), dict(test_input=test_input, tune_input=tune_input)
+    options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
+    if baselines is not None and rerun == "diffusion":
+        kept = [(n, r) for n, r in baselines.items() if not n.startswith(DIFFUSION_TITLES)]
+        fresh = diffusion_rows(sample, work, **options, **inputs, resume=False)
+        before = [(n, r) for n, r in kept if not n.startswith("UD2M")]
+        return dict(before + list(fresh.items()) + [(n, r) for n, r in kept if n.startswith("UD2M")])
     if baselines is not None:
         rows = {name: row for name, row in baselines.items() if not name.startswith("UD2M")}
     else:
@@ -443,7 +458,6 @@ def run_problem(
         latino_priors = [(prior, "")] + ([(cm_prior, "_cm")] if cm_prior is not None and cm_prior.is_dir() else [])
         for model, suffix in latino_priors:
             rows.update(latino_rows(sample, work, model=model, suffix=suffix, operator=operator, **inputs))
-        options = dict(operator=operator, prior=prior, dps1000=dps1000, budget=budget, dps=dps)
         rows.update(diffusion_rows(sample, work, **options, **inputs))
     for name, export, extra in ud2m_rows:
         rows.update(ud2m_rows_of(sample, work, name, export, extra, **inputs))
@@ -536,6 +550,8 @@ def suite_digits(args) -> dict:
             dps1000=not args.skip_dps1000,
             budget=args.tune_budget,
             cm_prior=PRIORS / "digits-cm",
+            baselines=_previous_rows("digits", "sr_x4") if args.diffusion_only else None,
+            rerun="diffusion",
         )
     }
 
@@ -549,7 +565,9 @@ def suite_photos(args) -> dict:
         print(f"photos/{problem}", flush=True)
         ud2m_rows = []
         existing = (work / problem / "ud2m" / "export" / "ud2m.json").is_file()
-        if not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
+        if args.diffusion_only:  # every other row is kept: no UD2M export is needed
+            pass
+        elif not args.skip_ud2m or existing:  # --skip_ud2m: no new distillation, existing exports still give rows
             export = ensure_export(photos_config(problem, args.ud2m_steps), work / problem / "ud2m")
             ud2m_rows = [(f"UD2M ({_steps(export)}), N x K = {n} x 3", export, {"num_steps": n} if n != 3 else {})
                          for n in (3, 4)]  # fmt: skip
@@ -569,7 +587,7 @@ def suite_photos(args) -> dict:
             label = f"UD2M ({_steps(t_max)} on t ≤ {PHOTOS_TRAIN_T_MAX}, start {PHOTOS_TRAIN_T_MAX}), N x K = 3 x 3"
             ud2m_rows.append((label, t_max, {}))
         kept = None
-        if args.ud2m_only:
+        if args.ud2m_only or args.diffusion_only:
             kept = _previous_rows("photos", problem)
         out[problem] = run_problem(
             sample,
@@ -584,12 +602,13 @@ def suite_photos(args) -> dict:
             dps=not args.skip_dps,
             cm_prior=PRIORS / "photos-cm",
             baselines=kept,
+            rerun="diffusion" if args.diffusion_only else "ud2m",
         )
     return out
 
 
 def _previous_rows(suite: str, problem: str) -> dict:
-    """``problem``'s rows in ``quality_<suite>.json`` (for ``--ud2m_only``).
+    """``problem``'s rows in ``quality_<suite>.json`` (for ``--ud2m_only`` and ``--diffusion_only``).
 
     Raises:
         SystemExit: naming the file, when it holds no rows for ``problem``.
@@ -597,7 +616,7 @@ def _previous_rows(suite: str, problem: str) -> dict:
     path = RESULTS / f"quality_{suite}.json"
     rows = json.loads(path.read_text()).get("problems", {}).get(problem) if path.is_file() else None
     if not rows:
-        raise SystemExit(f"--ud2m_only: {path} holds no rows for {problem!r} to keep; run the suite in full once")
+        raise SystemExit(f"{path} holds no rows for {problem!r} to keep; run the suite in full once")
     return rows
 
 
@@ -1120,6 +1139,12 @@ def main() -> None:
         help="photos: run only the UD2M rows; keep every other row of the previous results (same inputs and seeds)",
     )
     parser.add_argument(
+        "--diffusion_only",
+        action="store_true",
+        help="digits, photos: recompute only the DiffPIR and DPS rows (no resume: after a change of those solvers); "
+        "keep every other row of the previous results",
+    )
+    parser.add_argument(
         "--ud2m_steps", type=int, default=None, help="photos, variant: distillation steps (the config's by default)"
     )
     parser.add_argument("--name", default=None, help="variant: the run's name (folder and results entry)")
@@ -1173,23 +1198,33 @@ def main() -> None:
     }
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
-    previous = json.loads(path.read_text()) if path.is_file() and args.suite == "photos" else {}
-    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only):
+    previous = json.loads(path.read_text()) if path.is_file() and args.suite in ("photos", "digits") else {}
+    if args.ud2m_only and args.diffusion_only:
+        raise SystemExit("--ud2m_only and --diffusion_only exclude each other")
+    if args.suite == "digits" and args.diffusion_only:
+        earlier = previous.get("meta", {})
+        meta["note"] = _rerun_note("DiffPIR and DPS", "--diffusion_only", earlier)
+    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only or args.diffusion_only):
         notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not args.ud2m_only else []
         if args.skip_ud2m:
             notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
-        if args.ud2m_only:
-            earlier = previous.get("meta", {})
-            notes.append(
-                f"only the UD2M rows re-run (--ud2m_only, {time.strftime('%Y-%m-%d', time.gmtime())}); the other rows "
-                f"are the previous run's ({earlier.get('note', 'no note').rstrip('.')})"
-            )
+        if args.ud2m_only or args.diffusion_only:
+            flag, what = ("--ud2m_only", "UD2M") if args.ud2m_only else ("--diffusion_only", "DiffPIR and DPS")
+            notes.append(_rerun_note(what, flag, previous.get("meta", {})).rstrip("."))
         meta["note"] = "; ".join(notes) + "."
     if args.suite == "photos":  # a run over some problems keeps the others
         result = {**previous.get("problems", {}), **result}
     payload = {"meta": meta, key: result} if key == "problems" else {"meta": meta, **result}
     path.write_text(json.dumps(payload, indent=2, default=str))
     report(args)
+
+
+def _rerun_note(what: str, flag: str, earlier: dict) -> str:
+    """The results note of a run that recomputed only ``what``'s rows and kept the others from ``earlier``'s."""
+    when, before = time.strftime("%Y-%m-%d", time.gmtime()), earlier.get("note", "").rstrip(".")
+    return f"only the {what} rows re-run ({flag}, {when}); the other rows are the previous run's" + (
+        f" ({before})." if before else "."
+    )
 
 
 def write_variant(args, result: dict, start: float, path: Path | None = None) -> None:

@@ -238,6 +238,32 @@ def test_ud2m_only_keeps_the_other_rows_and_reruns_the_ud2m_rows(quality, tmp_pa
         quality._previous_rows("photos", "inpaint_box")
 
 
+def test_diffusion_only_recomputes_dps_and_diffpir_without_resume_and_keeps_the_rest(quality, tmp_path, monkeypatch):
+    """--diffusion_only: only diffusion_rows runs, with resume=False (a changed solver must not reuse stale images);
+    every other row is kept in place, the fresh DiffPIR/DPS rows replace the earlier ones before the UD2M rows."""
+    monkeypatch.setattr(quality, "ud2m_rows_of", lambda *a, **k: pytest.fail("a UD2M row was run again"))
+    calls = []
+
+    def fake_diffusion(sample, work, **kw):
+        calls.append(kw)
+        return {"DiffPIR, 100 steps (new)": {"psnr": {"mean": 31.0}}, "DPS, 100 steps (new)": {"psnr": {"mean": 29.0}}}
+
+    monkeypatch.setattr(quality, "diffusion_rows", fake_diffusion)
+    earlier = {
+        "TV (λ = 3)": {"psnr": {"mean": 20.0}},
+        "DiffPIR, 100 steps (old)": {"psnr": {"mean": 25.0}},
+        "DPS, 100 steps (old)": {"psnr": {"mean": 24.0}},
+        "UD2M (x), N x K = 3 x 3": {"psnr": {"mean": 26.0}},
+    }
+    rows = quality.run_problem(
+        None, tmp_path, test_input="t", tune_input="u", operator="photos/sr_x4", prior=tmp_path,
+        ud2m_rows=[], dps1000=False, baselines=earlier, rerun="diffusion",
+    )  # fmt: skip
+    assert list(rows) == ["TV (λ = 3)", "DiffPIR, 100 steps (new)", "DPS, 100 steps (new)", "UD2M (x), N x K = 3 x 3"]
+    assert rows["TV (λ = 3)"] is earlier["TV (λ = 3)"] and rows["UD2M (x), N x K = 3 x 3"]["psnr"]["mean"] == 26.0
+    assert len(calls) == 1 and calls[0]["resume"] is False
+
+
 def test_variant_overrides_name_the_bad_key_and_leave_the_base_config(quality):
     base = quality.quickstart_config(3, max_steps=10)
     cfg = quality.apply_overrides(base, ["model.lr_g=2e-3", "model.sampler.init_args.lora_targets=[to_q, conv_out]"])

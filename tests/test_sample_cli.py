@@ -514,9 +514,10 @@ def test_ld_rps_reference_psi_is_a_setting(pixel_model, tmp_path):
     common = dict(input=str(observation), simulate=False, model=str(pixel_model))
     result = run(tmp_path / "out", **common, method=LDRPS("haze", num_steps=4, psi="fpam"))
     assert result["run"]["settings"]["psi"] == "fpam" and result["images"][0]["cost_d1_steps"] > 0
-    with pytest.raises(ValueError, match=re.escape("'psi': 'fpam', 'guidance_factor': None, 'zhat_from': None} there")):
+    there = "'psi': 'fpam', 'guidance_factor': None, 'zhat_from': None, 'threshold': None} there"
+    with pytest.raises(ValueError, match=re.escape(there)):
         run(tmp_path / "out", **common, method=LDRPS("haze", num_steps=4))
-    factor = "'guidance_factor': 0.3, 'zhat_from': 'z_t'} now"  # the tuned options are settings too
+    factor = "'guidance_factor': 0.3, 'zhat_from': 'z_t', 'threshold': None} now"  # the tuned options are settings too
     with pytest.raises(ValueError, match=re.escape(factor)):
         run(
             tmp_path / "out",

@@ -363,6 +363,7 @@ class DPS(Method):
         zeta_scaling: ``"none"`` or ``"steps"`` (zeta is per 1000 steps).
         step_rule: ``"norm"`` (the reference's) or ``"squared"``.
         eta: DDIM stochasticity.
+        clip_x0: clamp x̂0 to the prior's data range (None: the solver's default, True, as the reference).
     """
 
     name, needs_autograd = "dps", True
@@ -374,9 +375,10 @@ class DPS(Method):
         zeta_scaling: Literal["none", "steps"] | None = None,
         step_rule: Literal["norm", "squared"] | None = None,
         eta: float | None = None,
+        clip_x0: bool | None = None,
     ) -> None:
-        self.num_steps, self.zeta, self.zeta_scaling, self.step_rule, self.eta = (
-            num_steps, zeta, zeta_scaling, step_rule, eta,
+        self.num_steps, self.zeta, self.zeta_scaling, self.step_rule, self.eta, self.clip_x0 = (
+            num_steps, zeta, zeta_scaling, step_rule, eta, clip_x0,
         )  # fmt: skip
 
     @classmethod
@@ -400,6 +402,8 @@ class DiffPIR(Method):
         lambda_: data weight in internal units (None: the solver's default).
         zeta: stochasticity (None: the solver's default).
         grid: ``"quad"`` (the reference's) or ``"uniform"``.
+        clip_x0: clamp the denoiser's x̂0 to the prior's data range (None: the solver's default, True, as the
+            reference).
     """
 
     name = "diffpir"
@@ -410,8 +414,10 @@ class DiffPIR(Method):
         lambda_: float | None = None,
         zeta: float | None = None,
         grid: Literal["quad", "uniform"] | None = None,
+        clip_x0: bool | None = None,
     ) -> None:
         self.num_steps, self.lambda_, self.zeta, self.grid = num_steps, lambda_, zeta, grid
+        self.clip_x0 = clip_x0
 
     @classmethod
     def solver_function(cls):
@@ -486,6 +492,8 @@ class LDRPS(Method):
             unguided (it starts from y at its estimated noise level, docs/blind.md): no factor changes it.
         zhat_from: ``"z_next"`` (the reference's off-by-one estimate, None) or ``"z_t"`` (the Tweedie estimate
             of the current state [ours], §13.3).
+        threshold: ``"auto"`` (None: clamp ẑ0 to the data range on pixel priors, the reference's quantile rule on
+            latent priors), ``"reference"`` or ``"data"`` (``ud2m.solvers.ld_rps.resolve_threshold``).
     """
 
     name, needs_autograd = "ld_rps", True
@@ -499,6 +507,7 @@ class LDRPS(Method):
         psi: Literal["physical", "fpam"] | None = None,
         guidance_factor: float | None = None,
         zhat_from: Literal["z_next", "z_t"] | None = None,
+        threshold: Literal["auto", "reference", "data"] | None = None,
     ) -> None:
         from ud2m.solvers.ld_rps import task_defaults
 
@@ -506,11 +515,11 @@ class LDRPS(Method):
         if guidance_factor is not None and not guidance_factor > 0:
             raise ValueError(f"guidance_factor must be > 0, got {guidance_factor}")
         self.task, self.captions, self.num_steps, self.free_chains = task, captions, num_steps, free_chains
-        self.psi, self.guidance_factor, self.zhat_from = psi, guidance_factor, zhat_from
+        self.psi, self.guidance_factor, self.zhat_from, self.threshold = psi, guidance_factor, zhat_from, threshold
 
     def settings(self, problem=None):
         # the two later settings stay None at their defaults (factor 1, z_next), so older run records still resume
-        later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from}
+        later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from, "threshold": self.threshold}
         out = {**super().settings(problem), "psi": self.psi or "physical", **later}
         if self.free_chains is None and problem is not None:  # the preset's F where the task sets one (noise: 0)
             from ud2m.solvers.ld_rps import preset_for
@@ -543,7 +552,8 @@ class LDRPS(Method):
         # gets the reference's total guidance on any grid, times the tuned factor: benchmarks/blind.py's convention
         kw = defaults.solver_kwargs(guidance_norm="sum", image_size=y.shape[-1], psi=psi)
         kw["guidance_scale"] *= REFERENCE_STEPS / (self.num_steps or REFERENCE_STEPS) * (self.guidance_factor or 1.0)
-        kw.update({k: v for k, v in self.options().items() if k in ("num_steps", "free_chains", "zhat_from")})
+        chosen = ("num_steps", "free_chains", "zhat_from", "threshold")
+        kw.update({k: v for k, v in self.options().items() if k in chosen})
         states = {}
         passes, info = ld_rps(
             problem.prior, op, y, cond=cond, generator=generators, on_pass=lambda r, x, st: states.update(last=st),
