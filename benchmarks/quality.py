@@ -1205,11 +1205,13 @@ def main() -> None:
         earlier = previous.get("meta", {})
         meta["note"] = _rerun_note("DiffPIR and DPS", "--diffusion_only", earlier)
     if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only or args.diffusion_only):
-        notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not args.ud2m_only else []
+        rerun = args.ud2m_only or args.diffusion_only
+        notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not rerun else []
         if args.skip_ud2m:
             notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
         if args.ud2m_only or args.diffusion_only:
-            flag, what = ("--ud2m_only", "UD2M") if args.ud2m_only else ("--diffusion_only", "DiffPIR and DPS")
+            diffusion = "DiffPIR" if args.skip_dps else "DiffPIR and DPS"
+            flag, what = ("--ud2m_only", "UD2M") if args.ud2m_only else ("--diffusion_only", diffusion)
             notes.append(_rerun_note(what, flag, previous.get("meta", {})).rstrip("."))
         meta["note"] = "; ".join(notes) + "."
     if args.suite == "photos":  # a run over some problems keeps the others
@@ -1220,11 +1222,11 @@ def main() -> None:
 
 
 def _rerun_note(what: str, flag: str, earlier: dict) -> str:
-    """The results note of a run that recomputed only ``what``'s rows and kept the others from ``earlier``'s."""
+    """The results note of a run that recomputed only ``what``'s rows and kept the others from ``earlier``'s
+    (whose own note follows, so a chain of partial runs reads back to the last full one)."""
     when, before = time.strftime("%Y-%m-%d", time.gmtime()), earlier.get("note", "").rstrip(".")
-    return f"only the {what} rows re-run ({flag}, {when}); the other rows are the previous run's" + (
-        f" ({before})." if before else "."
-    )
+    head = f"the {what} rows re-run ({flag}, {when}), every other row kept from the previous run"
+    return head + (f"; that run: {before}." if before else ".")
 
 
 def write_variant(args, result: dict, start: float, path: Path | None = None) -> None:

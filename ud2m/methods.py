@@ -518,7 +518,8 @@ class LDRPS(Method):
         self.psi, self.guidance_factor, self.zhat_from, self.threshold = psi, guidance_factor, zhat_from, threshold
 
     def settings(self, problem=None):
-        # the two later settings stay None at their defaults (factor 1, z_next), so older run records still resume
+        # the later settings stay None at their defaults (factor 1, z_next, threshold "auto"): a run record names
+        # them all, so a run from before the threshold setting (unclamped on pixel priors) is not resumed into
         later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from, "threshold": self.threshold}
         out = {**super().settings(problem), "psi": self.psi or "physical", **later}
         if self.free_chains is None and problem is not None:  # the preset's F where the task sets one (noise: 0)
