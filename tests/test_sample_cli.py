@@ -506,6 +506,26 @@ def test_ld_rps_noise_preset_runs_one_chain_and_records_it(pixel_model, tmp_path
     assert row["cost_nfe_paper"] == row["cost_steps"]
 
 
+def test_ld_rps_threshold_setting_reaches_the_solver(pixel_model, tmp_path, monkeypatch):
+    """``LDRPS(threshold=...)`` is passed to ``ld_rps`` and recorded; unset, the solver's ``"auto"`` applies."""
+    import ud2m.solvers.ld_rps as solver
+
+    seen, real = [], solver.ld_rps
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("threshold", "auto"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solver, "ld_rps", spy)
+    observation = tmp_path / "dark.png"
+    save_image(load_image("skimage:astronaut")[..., 200:232, 200:232] * 0.3 - 0.5, observation)
+    common = dict(input=str(observation), simulate=False, model=str(pixel_model))
+    result = run(tmp_path / "ref", **common, method=LDRPS("low-light", num_steps=4, threshold="reference"))
+    assert seen == ["reference"] and result["run"]["settings"]["threshold"] == "reference"
+    run(tmp_path / "auto", **common, method=LDRPS("low-light", num_steps=4))
+    assert seen[-1] == "auto"
+
+
 def test_ld_rps_reference_psi_is_a_setting(pixel_model, tmp_path):
     """``LDRPS(psi="fpam")`` restores with the reference's F-PAM ψ and its adversarial D1 (counted), and the run
     record tells it from the default physical ψ, so resuming one into the other's folder is refused."""
