@@ -1181,6 +1181,8 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", type=int, default=list(GRID_K))
     parser.add_argument("--samples", type=int, default=16, help="posterior samples per observation (grid)")
     args = parser.parse_args()
+    if args.ud2m_only and args.diffusion_only:
+        raise SystemExit("--ud2m_only and --diffusion_only exclude each other")
     if args.suite == "report":
         report(args)
         return
@@ -1199,8 +1201,6 @@ def main() -> None:
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
     previous = json.loads(path.read_text()) if path.is_file() and args.suite in ("photos", "digits") else {}
-    if args.ud2m_only and args.diffusion_only:
-        raise SystemExit("--ud2m_only and --diffusion_only exclude each other")
     if args.suite == "digits" and args.diffusion_only:
         earlier = previous.get("meta", {})
         meta["note"] = _rerun_note("DiffPIR and DPS", "--diffusion_only", earlier)
