@@ -572,3 +572,24 @@ def test_clip_x0_equals_a_prior_with_clamped_estimates(fn, tiny_priors, rng):
     a = fn(gprior, gop, gy, generator=torch.Generator().manual_seed(4), **kw)
     b = fn(gprior, gop, gy, clip_x0=False, generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fn", [solve_dps, solve_diffpir])
+def test_clip_x0_on_a_frame_wise_video_prior(fn, tiny_priors, rng):
+    """A frame-wise pixel prior is not latent (its decode only moves the frame axis): DPS and DiffPIR clamp its x̂0
+    in the prior's own layout, so every estimate they report lies in [-1, 1], and without the clamp it does not."""
+    from ud2m.priors.stacked import FrameWisePrior
+
+    image_prior, H, _ = tiny_priors["pixel"]
+    prior = FrameWisePrior(image_prior, frame_batch=4)
+    assert not prior.is_latent and prior.data_range == (-1.0, 1.0)
+    op = PerFrame(SuperResolution(2, "bicubic"))
+    x = torch.rand(1, 3, 3, H, H, generator=rng) * 2 - 1
+    y = measure(op, x, 0.01, rng)
+    for clip, inside in ((True, True), (False, False)):
+        seen = []
+        out = fn(prior, op, y, sigma_y=0.01, num_steps=3, clip_x0=clip, generator=torch.Generator().manual_seed(2),
+                 callback=lambda info: seen.append(float(info["x0_hat"].abs().max())))  # fmt: skip
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        if fn is solve_dps:  # DPS reports x̂0 itself; DiffPIR reports it after the data step, which may leave [-1, 1]
+            assert (max(seen) <= 1.0 + 1e-6) == inside

@@ -209,6 +209,16 @@ class FrameWisePrior(Prior):
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.frame_batch, n)) for i in range(0, n, self.frame_batch)]
 
+    @property
+    def is_latent(self) -> bool:
+        """The image prior's: :meth:`decode` here only moves the frame axis for a pixel image prior."""
+        return self.image_prior.is_latent
+
+    @property
+    def data_range(self) -> tuple[float, float] | None:
+        """The image prior's data range."""
+        return self.image_prior.data_range
+
     # ------------------------------------------------------------------ shapes
     def check_shape(self, x_shape: tuple[int, ...]) -> None:
         """A video ``(B, C, T, H, W)`` whose frames ``(C, H, W)`` the image prior accepts.

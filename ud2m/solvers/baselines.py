@@ -184,10 +184,11 @@ def dps_guidance(
         z_in = z.detach().clone().requires_grad_(True)
         y_in = y.clone() if y.is_inference() else y
         z0_hat = prior.predict_x0(z_in, _time(t, z), cond)  # 1 NFE, with graph
+        if clip_x0 and not prior.is_latent:  # z0 is the data (in the prior's layout): the DDIM step sees it clamped
+            z0_hat = prior.clip_data(z0_hat)
         x0_hat = prior.decode(z0_hat)  # (B, C, H, W)
-        if clip_x0:
+        if clip_x0 and prior.is_latent:  # latents are never clamped, the decoded image is
             x0_hat = prior.clip_data(x0_hat)
-            z0_hat = z0_hat if prior.is_latent else x0_hat
         residual_norm = (y_in - op.A(x0_hat)).flatten(1).norm(dim=1)  # (B,)
         (grad,) = torch.autograd.grad(residual_norm.sum(), z_in)  # samples are independent: per-sample gradients
     return DPSGuidance(grad, z0_hat.detach(), x0_hat.detach(), residual_norm.detach())
