@@ -367,7 +367,10 @@ def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -
     from ud2m.operators.simulate import KnownDegradation
     from ud2m.solvers.ld_rps import REFERENCE_TASK_DEFAULTS, learned_degradation, task_defaults
 
-    print(f"{task}", flush=True)
+    preset_n = task_defaults(task).num_steps  # a task whose preset takes fewer steps than the protocol runs at it
+    if preset_n is not None and preset_n < args.num_steps:
+        args = argparse.Namespace(**{**vars(args), "num_steps": preset_n})
+    print(f"{task} (N = {args.num_steps})", flush=True)
     p = simulate(task, x, keys)
     rows = baseline_rows(task, p, x, tune_baselines(task, x_tune, tune_keys))
     rows[BLIND] = ld_rps_row(prior, task, BLIND, learned_degradation(task), p.y, x, p.truth_Ax, keys, args)
@@ -439,9 +442,9 @@ def merge_runs(runs: list[dict], new: dict) -> list[dict]:
 
 def cost(args) -> Path:
     """What a user pays per 64×64 image (issue [ld-rps]): blind LD-RPS with the shipped presets (guidance ×450/N) at
-    the presets' N = 450 and cheaper step counts (``--cost_steps``), one image at a time on ``--cost_crops``
-    held-out crops with ``--threads`` threads; PSNR, SSIM, steps and seconds per image into
-    ``results/blind_cost.json`` (tabled by ``report``)."""
+    the reference's N = 450 and cheaper step counts (``--cost_steps``; the presets run 200 on low light and 50 on
+    colour), one image at a time on ``--cost_crops`` held-out crops with ``--threads`` threads; PSNR, SSIM, steps
+    and seconds per image into ``results/blind_cost.json`` (tabled by ``report``)."""
     from ud2m.priors import PixelDiffusionPrior
     from ud2m.solvers.ld_rps import learned_degradation
 
@@ -486,8 +489,9 @@ def cost_text(data: dict) -> str:
     lines = [
         f"**Cost per 64×64 image** (`python benchmarks/blind.py cost`: blind LD-RPS, shipped presets, guidance ×450/N, "
         f"one image at a time on {len(m['crops'])} held-out crops, {m['threads']} thread(s), load average {load} at "
-        f"the start, {m['date']}; N = 450 is the presets' step count, the smaller N the cheaper settings "
-        "(`LDRPS(num_steps=N)`); the noise preset's steps are those below y's noise level):",
+        f"the start, {m['date']}; N = 450 is the reference's step count (the presets': low light 200, colour 50, "
+        "haze and noise 450), the smaller N the cheaper settings (`LDRPS(num_steps=N)`); the noise preset's steps are "
+        "those below y's noise level):",
         "",
         "| task | N | DDIM steps | NFE | PSNR (dB) | SSIM | s / image |",
         "|---|---|---|---|---|---|---|",
@@ -546,11 +550,20 @@ def _factors(meta: dict) -> str:
     return "×" + " / ".join(f"{f:g}" for f in factors)
 
 
+def _preset_steps(num_steps: int, tasks) -> str:
+    """`` (colour at its preset N = 50, §13.13)`` for the tasks that ``run_task`` ran at their presets' smaller N."""
+    from ud2m.solvers.ld_rps import task_defaults
+
+    fewer = {t: task_defaults(t).num_steps for t in tasks if (task_defaults(t).num_steps or num_steps) < num_steps}
+    return f" ({', '.join(f'{t} at its preset N = {n}' for t, n in fewer.items())}, §13.13)" if fewer else ""
+
+
 def report_text(data: dict) -> str:
     m = data["meta"]
     parts = [
         f"Protocol of docs/method.md §13.8 scaled as in `benchmarks/blind.py` ({m['mode']}): "
-        f"{len(m['crops'])} held-out 64×64 crops × {len(m['seeds'])} seed(s), N = {m['num_steps']} DDIM steps, "
+        f"{len(m['crops'])} held-out 64×64 crops × {len(m['seeds'])} seed(s), N = {m['num_steps']} DDIM steps"
+        f"{_preset_steps(m['num_steps'], data['tasks'])}, "
         '§13.4 presets (`guidance_norm="sum"`, `schedule_transfer="sigma"`, no feature network, F = 1), '
         f"ψ: {m.get('psi', 'F-PAM (§13.4)')}, "
         f"the `photos` pixel prior without caption{', guidance ×450/N' if m['guidance_scaling'] == 'steps' else ''}. "

@@ -28,3 +28,35 @@ def test_cost_table_lists_every_task_and_step_count(benchmark_script):
         "| noise | 50 | 13 | 26 | 30.00 ± 1.00 | 0.800 ± 0.100 | 0.2 |",
     ]
     assert "2 held-out crops, 2 thread(s)" in lines[0]
+
+
+def test_a_task_whose_preset_takes_fewer_steps_runs_at_them(benchmark_script, monkeypatch):
+    """run_task runs colour at its preset N = 50 when the protocol's N is larger (never above the protocol's: the
+    quick run's 20 stays 20), and the report header names it."""
+    import argparse
+
+    import pytest
+
+    from ud2m.solvers.ld_rps import task_defaults
+
+    class Stop(Exception):
+        pass
+
+    def stop(task, x, keys):
+        raise Stop
+
+    bench = benchmark_script("blind")
+    printed = []
+    monkeypatch.setattr(bench, "simulate", stop)
+    monkeypatch.setattr(bench, "print", lambda *a, **k: printed.append(a[0]), raising=False)
+    for n, expected in ((200, 50), (20, 20)):
+        with pytest.raises(Stop):
+            bench.run_task(None, "colour", None, [], None, [], argparse.Namespace(num_steps=n))
+        assert printed[-1] == f"colour (N = {expected})"
+    assert task_defaults("colour").steps() == 50 and task_defaults("noise").steps() == 450
+    assert task_defaults("colour").steps(7) == 7
+    assert (
+        bench._preset_steps(200, ["low-light", "haze", "colour"])
+        == " (haze at its preset N = 100, colour at its preset N = 50, §13.13)"
+    )
+    assert bench._preset_steps(20, ["colour"]) == ""

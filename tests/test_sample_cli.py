@@ -526,6 +526,14 @@ def test_ld_rps_threshold_setting_reaches_the_solver(pixel_model, tmp_path, monk
     assert seen[-1] == "auto"
 
 
+def test_ld_rps_presets_take_their_own_step_counts():
+    """The presets' N (docs/method.md §13.13): colour 50, haze 100, low light 200, noise the reference's 450, unless
+    ``num_steps`` is given."""
+    assert LDRPS("colour").settings()["num_steps"] == 50 and LDRPS("colour", num_steps=9).settings()["num_steps"] == 9
+    assert LDRPS("haze").settings()["num_steps"] == 100 and LDRPS("noise").settings()["num_steps"] == 450
+    assert LDRPS("low-light").settings()["num_steps"] == 200
+
+
 def test_ld_rps_reference_psi_is_a_setting(pixel_model, tmp_path):
     """``LDRPS(psi="fpam")`` restores with the reference's F-PAM ψ and its adversarial D1 (counted), and the run
     record tells it from the default physical ψ, so resuming one into the other's folder is refused."""

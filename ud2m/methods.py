@@ -481,7 +481,7 @@ class LDRPS(Method):
     Args:
         task: ``low-light``, ``haze``, ``noise`` or ``colour`` (its defaults: §13.4).
         captions: a folder of ``<stem>.txt`` captions for text-conditioned priors (None: ``--prompt``).
-        num_steps: DDIM steps N (None: the solver's default).
+        num_steps: DDIM steps N (None: the task's, 50 for ``colour`` [ours], else the reference's 450).
         free_chains: free chains F (None: the task preset's, else the solver's default 1).
         psi: the learned degradation: ``"physical"`` (the task's physical ψ fitted paired, §13.9 [ours]; the
             default) or ``"fpam"`` (the reference's F-PAM network with its adversarial loss, §13.2).
@@ -522,11 +522,13 @@ class LDRPS(Method):
         # them all, so a run from before the threshold setting (unclamped on pixel priors) is not resumed into
         later = {"guidance_factor": self.guidance_factor, "zhat_from": self.zhat_from, "threshold": self.threshold}
         out = {**super().settings(problem), "psi": self.psi or "physical", **later}
-        if self.free_chains is None and problem is not None:  # the preset's F where the task sets one (noise: 0)
-            from ud2m.solvers.ld_rps import preset_for
+        from ud2m.solvers.ld_rps import preset_for, task_defaults
 
-            preset = preset_for(self.task, problem.prior).free_chains
-            out["free_chains"] = out["free_chains"] if preset is None else preset
+        # the preset's F and N where the task sets them (noise: F = 0; colour: N = 50)
+        defaults = task_defaults(self.task) if problem is None else preset_for(self.task, problem.prior)
+        if self.free_chains is None and defaults.free_chains is not None and problem is not None:
+            out["free_chains"] = defaults.free_chains
+        out["num_steps"] = defaults.steps(self.num_steps)
         return out
 
     @classmethod
@@ -552,9 +554,10 @@ class LDRPS(Method):
         # the "sum" guidance norm (resolution-independent, the reference's at 512²) scaled by 450/N so that a pass
         # gets the reference's total guidance on any grid, times the tuned factor: benchmarks/blind.py's convention
         kw = defaults.solver_kwargs(guidance_norm="sum", image_size=y.shape[-1], psi=psi)
-        kw["guidance_scale"] *= REFERENCE_STEPS / (self.num_steps or REFERENCE_STEPS) * (self.guidance_factor or 1.0)
-        chosen = ("num_steps", "free_chains", "zhat_from", "threshold")
-        kw.update({k: v for k, v in self.options().items() if k in chosen})
+        n = defaults.steps(self.num_steps)  # the task's N unless given (colour: 50)
+        kw["guidance_scale"] *= REFERENCE_STEPS / n * (self.guidance_factor or 1.0)
+        kw.update({k: v for k, v in self.options().items() if k in ("free_chains", "zhat_from", "threshold")})
+        kw["num_steps"] = n
         states = {}
         passes, info = ld_rps(
             problem.prior, op, y, cond=cond, generator=generators, on_pass=lambda r, x, st: states.update(last=st),
