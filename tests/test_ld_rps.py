@@ -543,16 +543,18 @@ def test_method_passes_its_guidance_factor_and_estimate_to_the_solver(monkeypatc
     problem = types.SimpleNamespace(prior=tiny_pixel_prior(), captions=None)
     y = torch.zeros(1, 3, 16, 16)
     s_sum = task_defaults("haze").guidance_scale / REFERENCE_PIXELS  # the resolution-independent "sum" scale
-    for method, scale, zhat in [
-        (LDRPS("haze", guidance_factor=0.3, zhat_from="z_t"), 0.3 * s_sum, "z_t"),
-        (LDRPS("haze"), s_sum, None),
-        (LDRPS("haze", num_steps=150), 3 * s_sum, None),  # 450/N: a pass's total guidance is the reference's
+    n = task_defaults("haze").steps()  # the preset's N (100): 450/N times the per-step scale
+    for method, scale, zhat, steps in [
+        (LDRPS("haze", guidance_factor=0.3, zhat_from="z_t"), 0.3 * 450 / n * s_sum, "z_t", n),
+        (LDRPS("haze"), 450 / n * s_sum, None, n),
+        (LDRPS("haze", num_steps=150), 3 * s_sum, None, 150),  # 450/N: a pass's total guidance is the reference's
+        (LDRPS("haze", num_steps=450), s_sum, None, 450),
     ]:
         seen.clear()
         with pytest.raises(Captured):
             method.restore(problem, y, None, torch.tensor([0]))
         assert seen["guidance_scale"] == pytest.approx(scale) and seen.get("zhat_from") == zhat
-        assert seen["guidance_norm"] == "sum"
+        assert seen["guidance_norm"] == "sum" and seen["num_steps"] == steps
     with pytest.raises(ValueError, match="guidance_factor must be > 0, got 0"):
         LDRPS("haze", guidance_factor=0)
 
