@@ -37,9 +37,10 @@ What is scaled relative to §13.8 (defaults; ``--quick`` in brackets):
 
 - crops: 4 of the 16 held-out crops, evenly spaced over the sorted list, 2 per photograph [2: one per photograph];
 - seeds: 1 (seed 0) instead of 3 (seeds 0-2) per crop [1];
-- DDIM steps N: 200 instead of 450 [20, the §13.8 smoke run], so S_tot = N + R⌊N/2⌋ per image is low light 400,
-  haze 500, colour and the reference's noise preset 300 [40 / 50 / 30 / 30] instead of 900 / 1,125 / 675 / 675, and
-  ψ, D1 and D2 get that many Adam steps (the shipped noise preset: the steps below y's noise level, 13 at N = 200);
+- DDIM steps N: 200 instead of 450 [20, the §13.8 smoke run], or a task's preset N where that is smaller (haze 100,
+  colour 50; docs/method.md §13.13), and ψ, D1 and D2 get as many Adam steps as there are DDIM steps (S_tot, below
+  N + R⌊N/2⌋ with ``schedule_transfer="sigma"``; the shipped noise preset: the steps below y's noise level, 13 at
+  N = 200);
 - guidance: the §13.4 per-step scale s̃ times 450/N (``--guidance_scaling steps``, the default), so that a pass's
   total guidance matches the reference's; ``--guidance_scaling none`` keeps the per-step value. At N = 20 the
   unscaled guidance is too weak for even the true operator to matter (LD-RPS given the true operator reached
