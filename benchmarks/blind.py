@@ -436,8 +436,10 @@ def run(args) -> Path:
 
 def merge_runs(runs: list[dict], new: dict) -> list[dict]:
     """The runs behind the rows once ``new`` replaced its tasks' rows: each earlier run keeps the tasks it still
-    provides (a run left with none is dropped), then ``new``."""
-    kept = [{**r, "tasks": [t for t in r["tasks"] if t not in new["tasks"]]} for r in runs]
+    provides (a run left with none is dropped) and, in ``ran``, the tasks its wall time covered; then ``new``."""
+    kept = [
+        {**r, "ran": r.get("ran", r["tasks"]), "tasks": [t for t in r["tasks"] if t not in new["tasks"]]} for r in runs
+    ]
     return [*(r for r in kept if r["tasks"]), new]
 
 
@@ -538,11 +540,19 @@ def _timing(m: dict) -> str:
 
     def one(r: dict) -> str:
         start, end = (", ".join(f"{v:.1f}" for v in r[k]) for k in ("load_average_start", "load_average_end"))
-        names = r.get("tasks", [])
-        tasks = f"{', '.join(names[:-1])}{' and ' if len(names) > 1 else ''}{names[-1]}: " if names else ""
+        names, ran = r.get("tasks", []), r.get("ran", r.get("tasks", []))
+        tasks = f"{_and(names)}: " if names else ""
+        if names and list(ran) != list(names):  # the time covered tasks whose rows a later run replaced
+            tasks = f"{_and(names)} (from a run of {_and(ran)}): "
         return f"{tasks}{r['wall_seconds'] / 60:.1f} min, load average {start} at the start and {end} at the end"
 
     return (f"rows from {len(runs)} runs: " if len(runs) > 1 else "") + "; ".join(one(r) for r in runs)
+
+
+def _and(names) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    names = list(names)
+    return f"{', '.join(names[:-1])}{' and ' if len(names) > 1 else ''}{names[-1]}"
 
 
 def _factors(meta: dict) -> str:

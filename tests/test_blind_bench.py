@@ -6,13 +6,18 @@ def test_a_run_of_some_tasks_keeps_the_runs_behind_the_other_rows(benchmark_scri
     full = {"tasks": ["low-light", "haze", "noise", "colour"], "wall_seconds": 3600.0}
     noise = {"tasks": ["noise"], "wall_seconds": 60.0}
     runs = bench.merge_runs([full], noise)
-    assert runs == [{**full, "tasks": ["low-light", "haze", "colour"]}, noise]
+    ran = full["tasks"]  # what the first run's wall time covered, kept when later runs replace some of its rows
+    assert runs == [{**full, "tasks": ["low-light", "haze", "colour"], "ran": ran}, noise]
     again = {"tasks": ["noise", "colour"], "wall_seconds": 90.0}
-    assert bench.merge_runs(runs, again) == [{**full, "tasks": ["low-light", "haze"]}, again]  # noise's run: gone
-    meta = {"partial_runs": bench.merge_runs(runs, again)}
+    merged = bench.merge_runs(runs, again)
+    assert merged == [{**full, "tasks": ["low-light", "haze"], "ran": ran}, again]  # noise's run: gone
+    meta = {"partial_runs": merged}
     for r in meta["partial_runs"]:
         r.update(load_average_start=[1.0, 1.0, 1.0], load_average_end=[2.0, 2.0, 2.0])
-    assert bench._timing(meta).startswith("rows from 2 runs: low-light and haze: 60.0 min")
+    assert bench._timing(meta).startswith(
+        "rows from 2 runs: low-light and haze (from a run of low-light, haze, noise and colour): 60.0 min"
+    )
+    assert "; noise and colour: 1.5 min" in bench._timing(meta)
 
 
 def test_cost_table_lists_every_task_and_step_count(benchmark_script):
