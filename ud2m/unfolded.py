@@ -50,11 +50,6 @@ LORA_WEIGHT_DECAY = 0.01
 INITIALIZER_LR_SCALE = 0.1  # the reference trains a learned initialiser at lr × 0.1 (§7.2)
 
 
-def is_latent_prior(prior: Prior) -> bool:
-    """True when the prior works in a latent space (:attr:`Prior.is_latent`), e.g. latent consistency models."""
-    return prior.is_latent
-
-
 class UnfoldedSampler(nn.Module):
     r"""K unfolded LATINO blocks around a LoRA-adapted frozen prior (docs/method.md §7.1-7.3).
 
@@ -172,7 +167,7 @@ class UnfoldedSampler(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.detach_encoder = detach_encoder
         self.initializer = initializer
-        self.latent = is_latent_prior(prior)
+        self.latent = prior.is_latent
         self._init_scalars()
         self._init_network(lora_rank, lora_alpha, tuple(lora_targets))
 
@@ -532,7 +527,7 @@ def sample_ud2m(
             callback(dict(n=n, t=t, x=x, x0_hat=x0_hat, blocks=blocks))
         if n == len(grid) - 1:  # 4.
             break
-        z0_hat = x0_prior if is_latent_prior(prior) else (x0_hat.clamp(-1, 1) if clip else x0_hat)  # 5.
+        z0_hat = x0_prior if prior.is_latent else (x0_hat.clamp(-1, 1) if clip else x0_hat)  # 5.
         x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
     x0_hat = x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
     if final_gamma is None:
