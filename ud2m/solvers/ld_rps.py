@@ -88,6 +88,9 @@ def threshold_x0(z0: torch.Tensor, threshold: Threshold = DEFAULT_THRESHOLD) -> 
     kind, ratio, s_min, s_max = threshold
     if kind not in ("clip_quantile", "dynamic"):
         raise ValueError(f"threshold: expected 'clip_quantile', 'dynamic' or None, got {kind!r}")
+    if s_min == s_max:  # a fixed bound (the data-range rule): the quantile cannot move it, so skip the sort
+        out = z0.clamp(-s_max, s_max)
+        return out / s_max if kind == "dynamic" else out
     s = torch.quantile(z0.abs().flatten(1).float(), ratio, dim=1).clamp(s_min, s_max).to(z0.dtype)  # (B,)
     s = append_dims(s, z0.ndim)
     out = torch.maximum(torch.minimum(z0, s), -s)
