@@ -364,13 +364,19 @@ def tuned_row(prior, task: str, label: str, p: Problem, x, keys, x_tune, tune_ke
     return {**row, "tuning": tuned["tuning"]}
 
 
+def protocol_steps(task: str, num_steps: int) -> int:
+    """The N ``task`` runs at under the protocol's ``num_steps``: its preset's N where that is smaller (haze 100,
+    colour 50; docs/method.md §13.13), else ``num_steps``."""
+    from ud2m.solvers.ld_rps import task_defaults
+
+    return min(num_steps, task_defaults(task).num_steps or num_steps)
+
+
 def run_task(prior, task: str, x: torch.Tensor, keys, x_tune, tune_keys, args) -> dict:
     from ud2m.operators.simulate import KnownDegradation
     from ud2m.solvers.ld_rps import REFERENCE_TASK_DEFAULTS, learned_degradation, task_defaults
 
-    preset_n = task_defaults(task).num_steps  # a task whose preset takes fewer steps than the protocol runs at it
-    if preset_n is not None and preset_n < args.num_steps:
-        args = argparse.Namespace(**{**vars(args), "num_steps": preset_n})
+    args = argparse.Namespace(**{**vars(args), "num_steps": protocol_steps(task, args.num_steps)})
     print(f"{task} (N = {args.num_steps})", flush=True)
     p = simulate(task, x, keys)
     rows = baseline_rows(task, p, x, tune_baselines(task, x_tune, tune_keys))
@@ -563,9 +569,7 @@ def _factors(meta: dict) -> str:
 
 def _preset_steps(num_steps: int, tasks) -> str:
     """`` (colour at its preset N = 50, §13.13)`` for the tasks that ``run_task`` ran at their presets' smaller N."""
-    from ud2m.solvers.ld_rps import task_defaults
-
-    fewer = {t: task_defaults(t).num_steps for t in tasks if (task_defaults(t).num_steps or num_steps) < num_steps}
+    fewer = {t: n for t in tasks if (n := protocol_steps(t, num_steps)) < num_steps}
     return f" ({', '.join(f'{t} at its preset N = {n}' for t, n in fewer.items())}, §13.13)" if fewer else ""
 
 
