@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -623,21 +624,48 @@ class WebDatasetImages(ResumableData):
 
 
 class ImageListDataset(Dataset):
-    """Map-style dataset over in-memory ``(C, H, W)`` images on [-1, 1]; item ``i`` is image ``i % n`` cropped."""
+    r"""Map-style dataset over in-memory ``(C, H, W)`` images on [-1, 1]; item ``i`` is image ``i % n`` cropped.
 
-    def __init__(self, images: list[torch.Tensor], keys: list[str], crop: CropFlip, length: int | None = None):
+    With an ``extra`` pool of ``(images, keys)`` and ``extra_fraction`` f, item i comes from the extra pool when
+    :math:`\lfloor (i+1) f\rfloor > \lfloor i f\rfloor` (a fraction f of every run of items, spread evenly), as
+    extra image :math:`\lfloor i f\rfloor \bmod n_\text{extra}`, and otherwise as image
+    :math:`(i - \lfloor (i+1) f\rfloor) \bmod n`, so each pool is cycled in order.
+    """
+
+    def __init__(
+        self,
+        images: list[torch.Tensor],
+        keys: list[str],
+        crop: CropFlip,
+        length: int | None = None,
+        *,
+        extra: tuple[list[torch.Tensor], list[str]] | None = None,
+        extra_fraction: float = 0.0,
+    ):
         self.images, self.keys, self.crop = images, keys, crop
+        self.extra = extra if extra is not None and len(extra[0]) and extra_fraction > 0 else None
+        self.extra_fraction = float(extra_fraction) if self.extra is not None else 0.0
         self.length = len(images) if length is None else int(length)
 
     def __len__(self) -> int:
         return self.length
 
+    def source(self, i: int) -> tuple[torch.Tensor, str]:
+        """The uncropped image and key of item ``i`` (class docstring)."""
+        f = self.extra_fraction
+        before, through = math.floor(i * f), math.floor((i + 1) * f)
+        if through > before:
+            images, keys = self.extra
+            return images[before % len(images)], keys[before % len(keys)]
+        j = (i - through) % len(self.images)
+        return self.images[j], self.keys[j]
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         """Item ``i``, or ``(i, seed)`` to crop with a generator of its own (:func:`epoch_order`)."""
         i, seed = item if isinstance(item, tuple) else (item, None)
-        j = i % len(self.images)
+        image, key = self.source(i)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        return {"x": self.crop(self.images[j], self.keys[j], generator), "key": self.keys[j]}
+        return {"x": self.crop(image, key, generator), "key": key}
 
 
 def list_image_files(root: str | Path) -> list[Path]:
@@ -646,6 +674,11 @@ def list_image_files(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _folder_files(folder: str | Path) -> list[str]:
+    """The image files under ``folder`` (:func:`list_image_files`), as source strings."""
+    return [str(p) for p in list_image_files(folder)]
 
 
 class ImageFolderImages(ResumableData):
@@ -657,7 +690,8 @@ class ImageFolderImages(ResumableData):
     random horizontal flips; validation items are central crops.
 
     Args:
-        root: a folder (searched recursively) or a list of sources.
+        root: a folder (searched recursively) or a list of sources (files, folders searched recursively,
+            ``skimage:<name>``, ``sklearn:<name>``, ``matplotlib:<name>``).
         batch_size: samples per batch and rank.
         num_workers: DataLoader workers.
         image_size: output side.
@@ -672,6 +706,10 @@ class ImageFolderImages(ResumableData):
         samples_per_epoch: training items per epoch (``None``: one per training image); items cycle over images.
         val_sources: an explicit held-out list (sources as in ``root``); when given it replaces the random
             ``val_fraction`` split, and every listed source must be among ``root``'s.
+        extra_root: a second pool of training images (sources as in ``root``; never used for validation), e.g.
+            unconditional samples of the prior being distilled (``python data/make_prior_samples.py``), which add
+            data where the photographs are few (docs/training.md).
+        extra_fraction: the fraction of training items drawn from ``extra_root`` (spread evenly, 0 <= f <= 1).
     """
 
     def __init__(
@@ -689,9 +727,14 @@ class ImageFolderImages(ResumableData):
         seed: int = 0,
         samples_per_epoch: int | None = None,
         val_sources: list[str] | None = None,
+        extra_root: str | list[str] | None = None,
+        extra_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if not 0.0 <= extra_fraction <= 1.0:
+            raise ValueError(f"ImageFolderImages: extra_fraction must lie in [0, 1], got {extra_fraction}")
+        self.extra_root, self.extra_fraction = extra_root, float(extra_fraction)
         self.val_sources = None if val_sources is None else [str(v) for v in val_sources]
         self.root, self.batch_size, self.num_workers = root, batch_size, num_workers
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
@@ -700,13 +743,17 @@ class ImageFolderImages(ResumableData):
         self.skipped_samples = 0
         self.datasets: dict[str, ImageListDataset] = {}
 
-    def sources(self) -> list[str]:
-        """The configured sources as strings (folder contents, or the given list)."""
-        if isinstance(self.root, str) and self.root.startswith("digits:"):
-            return discover_images(self.root)  # the built-in digits (digits:all, digits:train, ...)
-        if isinstance(self.root, str | Path) and not str(self.root).startswith(PHOTO_PREFIXES):
-            return [str(p) for p in list_image_files(self.root)]
-        return [str(self.root)] if isinstance(self.root, str | Path) else [str(s) for s in self.root]
+    def sources(self, root: str | list[str] | None = None) -> list[str]:
+        """The sources of ``root`` (default: the configured ``root``) as strings: folder contents, or the given
+        list with its folders expanded."""
+        root = self.root if root is None else root
+        if isinstance(root, str) and root.startswith("digits:"):
+            return discover_images(root)  # the built-in digits (digits:all, digits:train, ...)
+        if isinstance(root, str | Path) and not str(root).startswith(PHOTO_PREFIXES):
+            return [str(p) for p in list_image_files(root)]
+        if isinstance(root, str | Path):
+            return [str(root)]
+        return [f for s in root for f in (_folder_files(s) if Path(str(s)).is_dir() else [str(s)])]
 
     @property
     def image_channels(self) -> int:
@@ -737,13 +784,28 @@ class ImageFolderImages(ResumableData):
         for split, idx in (("train", train_idx), ("val", val_idx)):
             self.datasets[split] = self.make_dataset(split, [loaded[i][1] for i in idx], [keys[i] for i in idx])
 
+    def _extra_pool(self) -> tuple[list[torch.Tensor], list[str]] | None:
+        """The loaded ``extra_root`` images and keys (None without one)."""
+        if self.extra_root is None or self.extra_fraction == 0:
+            return None
+        loaded = [(s, x) for s in self.sources(self.extra_root) if (x := self._load(s)) is not None]
+        if not loaded:
+            raise ValueError(f"no readable images in extra_root {self.extra_root!r}")
+        logger.info("extra training pool: %d images from %s, %.0f %% of items", len(loaded), self.extra_root,
+                    100 * self.extra_fraction)  # fmt: skip
+        return [x for _, x in loaded], [source_stem(s) for s, _ in loaded]
+
     def make_dataset(self, split: str, images: list[torch.Tensor], keys: list[str]) -> Dataset:
-        """The dataset of ``split`` over the loaded images: random crops (training) or central crops."""
+        """The dataset of ``split`` over the loaded images: random crops (training, with the ``extra_root`` pool)
+        or central crops."""
         seed = wds.utils.make_seed(self.seed, rank_and_world_size(getattr(self, "trainer", None))[0])
-        crop = CropFlip(
-            self.image_size, train=split == "train", seed=seed, random_flip=self.random_flip, **self.augment
+        train = split == "train"
+        crop = CropFlip(self.image_size, train=train, seed=seed, random_flip=self.random_flip, **self.augment)
+        if not train:
+            return ImageListDataset(images, keys, crop)
+        return ImageListDataset(
+            images, keys, crop, self.samples_per_epoch, extra=self._extra_pool(), extra_fraction=self.extra_fraction
         )
-        return ImageListDataset(images, keys, crop, self.samples_per_epoch if split == "train" else None)
 
     def _split(self, sources: list[str]) -> tuple[list[int], list[int]]:
         """Train/val indices: the explicit ``val_sources`` when given, else :func:`split_train_val`."""
