@@ -499,3 +499,87 @@ def test_synthetic_images_are_seeded_smooth_and_batch_independent():
     assert (x[..., 1:] - x[..., :-1]).pow(2).mean() < 0.3 * 2 * x.var()
     batch = next(iter(a.train_dataloader()))
     assert batch["x"].shape == (4, 2, 16, 16) and all(k.startswith("synthetic-train-") for k in batch["key"])
+
+
+def test_image_list_dataset_mixes_the_extra_pool_at_its_fraction():
+    from ud2m.training.data import CropFlip, ImageListDataset
+
+    crop = CropFlip(4, train=False)
+    main = [torch.full((1, 4, 4), float(i)) for i in range(3)]
+    extra = [torch.full((1, 4, 4), -1.0 - i) for i in range(5)]
+    ds = ImageListDataset(main, ["m0", "m1", "m2"], crop, 40, extra=(extra, [f"e{i}" for i in range(5)]),
+                          extra_fraction=0.25)  # fmt: skip
+    keys = [ds[i]["key"] for i in range(40)]
+    assert [k for k in keys if k.startswith("e")] == [f"e{i % 5}" for i in range(10)]  # 1/4, each pool in order
+    assert [k for k in keys if k.startswith("m")] == [f"m{i % 3}" for i in range(30)]
+    assert all(keys[i].startswith("e") for i in range(3, 40, 4))  # spread evenly: every 4th item
+    for i in range(40):
+        assert ds[i]["x"][0, 0, 0].item() == (-1.0 - int(keys[i][1:]) if keys[i][0] == "e" else int(keys[i][1:]))
+    only = ImageListDataset(main, ["m0", "m1", "m2"], crop, 6, extra=(extra, [f"e{i}" for i in range(5)]),
+                            extra_fraction=1.0)  # fmt: skip
+    assert [only[i]["key"] for i in range(6)] == ["e0", "e1", "e2", "e3", "e4", "e0"]
+    plain = ImageListDataset(main, ["m0", "m1", "m2"], crop, 4)
+    assert [plain[i]["key"] for i in range(4)] == ["m0", "m1", "m2", "m0"]
+
+
+def test_image_folder_images_extra_root_feeds_training_only(photo_folder, tmp_path):
+    from PIL import Image
+
+    extra = tmp_path / "prior_samples"
+    extra.mkdir()
+    for i in range(3):  # flat images of one value each, recognisable in a crop
+        Image.fromarray(np.full((SIZE, SIZE, 3), 40 * i, np.uint8)).save(extra / f"s{i}.png")
+    # a list root expands its folders; the extra pool never enters validation
+    root = [str(photo_folder / "sub"), str(extra / "s0.png")]
+    dm = ImageFolderImages(
+        root, image_size=SIZE, batch_size=2, val_sources=root[1:], extra_root=str(extra), extra_fraction=0.5, seed=0
+    )
+    assert (
+        dm.sources()[-1] == str(extra / "s0.png")
+        and len(dm.sources()) == len(list((photo_folder / "sub").rglob("*.png"))) + 1
+    )
+    dm.setup()
+    train = dm.datasets["train"]
+    keys = [train[i]["key"] for i in range(8)]
+    assert sum(k.startswith("s") for k in keys) == 4
+    assert [b for batch in dm.val_dataloader() for b in batch["key"]] == ["s0"]
+    with pytest.raises(ValueError, match="extra_fraction"):
+        ImageFolderImages(str(photo_folder), extra_root=str(extra), extra_fraction=1.5)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ImageFolderImages(str(photo_folder), image_size=SIZE, extra_root=str(tmp_path / "missing")).setup()
+
+
+def test_make_prior_samples_writes_seeded_resumable_pngs_the_extra_pool_reads(tmp_path):
+    from diffusers import DDIMPipeline, DDIMScheduler
+    from PIL import Image
+
+    from ud2m.priors.tiny import tiny_pixel_unet
+    from ud2m.training.prior_module import DiffusionPriorTraining
+    from ud2m.utils import seed_for
+
+    spec = importlib.util.spec_from_file_location("make_prior_samples", ROOT / "data" / "make_prior_samples.py")
+    mps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mps)
+    prior = tmp_path / "prior"
+    torch.manual_seed(0)
+    DiffusionPriorTraining(tiny_pixel_unet(in_channels=1, block_out_channels=(16, 32))).save_pretrained(prior)
+    out = tmp_path / "samples"
+    common = ["--prior", str(prior), "--out", str(out), "--num", "5", "--batch", "2", "--steps", "2"]
+    # two shards fill the folder with disjoint batches (5 samples round up to 3 batches of 2)
+    written = mps.main([*common, "--num_shards", "2", "--shard", "1"]) + mps.main([*common, "--num_shards", "2"])
+    assert sorted(p.name for p in written) == [f"s{i:06d}.png" for i in range(6)]
+    assert mps.main(common) == []  # a rerun finds every batch written
+    # batch 1 equals diffusers' own DDIM pipeline from the seed seed_for(0, 1), up to 8-bit rounding
+    pipe = DDIMPipeline.from_pretrained(str(prior))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    ref = pipe(batch_size=2, num_inference_steps=2, eta=0.0, generator=torch.Generator().manual_seed(seed_for(0, 1)),
+               use_clipped_model_output=True, output_type="np").images  # fmt: skip
+    for i in (2, 3):
+        png = np.asarray(Image.open(out / f"s{i:06d}.png"), dtype=np.float64) / 255
+        assert png.shape == (16, 16) and np.abs(png - ref[i - 2, ..., 0]).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(SystemExit, match="other settings"):
+        mps.main([*common[:-1], "3"])  # other steps into the same folder
+    with pytest.raises(SystemExit, match="unet"):
+        mps.main(["--prior", str(tmp_path), "--out", str(tmp_path / "x")])
+    dm = ImageFolderImages(str(out), image_size=16, channels=1, extra_root=str(out), extra_fraction=1.0)
+    assert dm.sources(str(out)) == [str(out / f"s{i:06d}.png") for i in range(6)]  # info.json is not an image

@@ -42,6 +42,25 @@ def wall_seconds(scalars: dict[str, list]) -> float:
     return round(max(times) - min(times), 1) if times else 0.0
 
 
+def ddim_pipeline(prior: str | Path):
+    """diffusers' ``DDIMPipeline`` over a pixel prior folder (``unet/`` and ``scheduler/``), with a DDIM scheduler
+    made from the folder's schedule and no progress bar."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    pipe = DDIMPipeline.from_pretrained(str(prior))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ddim_samples(pipe, num: int, *, steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """``num`` DDIM samples (η = 0, ``steps`` steps, noise from ``seed``) of :func:`ddim_pipeline`'s prior,
+    ``(num, C, H, W)`` float32 on [0, 1], with the noise recomputed from the clipped x̂0 (:func:`sample_grid`)."""
+    images = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
+                  use_clipped_model_output=True, output_type="np").images  # fmt: skip
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+
+
 def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50, seed: int = 0) -> Path:
     """``num`` DDIM samples (η = 0, ``steps`` steps, ``seed``) of a diffusers pixel prior, tiled in a PNG (a prior of
     clips, with 3T channels, gets one row of T frames per sample).
@@ -49,15 +68,9 @@ def sample_grid(prior: str | Path, out: Path, *, num: int = 16, steps: int = 50,
     The DDIM direction uses the noise recomputed from the clipped x̂0 (diffusers' ``use_clipped_model_output=True``,
     what ``ud2m``'s own DDIM does): with the raw ε̂ next to a clipped x̂0, the first steps on a linear β schedule
     (where the raw x̂0 is far outside [−1, 1]) pull every sample of the photos prior to the same grey patch."""
-    from diffusers import DDIMPipeline, DDIMScheduler
     from torchvision.utils import make_grid, save_image
 
-    pipe = DDIMPipeline.from_pretrained(str(prior))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
-                  use_clipped_model_output=True, output_type="np").images  # fmt: skip
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    x = ddim_samples(ddim_pipeline(prior), num, steps=steps, seed=seed)
     if x.shape[1] > 3 and x.shape[1] % 3 == 0:  # a clip prior (frames stacked along channels): a strip per sample
         strips = x.unflatten(1, (x.shape[1] // 3, 3)).permute(0, 2, 3, 1, 4).flatten(3)  # (N, 3, H, T*W)
         save_image(make_grid(strips, nrow=1, padding=1), out)
