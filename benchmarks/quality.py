@@ -1085,7 +1085,14 @@ def report(args=None) -> str:
         parts += [
             "DPS's ζ is per 1000 steps (effective step ζ·1000/N; DPS-1000 reuses DPS-100's ζ), DiffPIR runs on the "
             "reference's quadratic time grid with λ in internal units (the reference's λ is 4λ); both, like "
-            "Tikhonov's s0 and TV's λ, are tuned on training images, never on the test images.",
+            "Tikhonov's s0 and TV's λ, are tuned on training images, never on the test images. Both clamp every x̂0 "
+            "to [-1, 1] as their references do (guided-diffusion's `clip_denoised=True`; ours did not before "
+            "2026-12-06, docs/method.md Appendix A). Re-run with the clamp (`quality.py digits --diffusion_only`, "
+            "`photos --diffusion_only --skip_dps`), these restoration problems barely move: digits DiffPIR-100 "
+            "27.93 → 27.95 and DPS-100 27.36 → 27.40 dB, photos DiffPIR-100 within ±0.04 dB, with the same tuned "
+            "values; it matters where the data leave directions free (colourisation, the blind tasks below). The "
+            "posterior section's DiffPIR and DPS rows were drawn again with it (`posterior.py run --rows "
+            '"DiffPIR|DPS"`): within 0.04 dB of the earlier rows.',
             "",
         ]
     f = RESULTS / "quality_grid.json"
