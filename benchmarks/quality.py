@@ -551,7 +551,7 @@ def suite_digits(args) -> dict:
             budget=args.tune_budget,
             cm_prior=PRIORS / "digits-cm",
             baselines=_previous_rows("digits", "sr_x4") if args.diffusion_only else None,
-            rerun="diffusion",
+            rerun="diffusion" if args.diffusion_only else "ud2m",
         )
     }
 
