@@ -2,12 +2,13 @@
 
 UD2M learns to sample the posterior of its prior. Where the training photographs are few (the shipped ``photos``
 prior has eight), the prior's own samples are data of exactly the distribution whose posterior the sampler learns;
-``ImageFolderImages(extra_root=..., extra_fraction=...)`` mixes them into the training crops (docs/training.md,
-"Few training images"). Sampling is diffusers' ``DDIMPipeline`` (η = 0, the noise recomputed from the clipped x̂0,
+``ImageFolderImages(extra_root=..., extra_fraction=...)`` mixes them into the training crops. On the photos problems
+they did not help (docs/training.md, "Few training images": the photos prior's samples are textures, not scenes), so
+measure before adopting them. Sampling is diffusers' ``DDIMPipeline`` (η = 0, the noise recomputed from the clipped x̂0,
 as the prior's card grid), batch ``b`` from the seed ``seed_for(seed, b)``, so the folder is the same whatever
 ``--num_shards`` split the work, and a rerun skips the batches already written::
 
-    python data/make_prior_samples.py --prior ud2m/assets/priors/photos --out data/prior_samples/photos --num 2016
+    python data/make_prior_samples.py --prior ud2m/assets/priors/photos --out outputs/prior_samples/photos --num 2016
     # two processes on two cores (same folder, disjoint batches)
     python data/make_prior_samples.py ... --num_shards 2 --shard 0 & python data/make_prior_samples.py ... --shard 1
 """

@@ -707,8 +707,8 @@ class ImageFolderImages(ResumableData):
         val_sources: an explicit held-out list (sources as in ``root``); when given it replaces the random
             ``val_fraction`` split, and every listed source must be among ``root``'s.
         extra_root: a second pool of training images (sources as in ``root``; never used for validation), e.g.
-            unconditional samples of the prior being distilled (``python data/make_prior_samples.py``), which add
-            data where the photographs are few (docs/training.md).
+            unconditional samples of the prior being distilled (``python data/make_prior_samples.py``; on the
+            photos problems they did not help, docs/training.md "Few training images").
         extra_fraction: the fraction of training items drawn from ``extra_root`` (spread evenly, 0 <= f <= 1).
     """
 
