@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from ud2m.export import base_model_hash  # noqa: E402
+from ud2m.io import save_image  # noqa: E402
 from ud2m.training.prior_card import ddim_pipeline, ddim_samples  # noqa: E402
 from ud2m.utils import seed_for  # noqa: E402
 
@@ -105,11 +106,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 def save_png(image: torch.Tensor, path: Path) -> None:
     """An image on [0, 1] ``(C, H, W)`` as an 8-bit PNG, written under a temporary name first (an interrupted run
     leaves no truncated file that a rerun would take as done)."""
-    from PIL import Image
-
-    pixels = image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp)
+    save_image(image * 2 - 1, tmp)  # the project's PNG writer (images on [-1, 1])
     tmp.replace(path)
 
 
