@@ -750,7 +750,7 @@ class ImageFolderImages(ResumableData):
         if isinstance(root, str) and root.startswith("digits:"):
             return discover_images(root)  # the built-in digits (digits:all, digits:train, ...)
         if isinstance(root, str | Path) and not str(root).startswith(PHOTO_PREFIXES):
-            return [str(p) for p in list_image_files(root)]
+            return _folder_files(root)
         if isinstance(root, str | Path):
             return [str(root)]
         return [f for s in root for f in (_folder_files(s) if Path(str(s)).is_dir() else [str(s)])]
