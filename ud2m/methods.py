@@ -481,7 +481,8 @@ class LDRPS(Method):
     Args:
         task: ``low-light``, ``haze``, ``noise`` or ``colour`` (its defaults: §13.4).
         captions: a folder of ``<stem>.txt`` captions for text-conditioned priors (None: ``--prompt``).
-        num_steps: DDIM steps N (None: the task's, 50 for ``colour`` [ours], else the reference's 450).
+        num_steps: DDIM steps N (None: the task's [ours, §13.13]: low light 200, haze 100, colour 50; noise the
+            reference's 450).
         free_chains: free chains F (None: the task preset's, else the solver's default 1).
         psi: the learned degradation: ``"physical"`` (the task's physical ψ fitted paired, §13.9 [ours]; the
             default) or ``"fpam"`` (the reference's F-PAM network with its adversarial loss, §13.2).
@@ -524,7 +525,7 @@ class LDRPS(Method):
         out = {**super().settings(problem), "psi": self.psi or "physical", **later}
         from ud2m.solvers.ld_rps import preset_for, task_defaults
 
-        # the preset's F and N where the task sets them (noise: F = 0; colour: N = 50)
+        # the preset's F and N where the task sets them (noise: F = 0; low light / haze / colour: N = 200 / 100 / 50)
         defaults = task_defaults(self.task) if problem is None else preset_for(self.task, problem.prior)
         if self.free_chains is None and defaults.free_chains is not None and problem is not None:
             out["free_chains"] = defaults.free_chains
