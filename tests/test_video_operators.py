@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import ud2m.operators.base as base
 from ud2m.operators import Compose, Inpainting, LinearOperator, NonlinearOperator, SuperResolution
 from ud2m.operators.compose import CLOSED_FORM_PROX
 from ud2m.operators.video import (
@@ -22,6 +23,8 @@ from ud2m.operators.video import (
     lvtino_problem_a,
     lvtino_problem_b,
     lvtino_problem_c,
+    prox_blur_frames,
+    prox_pool_frames,
 )
 
 DT = torch.float64
@@ -60,8 +63,11 @@ OPERATORS = {
     "pool_then_sr": lambda s: Compose(PerFrame(_sr()), _pool(s[2])),
     "sr_then_pool": lambda s: Compose(_pool(s[2]), PerFrame(_sr())),
     "blur_then_sr": lambda s: Compose(PerFrame(_sr()), TemporalBlur(3)),
-    "sr_then_blur": lambda s: Compose(TemporalBlur(3), PerFrame(_sr())),
+    "sr_then_blur": lambda s: Compose(TemporalBlur(4), PerFrame(_sr())),  # 4 taps: a complex OTF
     "pool_then_sr_reflect": lambda s: Compose(PerFrame(_sr("reflect")), _pool(s[2])),
+    "sr_reflect_then_blur": lambda s: Compose(TemporalBlur(4), PerFrame(_sr("reflect"))),  # complex OTF
+    "blur_then_inpainting": lambda s: Compose(PerFrame(Inpainting(_mask(s))), TemporalBlur(5)),
+    "inpainting_then_pool": lambda s: Compose(_pool(s[2]), PerFrame(Inpainting(_mask(s)))),
 }
 COMPOSITIONS = ["pool_then_sr", "sr_then_pool", "blur_then_sr", "sr_then_blur"]
 
@@ -135,22 +141,36 @@ def test_prox_equals_cg_and_is_optimal(name):
 
 
 @pytest.mark.parametrize("name", COMPOSITIONS)
-def test_closed_form_registered_for_circular_only(name):
+def test_slice_reduction_equals_circular_closed_form(name):
+    """The per-slice reduction (the frame operator's own prox per pooled frame / temporal frequency), which serves
+    every frame operator, equals the Woodbury closed form of the circular SR on the same instance."""
     op = make(name)
     z, y, gamma = problem(op)
+    temporal, frame = (op.outer, op.inner) if isinstance(op.inner, PerFrame) else (op.inner, op.outer)
+    reduce = prox_pool_frames if isinstance(temporal, TemporalAveragePool) else prox_blur_frames
     fn = CLOSED_FORM_PROX[(type(op.outer), type(op.inner))]
-    assert fn(op, z, y, gamma) is not None
-    frame_op = op.outer if isinstance(op.outer, PerFrame) else op.inner
-    frame_op.op.padding = "reflect"  # same instance, no longer diagonalisable: CG must be used
-    assert fn(op, z, y, gamma) is None
-    inpaint = Compose(PerFrame(Inpainting(_mask(SHAPE))), op.inner if frame_op is op.outer else op.outer).double()
-    assert CLOSED_FORM_PROX[(type(inpaint.outer), type(inpaint.inner))](inpaint, z, z, gamma) is None
+    torch.testing.assert_close(reduce(temporal, frame, z, y, gamma), fn(op, z, y, gamma), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["pool", "temporal_blur_uniform", "per_frame_sr_circular", "pool_then_sr"])
+@pytest.mark.parametrize("name", ["pool_then_sr_reflect", "sr_reflect_then_blur", "blur_then_inpainting"])
+def test_composition_prox_never_runs_whole_video_cg(name, monkeypatch):
+    """Reflect-padded SR or inpainting per frame: the composition's prox and pseudo-inverse go through the
+    per-slice reduction, never through CG on the whole video (which hit its cap on LVTINO problem B)."""
+    op = make(name)
+    z, y, gamma = problem(op)
+    assert op.has_closed_form_prox()
+    monkeypatch.setattr(Compose, "prox_l2_cg", lambda *a, **k: pytest.fail("whole-video CG prox"))
+    monkeypatch.setattr(base, "conjugate_gradient", lambda *a, **k: pytest.fail("whole-video CG pseudo-inverse"))
+    x = op.prox_l2(z, y, gamma)
+    residual = gamma[:, None, None, None, None] * op.A_adjoint(op.A(x) - y) + (x - z)
+    assert residual.abs().max() < 1e-9
+    assert op.A_dagger(y, 0.05).shape == z.shape
+
+
+@pytest.mark.parametrize(
+    "name", ["pool", "temporal_blur_uniform", "per_frame_sr_circular", "pool_then_sr", "sr_reflect_then_blur"]
+)
 def test_projection_and_pseudo_inverse(name, monkeypatch):
-    import ud2m.operators.base as base
-
     op = make(name, TINY)
     z, y, _ = problem(op, TINY)
     y = op.A(rand(TINY, 5))  # in the range of A (the uniform blur has OTF zeros)
@@ -164,7 +184,10 @@ def test_projection_and_pseudo_inverse(name, monkeypatch):
     torch.testing.assert_close(op.A_dagger(y, eps).flatten(), expected, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["pool_then_sr", "blur_then_sr", "per_frame_sr_reflect", "pool"])
+@pytest.mark.parametrize(
+    "name",
+    ["pool_then_sr", "blur_then_sr", "per_frame_sr_reflect", "pool", "pool_then_sr_reflect", "sr_reflect_then_blur"],
+)
 def test_prox_gradcheck(name):
     shape = (2, 1, 5, 6, 6)
     op = make(name, shape)

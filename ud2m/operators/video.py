@@ -2,9 +2,11 @@
 
 Owns temporal average pooling :math:`P_f`, circular temporal blur :math:`B_k`, the frame-wise lifts of 2-D image
 operators (:class:`PerFrame` for linear, :class:`PerFrameNonlinear` for JPEG-like maps), the exact proxes of
-``Compose(temporal, PerFrame(circular SR))`` in either order (registered with
-:func:`ud2m.operators.compose.register_closed_form_prox`), and constructors for LVTINO problems A, B and C
-(Spagnoletti et al., LVTINO). Every operator has an exact adjoint and is batched over samples and frames.
+``Compose(temporal, PerFrame(op))`` in either order (registered with
+:func:`ud2m.operators.compose.register_closed_form_prox`): closed form for a circular SR, and for any other frame
+operator the per-slice reduction (:func:`prox_pool_frames`, :func:`prox_blur_frames`), and constructors for LVTINO
+problems A, B and C (Spagnoletti et al., LVTINO). Every operator has an exact adjoint and is batched over samples and
+frames.
 
 A temporal operator acting on the T axis commutes with a frame-wise operator acting on (H, W), so both orders of a
 composition are the same Kronecker product :math:`A = A_t \\otimes A_s` and share one closed form:
@@ -388,15 +390,18 @@ class PerFrameNonlinear(_FrameWise, NonlinearOperator):
         return self._per_frame("lift", y)
 
 
-# ---------------------------------------------------------------------------------------------- closed-form proxes
-def _temporal_and_spatial(compose: Compose, temporal_type: type) -> tuple[LinearOperator, SuperResolution | None]:
-    """Split a temporal/frame-wise composition (either order); the SR is ``None`` unless it is circular."""
+# ---------------------------------------------------------------------------------------------- exact proxes
+def _temporal_and_frame(compose: Compose, temporal_type: type) -> tuple[LinearOperator, PerFrame]:
+    """Split a temporal/frame-wise composition (either order) into its temporal and its frame-wise factor."""
     if isinstance(compose.outer, temporal_type):
-        temporal, frame_op = compose.outer, compose.inner
-    else:
-        temporal, frame_op = compose.inner, compose.outer
-    sr = frame_op.op
-    return temporal, sr if isinstance(sr, SuperResolution) and sr.padding == "circular" else None
+        return compose.outer, compose.inner
+    return compose.inner, compose.outer
+
+
+def _circular_sr(frame: PerFrame) -> SuperResolution | None:
+    """The frame operator when it is a circular SR (whose :math:`SS^\\top` is diagonal), else ``None``."""
+    sr = frame.op
+    return sr if isinstance(sr, SuperResolution) and sr.padding == "circular" else None
 
 
 def _spatial_gain(sr: SuperResolution, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -412,17 +417,71 @@ def _woodbury(compose: Compose, z, y, gamma, solve_small) -> torch.Tensor:
     return z + g * compose.A_adjoint(solve_small(y - compose.A(z), g))
 
 
+def _slice_prox(frame: PerFrame, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The frame operator's own prox on ``(B, C, S, H, W)`` stacks of S slices, slice s of sample b with its own
+    step ``gamma[b, s]`` (``(B, S)``): closed form where the image operator has one, else its CG."""
+    return frame._per_frame("prox_l2", z, y, gamma=gamma.reshape(-1))
+
+
+def prox_pool_frames(
+    pool: TemporalAveragePool, frame: PerFrame, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    r"""Exact prox of :math:`A = P \otimes S` for any frame operator S **[ours]**, by S's own prox per pooled frame.
+
+    The rows :math:`r_\tau` of :math:`P` have disjoint supports, so with :math:`u_\tau = r_\tau/\sqrt{p_\tau}`
+    (:math:`p_\tau = \|r_\tau\|^2`, :meth:`TemporalAveragePool.frame_gains`) the objective
+    :math:`\tfrac\gamma2\|Ax - y\|^2 + \tfrac12\|x - z\|^2` splits into one image problem per pooled frame in
+    :math:`a_\tau = u_\tau^\top x` and an untouched orthogonal part:
+
+    .. math:: a_\tau = \mathrm{prox}^S_{\gamma p_\tau}\big(u_\tau^\top z,\; y_\tau/\sqrt{p_\tau}\big),\qquad
+              x = z + P^\top\big((a - Pz/\sqrt p)/\sqrt p\big).
+
+    For a reflect-padded SR that is T_lr well-conditioned SR proxes (CG in about ten iterations) instead of CG on
+    the whole video.
+    """
+    root = pool._gains(z).sqrt()  # (T_lr, 1, 1)
+    a_z = pool.A(z) / root
+    g = gamma[:, None] * pool.frame_gains(dtype=z.dtype, device=z.device)  # (B, T_lr)
+    a = _slice_prox(frame, a_z, y / root, g)
+    return z + pool.A_adjoint((a - a_z) / root)
+
+
+def prox_blur_frames(
+    blur: TemporalBlur, frame: PerFrame, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    r"""Exact prox of :math:`A = B_k \otimes S` for any frame operator S **[ours]**, by S's own prox per temporal
+    frequency.
+
+    The temporal DFT diagonalises :math:`B_k^\top B_k`, so the normal equations split per frequency k into
+    :math:`(I + \gamma|\hat h_k|^2 S^\top S)\hat x_k = \hat z_k + \gamma\bar{\hat h}_k S^\top\hat y_k`, which is S's
+    prox with step :math:`\gamma|\hat h_k|^2` and measurement :math:`\hat y_k/\hat h_k` (:math:`\hat x_k = \hat z_k`
+    where :math:`\hat h_k = 0`); S is real, so the real and imaginary parts are separate image problems
+    (2(T//2 + 1) slices). On LVTINO problem B at full size (reflect-padded ×8 SR) whole-video CG stops at its
+    100-iteration cap; each slice's SR prox converges in about ten.
+    """
+    T = z.shape[2]
+    h = blur._otf_for(z)  # (T//2+1, 1, 1)
+    h2 = h.abs() ** 2
+    Y = torch.fft.rfft(y, dim=2) * torch.where(h2 > 0, h.conj() / h2.clamp_min(1e-30), torch.zeros_like(h))
+    Z = torch.fft.rfft(z, dim=2)
+    K = Z.shape[2]
+    g = gamma[:, None] * h2.flatten()[None]  # (B, K)
+    X = _slice_prox(frame, torch.cat([Z.real, Z.imag], 2), torch.cat([Y.real, Y.imag], 2), torch.cat([g, g], 1))
+    return torch.fft.irfft(torch.complex(X[:, :, :K], X[:, :, K:]), n=T, dim=2)
+
+
 @register_closed_form_prox(TemporalAveragePool, PerFrame)
 @register_closed_form_prox(PerFrame, TemporalAveragePool)
-def prox_pool_sr(compose: Compose, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor | None:
-    r"""Exact prox of pooling and circular SR per frame (either order), ``None`` if the SR is not circular.
-
-    :math:`AA^\top = \mathrm{diag}_\tau(p_\tau) \otimes F_{lr}^{-1}\,\mathrm{diag}(\mathrm{mean}_b|\hat h|^2)\,F_{lr}`.
+def prox_pool_sr(compose: Compose, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    r"""Exact prox of pooling and a frame-wise operator (either order): closed form for a circular SR,
+    :math:`AA^\top = \mathrm{diag}_\tau(p_\tau) \otimes F_{lr}^{-1}\,\mathrm{diag}(\mathrm{mean}_b|\hat h|^2)\,F_{lr}`;
+    :func:`prox_pool_frames` for any other frame operator.
     """
-    pool, sr = _temporal_and_spatial(compose, TemporalAveragePool)
-    if sr is None:
-        return None
+    pool, frame = _temporal_and_frame(compose, TemporalAveragePool)
     check_video(z, compose)
+    sr = _circular_sr(frame)
+    if sr is None:
+        return prox_pool_frames(pool, frame, z, y, gamma)
     m = _spatial_gain(sr, tuple(z.shape[-2:]), z.dtype)  # (B|1, 1, 1, h, w)
     m = m[..., : m.shape[-1] // 2 + 1]  # real and even: the rfft2 half-plane suffices
     p = pool._gains(z)  # (T_lr, 1, 1)
@@ -435,18 +494,16 @@ def prox_pool_sr(compose: Compose, z: torch.Tensor, y: torch.Tensor, gamma: torc
 
 @register_closed_form_prox(TemporalBlur, PerFrame)
 @register_closed_form_prox(PerFrame, TemporalBlur)
-def prox_temporal_blur_sr(
-    compose: Compose, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor
-) -> torch.Tensor | None:
-    r"""Exact prox of circular temporal blur and circular SR per frame (either order), ``None`` if not circular.
-
-    :math:`AA^\top` is diagonal in the 3-D Fourier basis of the LR video, with eigenvalues
-    :math:`|\hat h_t(k)|^2\,\mathrm{mean}_b|\hat h|^2(k_1, k_2)`.
+def prox_temporal_blur_sr(compose: Compose, z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    r"""Exact prox of circular temporal blur and a frame-wise operator (either order): closed form for a circular
+    SR, :math:`AA^\top` diagonal in the 3-D Fourier basis of the LR video with eigenvalues
+    :math:`|\hat h_t(k)|^2\,\mathrm{mean}_b|\hat h|^2(k_1, k_2)`; :func:`prox_blur_frames` for any other frame operator.
     """
-    blur, sr = _temporal_and_spatial(compose, TemporalBlur)
-    if sr is None:
-        return None
+    blur, frame = _temporal_and_frame(compose, TemporalBlur)
     check_video(z, compose)
+    sr = _circular_sr(frame)
+    if sr is None:
+        return prox_blur_frames(blur, frame, z, y, gamma)
     T = z.shape[2]
     m = _spatial_gain(sr, tuple(z.shape[-2:]), z.dtype)  # (B|1, 1, 1, h, w)
     ht2 = blur.otf(T, z.dtype).abs()[:, None, None] ** 2  # (T//2+1, 1, 1)
