@@ -107,10 +107,10 @@ def draw(method, problem, y: torch.Tensor, *, samples: int, seed: int, chunk: in
     return torch.cat(out).view(len(y), samples, *out[0].shape[1:]), seconds
 
 
-def tuned_methods(rows: dict, exports: list[tuple[str, Path, int | None]]) -> dict:
+def tuned_methods(rows: dict, exports: list[tuple[str, Path, dict]]) -> dict:
     """``{row name: (Method, NFE per sample, UD2M export or None)}``: the tuned LATINO, DiffPIR and DPS rows of a
     quality result (their recorded solver options), and UD2M at N = 3 and 4 for each export (with its tuned start
-    when given)."""
+    and re-noise rule, ``{"t_start", "residual_renoise"}``, when given)."""
     from ud2m.methods import DPS, UD2M, DiffPIR, Latino
     from ud2m.solvers.weights import ConstantGamma
 
@@ -124,10 +124,13 @@ def tuned_methods(rows: dict, exports: list[tuple[str, Path, int | None]]) -> di
             out[name] = (DiffPIR(num_steps=100, **options), 100, None)
         elif name.startswith("DPS, 100"):
             out[name] = (DPS(num_steps=100, **options), 100, None)
-    for label, export, t_start in exports:
+    for label, export, tuned in exports:
+        t_start, rule = tuned.get("t_start"), tuned.get("residual_renoise")
         start = "" if t_start is None else f", start t ≤ {t_start}"
+        start += "" if rule is None else ", residual re-noise" if rule else ", full re-noise"
         for n in (3, 4):
-            out[f"UD2M {label}, N x K = {n} x 3{start}"] = (UD2M(num_steps=n, t_start=t_start), 3 * n, export)
+            method = UD2M(num_steps=n, t_start=t_start, residual_renoise=rule)
+            out[f"UD2M {label}, N x K = {n} x 3{start}"] = (method, 3 * n, export)
     return out
 
 
@@ -165,13 +168,16 @@ def run_rows(methods: dict, base, x, y, prior_folder: Path, args, embed=None) ->
     return out
 
 
-def _ud2m_tuned_start(rows: dict, label_prefix: str) -> int | None:
-    """The start the quality benchmark tuned for an export's N = 3 row (None: it kept the default)."""
+def _ud2m_tuned_start(rows: dict, label_prefix: str) -> dict:
+    """The start and re-noise rule the quality benchmark tuned for an export's N = 3 row, ``{"t_start": 500,
+    "residual_renoise": True}`` (a key only where tuning moved it off the export's default)."""
     for name in rows:
-        m = re.match(re.escape(label_prefix) + r".*N x K = 3 x 3, tuned start \(t ≤ (\d+)\)", name)
+        pattern = r".*N x K = 3 x 3, tuned start \(t ≤ (\d+)(, residual re-noise|, full re-noise)?\)"
+        m = re.match(re.escape(label_prefix) + pattern, name)
         if m:
-            return int(m.group(1))
-    return None
+            rule = {} if m.group(2) is None else {"residual_renoise": m.group(2) == ", residual re-noise"}
+            return {"t_start": int(m.group(1)), **rule}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------- suites
@@ -197,7 +203,7 @@ def suite_digits(args) -> dict:
             m = embedding_metrics(xs, vae, e_x, e_y)
         return {"cfid": m["cfid"], "coverage_calibration_error": m["coverage_calibration_error"]}
 
-    exports = [(label, args.work_dir / folder / "export", None) for label, folder in DIGITS_EXPORTS]
+    exports = [(label, args.work_dir / folder / "export", {}) for label, folder in DIGITS_EXPORTS]
     exports = [e for e in exports if (e[1] / "ud2m.json").is_file()]
     prior = PixelDiffusionPrior.from_pretrained(PRIORS / "digits").eval()
     base = Problem(op, sigma_y, tuple(x.shape[1:]), prior=prior)

@@ -466,34 +466,51 @@ def run_problem(
 
 def ud2m_rows_of(sample, work: Path, name: str, export: Path, extra: dict, *, test_input: str, tune_input: str):
     """An exported UD2M sampler with its own default start (the paper's, from pure noise at t = 999, unless the
-    export records another), and with its start ``t_start`` tuned on the tuning images (``UD2M_T_START``), as
-    LATINO's t_max is (a second row only when the tuned start differs from the default)."""
+    export records another), and with its start ``t_start`` and re-noise rule ``residual_renoise`` (§8 revisions)
+    tuned together on the tuning images (``UD2M_T_START`` × full / residual), as LATINO's t_max is (a second row only
+    when the tuned settings differ from the export's), then the closing data step at those settings."""
     from ud2m.export import read_manifest
 
     slug = "ud2m_" + export.parent.name + "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
     kw = dict(checkpoint=str(export), **extra)
     about = {"train_seconds": _train_seconds(export), "export": str(export)}
     rows = {name: {**run_method(sample, slug, work / slug, input=test_input, operator=None, **kw), **about}}
+    manifest = read_manifest(export)
+    own_start = manifest["sampler"].get("t_start") or 999
+    own_rule = manifest["sampler"].get("residual_renoise", manifest["block"].get("renoise") == "residual")
     candidates = {f"tstart{t}": {"settings": {"t_start": t}} for t in UD2M_T_START}
+    # the other re-noise rule at every start; runs of the export's own rule keep their folders (and results)
+    candidates |= {
+        f"tstart{t}_{'full' if own_rule else 'resid'}": {"settings": {"t_start": t, "residual_renoise": not own_rule}}
+        for t in UD2M_T_START
+    }
     best, scores = tune(sample, work, tune_input, None, None, candidates, label=slug, **kw)
     settings = candidates[best]["settings"]
-    moved = settings["t_start"] != (read_manifest(export)["sampler"].get("t_start") or 999)
+    moved = settings["t_start"] != own_start or "residual_renoise" in settings
+    described = _ud2m_settings(settings)
     if moved:  # else the row above
         out = work / f"{slug}_{best}"
         summary = run_method(sample, slug, out, input=test_input, operator=None, settings=settings, **kw)
-        rows[f"{name}, tuned start (t ≤ {settings['t_start']})"] = {**summary, **about, "tuning": scores}
+        rows[f"{name}, tuned start ({described})"] = {**summary, **about, "tuning": scores}
     else:
         rows[name]["tuning"] = scores
-    # the closing data step (sample_ud2m's final_gamma, §8 revision), tuned at that start like LATINO's gamma
+    # the closing data step (sample_ud2m's final_gamma, §8 revision), tuned at those settings like LATINO's gamma
     closing = {f"{best}_gamma{g:g}": {"settings": {**settings, "final_gamma": g}} for g in UD2M_FINAL_GAMMA}
     best_g, g_scores = tune(sample, work, tune_input, None, None, closing, label=slug, **kw)
     if g_scores[best_g] > scores[best]:  # a row only when the data step helps on the tuning images
         out = work / f"{slug}_{best_g}"
         summary = run_method(sample, slug, out, input=test_input, operator=None, **closing[best_g], **kw)
         gamma = closing[best_g]["settings"]["final_gamma"]
-        label = f"tuned start and data step (t ≤ {settings['t_start']}, " if moved else "tuned data step ("
+        label = f"tuned start and data step ({described}, " if moved else "tuned data step ("
         rows[f"{name}, {label}γ = {gamma:g})"] = {**summary, **about, "tuning": {**scores, **g_scores}}
     return rows
+
+
+def _ud2m_settings(settings: dict) -> str:
+    """``t ≤ 500`` or ``t ≤ 500, residual re-noise`` (``full re-noise``) for a row name: the start and, when tuning
+    moved it off the export's own, the re-noise rule."""
+    rule = settings.get("residual_renoise")
+    return f"t ≤ {settings['t_start']}" + ("" if rule is None else ", residual re-noise" if rule else ", full re-noise")
 
 
 def _steps(export: Path) -> str:

@@ -96,3 +96,27 @@ def test_report_writes_the_tables_into_the_readme_section(posterior, tmp_path):
     text = posterior.report(tmp_path / "results" / "posterior.json")
     assert text.endswith("rows they name.*\n*Rows marked 'former' came from older exports.*")
     assert text.count("older exports") == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "methods"),
+    [
+        ({"t_start": 500}, {"t_start": 500, "residual_renoise": None}),
+        ({"t_start": 300, "residual_renoise": True}, {"t_start": 300, "residual_renoise": True}),
+        ({"t_start": 999, "residual_renoise": False}, {"t_start": 999, "residual_renoise": False}),
+    ],
+)
+def test_ud2m_rows_use_the_settings_the_quality_benchmark_tuned(posterior, benchmark_script, settings, methods):
+    """The quality benchmark's row name (its ``_ud2m_settings``) is parsed back into the start and re-noise rule of
+    the UD2M samplers drawn here; a result without a tuned row keeps the export's defaults."""
+    quality = benchmark_script("quality")
+    prefix = "UD2M (1,000 steps)"
+    rows = {f"{prefix}, N x K = 3 x 3, tuned start ({quality._ud2m_settings(settings)})": {}}
+    tuned = posterior._ud2m_tuned_start(rows, prefix)
+    assert tuned == settings
+    drawn = posterior.tuned_methods(rows, [("x", None, tuned)])
+    assert len(drawn) == 2
+    for n in (3, 4):
+        [(method, nfe, _)] = [v for k, v in drawn.items() if f"N x K = {n} x 3" in k]
+        assert nfe == 3 * n and {k: getattr(method, k) for k in methods} == methods
+    assert posterior._ud2m_tuned_start({f"{prefix}, N x K = 3 x 3": {}}, prefix) == {}

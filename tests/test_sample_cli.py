@@ -375,17 +375,19 @@ def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_
         k: v for k, v in before.items() if k.endswith(".png")
     }
     for changed, match in [
-        (dict(method=UD2M(num_steps=3)), "'eta': 1.0, 't_start': None, 'final_gamma': None} there, {'num_steps': 3,"),
-        (dict(method=UD2M(eta=0.5)), "'t_start': None, 'final_gamma': None} there, {'num_steps': 2, 'eta': 0.5,"),
+        (dict(method=UD2M(num_steps=3)), "'residual_renoise': None} there, {'num_steps': 3, 'eta': 1.0,"),
+        (dict(method=UD2M(eta=0.5)), "'residual_renoise': None} there, {'num_steps': 2, 'eta': 0.5,"),
         (
             dict(method=UD2M(t_start=500)),
-            "'t_start': None, 'final_gamma': None} there, {'num_steps': 2, 'eta': 1.0, "
-            "'t_start': 500, 'final_gamma': None} now",
+            "'t_start': None, 'final_gamma': None, 'residual_renoise': None} there, {'num_steps': 2, "
+            "'eta': 1.0, 't_start': 500, 'final_gamma': None, 'residual_renoise': None} now",
         ),
         (
             dict(method=UD2M(final_gamma=10.0)),
-            "'final_gamma': None} there, {'num_steps': 2, 'eta': 1.0, 't_start': None, 'final_gamma': 10.0} now",
+            "'final_gamma': None, 'residual_renoise': None} there, {'num_steps': 2, 'eta': 1.0, "
+            "'t_start': None, 'final_gamma': 10.0, 'residual_renoise': None} now",
         ),
+        (dict(method=UD2M(residual_renoise=True)), "'residual_renoise': True} now"),
         (dict(num_samples=2), "num_samples: 1 there, 2 now"),
     ]:
         with pytest.raises(ValueError, match=re.escape(match)):
@@ -395,9 +397,10 @@ def test_resume_compares_method_specific_settings_by_their_effective_value(ud2m_
     record = json.loads(metrics.read_text())
     del record["run"]["settings"]["t_start"]
     del record["run"]["settings"]["final_gamma"]
+    del record["run"]["settings"]["residual_renoise"]
     metrics.write_text(json.dumps(record))
     run(tmp_path / "ud2m", **kwargs)
-    with pytest.raises(ValueError, match=re.escape("'t_start': 500, 'final_gamma': None} now")):
+    with pytest.raises(ValueError, match=re.escape("'t_start': 500, 'final_gamma': None, 'residual_renoise': None}")):
         run(tmp_path / "ud2m", **kwargs, method=UD2M(t_start=500))
     # the closing data step (§8 revision) is recorded and moves the output toward y
     closed = run(tmp_path / "ud2m_dc", **kwargs, method=UD2M(final_gamma=1e3))

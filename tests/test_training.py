@@ -476,13 +476,18 @@ def test_training_times_stay_below_t_max_and_the_export_starts_there(tmp_path):
     assert t.min() >= 1 and t.max() == 40 and len(t.unique()) == 40  # every time in 1..40 drawn, none above
     assert model.sampler_start() == 40 and make_model().sampler_start() is None
     out = tmp_path / "export"
-    trainer(1, callbacks=[ExportOnTrainEnd(str(out), use_ema=False, final_gamma=10)]).fit(model, make_data())
+    export = ExportOnTrainEnd(str(out), use_ema=False, final_gamma=10, residual_renoise=True)
+    trainer(1, callbacks=[export]).fit(model, make_data())
     manifest = read_manifest(out)
-    assert manifest["sampler"] == {"num_steps": 3, "grid": "quadratic", "eta": 1.0, "t_start": 40, "final_gamma": 10.0}
-    # the export's closing data step is the sampler's default; a setting given at sampling time wins
+    assert manifest["sampler"] == {
+        "num_steps": 3, "grid": "quadratic", "eta": 1.0, "t_start": 40, "final_gamma": 10.0, "residual_renoise": True
+    }  # fmt: skip
+    # the export's closing data step and re-noise rule are the sampler's defaults; settings given at sampling win
     problem = Problem(None, 0.05, (3, 16, 16), manifest=manifest)
     assert UD2M().settings(problem)["final_gamma"] == 10.0
     assert UD2M(final_gamma=0.0).settings(problem)["final_gamma"] == 0.0
+    assert UD2M().settings(problem)["residual_renoise"] is True
+    assert UD2M(residual_renoise=False).settings(problem)["residual_renoise"] is False
     with pytest.raises(ValueError, match="t_max: expected an integer in \\[1, 999\\], got 1000"):
         make_model(t_max=1000)
     with pytest.raises(ValueError, match=r"t_start: expected a first sampler time in \[1, 999\].*got 0"):

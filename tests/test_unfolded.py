@@ -196,6 +196,33 @@ def test_block_matches_a_dense_rederivation_of_the_spec(rule, sigma_e, sigma_e_z
     torch.testing.assert_close(out, prior.predict_x0(z_in, infos[0]["t_z"]))
 
 
+def test_residual_renoise_at_call_time_equals_the_block_rule(rng):
+    """§8 revision: ``residual_renoise`` of a call (forward, sample_ud2m) is exactly the block built with
+    ``renoise="residual"`` (True) or with the full re-noise (False), the weights and t_z untouched."""
+    prior, _, x_t, t, y, op, sigma_y = problem("pixel", rng)
+    model = UnfoldedSampler(prior, num_blocks=2)
+    with torch.no_grad():
+        model.log_rho_scale.fill_(-0.3), model.log_sigma_z_scale.fill_(0.2)
+
+    def both():
+        block = model(x_t, t, y, op, sigma_y, generator=_g(7))
+        chain = sample_ud2m(model, op, y, sigma_y, x_shape=y.shape, num_steps=3, generator=_g(8))
+        return block, chain
+
+    def overridden(flag):
+        block = model(x_t, t, y, op, sigma_y, generator=_g(7), residual_renoise=flag)
+        chain = sample_ud2m(model, op, y, sigma_y, x_shape=y.shape, num_steps=3, generator=_g(8), residual_renoise=flag)
+        return block, chain
+
+    full = both()
+    assert all(torch.equal(a, b) for a, b in zip(full, overridden(False), strict=True))
+    residual = overridden(True)
+    assert not torch.equal(residual[0], full[0])
+    model.renoise = "residual"
+    assert all(torch.equal(a, b) for a, b in zip(residual, both(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(full, overridden(False), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------- NFE, determinism
 def test_nfe_determinism_and_checkpointing(rng):
     prior, _, x_t, t, y, op, sigma_y = problem("pixel", rng)

@@ -444,6 +444,9 @@ class UD2M(Method):
             LATINO's t_max is.
         final_gamma: close the chain with one data step of weight γ (LATINO's γ convention; None: the export's,
             else none, the paper's output); docs/method.md §8 revision [ours], to tune on training images.
+        residual_renoise: re-noise each block's data-step output with only the noise its time is missing (True)
+            or with the full noise of §7.1 step 6 (False); None: the export's (its manifest's sampler entry, else
+            its training's ``renoise``); docs/method.md §8 revision [ours], to tune on training images.
     """
 
     name = "ud2m"
@@ -454,6 +457,7 @@ class UD2M(Method):
         eta: float | None = None,
         t_start: int | None = None,
         final_gamma: float | None = None,
+        residual_renoise: bool | None = None,
     ) -> None:
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -463,6 +467,7 @@ class UD2M(Method):
 
         check_final_gamma(final_gamma)
         self.num_steps, self.eta, self.t_start, self.final_gamma = num_steps, eta, t_start, final_gamma
+        self.residual_renoise = residual_renoise
 
     def settings(self, problem=None):
         sampler = (problem.manifest or {}).get("sampler", {}) if problem is not None else {}

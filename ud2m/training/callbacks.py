@@ -247,6 +247,8 @@ class ExportOnTrainEnd(pl.Callback):
             start tuned on training images, ``sample_ud2m``'s ``t_start``, §8 revision).
         final_gamma: default weight of the sampler's closing data step (None: none, the paper's output;
             ``sample_ud2m``'s ``final_gamma``, §8 revision).
+        residual_renoise: default re-noise rule of the sampler (None: the trained block's; ``sample_ud2m``'s
+            ``residual_renoise``, §8 revision).
         overwrite: replace an export that already exists in ``out_dir``.
         best: export the weights of the validation with the best value of this logged metric (e.g. ``"val/psnr"``)
             instead of the last ones: on few training images a long run can pass its best (the photos benchmark's
@@ -267,11 +269,12 @@ class ExportOnTrainEnd(pl.Callback):
         mode: str = "max",
         t_start: int | None = None,
         final_gamma: float | None = None,
+        residual_renoise: bool | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"ExportOnTrainEnd: mode must be 'max' or 'min', got {mode!r}")
         self.out_dir, self.use_ema, self.num_steps, self.eta = out_dir, use_ema, num_steps, eta
-        self.t_start, self.final_gamma = t_start, final_gamma
+        self.t_start, self.final_gamma, self.residual_renoise = t_start, final_gamma, residual_renoise
         sampler_entry(num_steps, eta, t_start, final_gamma)  # bad values are refused before training, not after
         self.overwrite, self.best, self.mode = overwrite, best, mode
         self.selected: dict[str, Any] | None = None  # {"metric", "value", "step"} of the kept weights
@@ -330,8 +333,8 @@ class ExportOnTrainEnd(pl.Callback):
             with context:
                 path = export_module(
                     pl_module, self.out_dir, ema=ema is not None, num_steps=self.num_steps, eta=self.eta,
-                    t_start=self.t_start, final_gamma=self.final_gamma, steps=steps, data=_describe_data(trainer),
-                    selected=self.selected,
+                    t_start=self.t_start, final_gamma=self.final_gamma, residual_renoise=self.residual_renoise,
+                    steps=steps, data=_describe_data(trainer), selected=self.selected,
                 )  # fmt: skip
             logger.info("exported the UD2M sampler to %s (%s)", path, self.selected or "last weights")
         trainer.strategy.barrier("ud2m-export")
@@ -375,6 +378,7 @@ def export_module(
     eta: float = 1.0,
     t_start: int | None = None,
     final_gamma: float | None = None,
+    residual_renoise: bool | None = None,
     steps: int = 0,
     data: str = "unknown",
     config: Mapping[str, Any] | None = None,
@@ -410,7 +414,11 @@ def export_module(
             base_model=base_model_reference(pl_module, hp),
             operator=operator_reference(pl_module, hp),
             sampler=sampler_entry(
-                num_steps, eta, t_start if t_start is not None else _trained_start(pl_module), final_gamma
+                num_steps,
+                eta,
+                t_start if t_start is not None else _trained_start(pl_module),
+                final_gamma,
+                residual_renoise,
             ),
             training=training,
             ema=ema,
@@ -425,10 +433,14 @@ def _trained_start(pl_module: pl.LightningModule) -> int | None:
 
 
 def sampler_entry(
-    num_steps: int, eta: float, t_start: int | None = None, final_gamma: float | None = None
+    num_steps: int,
+    eta: float,
+    t_start: int | None = None,
+    final_gamma: float | None = None,
+    residual_renoise: bool | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``
-    and the closing data step's weight ``final_gamma`` (§8 revisions)."""
+    """The manifest's ``sampler`` section (§9): N, the quadratic grid, η and, when set, the tuned start ``t_start``,
+    the closing data step's weight ``final_gamma`` and the re-noise rule ``residual_renoise`` (§8 revisions)."""
     from ud2m.unfolded import check_final_gamma
 
     entry: dict[str, Any] = {"num_steps": int(num_steps), "grid": "quadratic", "eta": float(eta)}
@@ -439,6 +451,8 @@ def sampler_entry(
     check_final_gamma(final_gamma)  # refused before anything is written
     if final_gamma is not None:
         entry["final_gamma"] = float(final_gamma)
+    if residual_renoise is not None:
+        entry["residual_renoise"] = bool(residual_renoise)
     return entry
 
 

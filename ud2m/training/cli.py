@@ -66,6 +66,7 @@ def export(
     overwrite: bool = False,
     t_start: int | None = None,
     final_gamma: float | None = None,
+    residual_renoise: bool | None = None,
 ) -> Path:
     """Export a training checkpoint (``last.ckpt``) to the sampling folder of docs/method.md §9.
 
@@ -84,6 +85,7 @@ def export(
         overwrite: replace an export that already exists in ``out``.
         t_start: default first grid time of the exported sampler (None: 999; §8 revision).
         final_gamma: default weight of the sampler's closing data step (None: none; §8 revision).
+        residual_renoise: default re-noise rule of the sampler (None: the trained block's; §8 revision).
 
     Returns:
         the export folder.
@@ -112,7 +114,7 @@ def export(
     name = str(data.get("_class_path", "unknown")).rsplit(".", 1)[-1]
     return export_module(
         model, out, ema=shadow is not None, num_steps=num_steps, eta=eta, t_start=t_start, final_gamma=final_gamma,
-        steps=checkpoint["global_step"],
+        residual_renoise=residual_renoise, steps=checkpoint["global_step"],
         data=describe_data(name, data.get("train_shards") or data.get("root")), config=config,
     )  # fmt: skip
 
