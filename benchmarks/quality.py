@@ -35,7 +35,7 @@ weights offline.
 
     python benchmarks/quality.py digits
     python benchmarks/quality.py photos [--skip_dps1000] [--tune_budget small]
-    python benchmarks/quality.py photos --ud2m_only      # after a change of UD2M's defaults: only its rows again
+    python benchmarks/quality.py photos --ud2m_only      # (or digits) after a change of UD2M: only its rows again
     python benchmarks/quality.py digits --diffusion_only # after a change of DPS/DiffPIR: only their rows, recomputed
     python benchmarks/quality.py grid --samples 16
     python benchmarks/quality.py variant --name lr2e-3_1500 --ud2m_steps 1500 --set model.lr_g=2e-3 model.lr_d=2e-3
@@ -567,7 +567,7 @@ def suite_digits(args) -> dict:
             dps1000=not args.skip_dps1000,
             budget=args.tune_budget,
             cm_prior=PRIORS / "digits-cm",
-            baselines=_previous_rows("digits", "sr_x4") if args.diffusion_only else None,
+            baselines=_previous_rows("digits", "sr_x4") if args.diffusion_only or args.ud2m_only else None,
             rerun="diffusion" if args.diffusion_only else "ud2m",
         )
     }
@@ -1160,7 +1160,8 @@ def main() -> None:
     parser.add_argument(
         "--ud2m_only",
         action="store_true",
-        help="photos: run only the UD2M rows; keep every other row of the previous results (same inputs and seeds)",
+        help="digits, photos: run only the UD2M rows; keep every other row of the previous results (same inputs and "
+        "seeds)",
     )
     parser.add_argument(
         "--diffusion_only",
@@ -1225,9 +1226,10 @@ def main() -> None:
     key = "problems" if args.suite != "grid" else "grid"
     path = RESULTS / f"quality_{args.suite}.json"
     previous = json.loads(path.read_text()) if path.is_file() and args.suite in ("photos", "digits") else {}
-    if args.suite == "digits" and args.diffusion_only:
+    if args.suite == "digits" and (args.diffusion_only or args.ud2m_only):
         earlier = previous.get("meta", {})
-        meta["note"] = _rerun_note("DiffPIR and DPS", "--diffusion_only", earlier)
+        what, flag = ("DiffPIR and DPS", "--diffusion_only") if args.diffusion_only else ("UD2M", "--ud2m_only")
+        meta["note"] = _rerun_note(what, flag, earlier)
     if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only or args.diffusion_only):
         rerun = args.ud2m_only or args.diffusion_only
         notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not rerun else []
