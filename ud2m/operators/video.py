@@ -439,9 +439,10 @@ def prox_pool_frames(
     For a reflect-padded SR that is T_lr well-conditioned SR proxes (CG in about ten iterations) instead of CG on
     the whole video.
     """
-    root = pool._gains(z).sqrt()  # (T_lr, 1, 1)
+    p = pool._gains(z)  # (T_lr, 1, 1)
+    root = p.sqrt()
     a_z = pool.A(z) / root
-    g = gamma[:, None] * pool.frame_gains(dtype=z.dtype, device=z.device)  # (B, T_lr)
+    g = gamma[:, None] * p.flatten()[None]  # (B, T_lr)
     a = _slice_prox(frame, a_z, y / root, g)
     return z + pool.A_adjoint((a - a_z) / root)
 
