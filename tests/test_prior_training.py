@@ -187,6 +187,36 @@ def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
     assert card["parameters"] == sum(p.numel() for p in saved.values())
     assert card["max_steps"] == 3 and list(card["train_loss"]) == ["2"]  # logged at steps 0, 1, 2; the last kept
     assert (tmp_path / "prior" / "samples.png").is_file()
+    # a second stage (init_from) keeps the first stage's card whole and adds up the steps
+    (tmp_path / "first.json").write_text(json.dumps({**card, "max_steps": 5}))
+    prior_main(["card", "--prior", str(tmp_path / "prior"), "--run", str(run), "--name", "t", "--command", "c",
+                "--previous", str(tmp_path / "first.json")])  # fmt: skip
+    chained = json.loads((tmp_path / "prior" / "card.json").read_text())
+    assert chained["previous_stage"] == {**card, "max_steps": 5} and chained["total_steps"] == 8
+
+
+def test_init_from_starts_from_an_exported_prior_and_refuses_what_does_not_fit(tmp_path):
+    """``init_from`` copies an exported prior's UNet into a differently initialised one (from the prior folder, its
+    ``unet/`` folder or the file), and names the file and the tensor when the architecture differs."""
+    from ud2m.training.prior_module import load_unet_weights
+
+    source = make_module()
+    source.save_pretrained(tmp_path / "prior")
+    weights = tmp_path / "prior" / "unet" / "diffusion_pytorch_model.safetensors"
+    for where in (tmp_path / "prior", tmp_path / "prior" / "unet", weights):
+        fresh = tiny_pixel_unet(in_channels=3, block_out_channels=(16, 32), seed=1)
+        assert any((fresh.state_dict()[n] - v).abs().max() > 0 for n, v in source.unet.state_dict().items())
+        module = DiffusionPriorTraining(fresh, init_from=str(where))
+        for name, value in source.unet.state_dict().items():
+            torch.testing.assert_close(module.unet.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert module.hparams.init_from == str(weights)
+    with pytest.raises(FileNotFoundError, match=r"no UNet weights at .*missing"):
+        DiffusionPriorTraining(tiny_pixel_unet(), init_from=str(tmp_path / "missing"))
+    shapes = r"safetensors: tensor conv_in.weight has shape \(16, 3, 3, 3\), this UNet expects \(16, 1, 3, 3\)"
+    with pytest.raises(ValueError, match=shapes):
+        load_unet_weights(tmp_path / "prior", tiny_pixel_unet(in_channels=1, block_out_channels=(16, 32)))
+    with pytest.raises(ValueError, match=r"does not fit this UNet: .* missing"):
+        load_unet_weights(tmp_path / "prior", tiny_pixel_unet(in_channels=3, block_out_channels=(16, 32, 32)))
 
 
 @pytest.mark.parametrize("config", PRIOR_CONFIGS, ids=lambda p: p.stem)
@@ -205,3 +235,30 @@ def test_prior_config_parses_and_instantiates(config, tmp_path):
     else:
         assert (data.image_size, data.channels) == (64, 3)
     assert cli.model.hparams.unet["class_path"] == "diffusers.UNet2DModel"  # config, not a pickled module
+
+
+def test_the_clips_second_stage_overrides_the_first_stages_config(tmp_path):
+    """configs/priors/clips_continued.yaml given after clips.yaml: the same UNet and data, started from the first
+    stage's export with fresh seeds, written to its own folders."""
+    configs = ROOT / "configs" / "priors"
+    first = ["prior", "--config", str(configs / "clips.yaml")]
+    with mock.patch("sys.argv", first):
+        stage1 = PriorCLI(run=False)
+    stage1.model.save_pretrained(tmp_path / "clips_prior")  # stands in for stage 1's export
+    argv = [
+        *first,
+        "--config",
+        str(configs / "clips_continued.yaml"),
+        "--model.init_from",
+        str(tmp_path / "clips_prior"),
+    ]
+    with mock.patch("sys.argv", argv):
+        stage2 = PriorCLI(run=False)
+    assert stage2.model.unet.config == stage1.model.unet.config
+    for name, value in stage1.model.unet.state_dict().items():
+        torch.testing.assert_close(stage2.model.unet.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert (stage1.model.hparams.seed, stage2.model.hparams.seed) == (0, 1)
+    assert (stage1.datamodule.seed, stage2.datamodule.seed) == (0, 1)
+    assert stage2.datamodule.val_sources == stage1.datamodule.val_sources
+    saved = [c.out_dir for c in stage2.trainer.callbacks if type(c).__name__ == "SavePriorOnTrainEnd"]
+    assert saved == ["outputs/priors/clips_prior_continued"]

@@ -109,6 +109,7 @@ def write_card(
     data: str = "",
     max_steps: int | None = None,
     teacher: str | None = None,
+    previous: str | None = None,
 ) -> Path:
     """Write ``card.json`` (hash, parameters, versions, wall time, loss curves) and ``samples.png`` into ``prior``.
 
@@ -121,6 +122,9 @@ def write_card(
         max_steps: recorded as given (``None``: the last logged step + 1).
         teacher: for a distilled consistency model (``prior distil``), the teacher's folder: its hash goes into
             the card and ``samples.png`` compares the two (:func:`cm_sample_grid`).
+        previous: for a run that started from another prior's weights (``init_from``), that prior's ``card.json``:
+            it is kept whole under ``previous_stage`` (its hash, command and curves), and ``total_steps`` adds
+            its steps (its own ``total_steps``, else ``max_steps``) to this run's.
     """
     import diffusers
     import lightning
@@ -152,6 +156,10 @@ def write_card(
         "samples": "samples.png: 16 DDIM samples, 50 steps, eta 0, seed 0 (diffusers DDIMPipeline, "
         "use_clipped_model_output=True)",
     }
+    if previous is not None:
+        earlier = json.loads(Path(previous).read_text())
+        card["previous_stage"] = earlier
+        card["total_steps"] = earlier.get("total_steps", earlier["max_steps"]) + card["max_steps"]
     if teacher is not None:
         teacher_path = Path(teacher)
         card["model"] = card["model"].replace("EMA weights", "consistency model (LCMScheduler), EMA weights")

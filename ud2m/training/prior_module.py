@@ -156,6 +156,45 @@ class AdamWWarmup:
         return [EMA(halflife_steps=self.hparams.ema_halflife_steps)]
 
 
+# ------------------------------------------------------------------------------------------------ warm start
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_unet_weights(path: str | Path, unet: torch.nn.Module) -> Path:
+    """Copy an exported prior's UNet weights into ``unet`` (in place) and return the file read.
+
+    ``path``: a prior folder (``unet/diffusion_pytorch_model.safetensors`` inside), its ``unet/`` folder or the
+    ``.safetensors`` file. Read with safetensors (no unpickling). Every tensor must match by name and shape.
+
+    Raises:
+        FileNotFoundError: naming the path, when no weights file is there.
+        ValueError: naming the file and the first missing, unexpected or differently shaped tensor.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    candidates = [path] if path.suffix == ".safetensors" else [path / "unet" / UNET_WEIGHTS, path / UNET_WEIGHTS]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"init_from: no UNet weights at {path} (looked for {', '.join(map(str, candidates))})")
+    stored, own = load_file(file), unet.state_dict()
+    missing, unexpected = sorted(own.keys() - stored.keys()), sorted(stored.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"init_from: {file} does not fit this UNet: {len(missing)} tensors missing (first: "
+            f"{missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]})"
+        )
+    for name, value in stored.items():
+        if value.shape != own[name].shape:
+            raise ValueError(
+                f"init_from: {file}: tensor {name} has shape {tuple(value.shape)}, this UNet expects "
+                f"{tuple(own[name].shape)}"
+            )
+    unet.load_state_dict(stored, strict=True)
+    logger.info("init_from: started from the weights of %s", file)
+    return file
+
+
 # ------------------------------------------------------------------------------------------------ the module
 class DiffusionPriorTraining(AdamWWarmup, pl.LightningModule):
     r"""Train a pixel ``UNet2DModel`` with the DDPM objective (Ho et al. 2020, Algorithm 1) and export it.
@@ -183,6 +222,10 @@ class DiffusionPriorTraining(AdamWWarmup, pl.LightningModule):
         val_num_samples: DDIM samples drawn at each validation (batch 0).
         val_num_steps: DDIM steps of the validation samples.
         seed: base seed of every generator used in training and validation.
+        init_from: start from the weights of an exported prior instead of ``unet``'s initialisation: a prior folder
+            (``DDIMPipeline`` layout, as :meth:`save_pretrained` writes), its ``unet/`` folder or the ``.safetensors``
+            file itself (:func:`load_unet_weights`); the optimiser, the EMA and the step count start afresh. Use
+            another ``seed`` (and data seed) than the first run's, or the continuation replays its draws.
     """
 
     def __init__(
@@ -204,6 +247,7 @@ class DiffusionPriorTraining(AdamWWarmup, pl.LightningModule):
         val_num_samples: int = 16,
         val_num_steps: int = 20,
         seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=_injected_objects(unet=unet))
@@ -217,6 +261,8 @@ class DiffusionPriorTraining(AdamWWarmup, pl.LightningModule):
         bad_t = [t for t in val_timesteps if not 0 <= t < num_train_timesteps]
         if bad_t:
             raise ValueError(f"val_timesteps: expected integers in [0, {num_train_timesteps - 1}], got {bad_t}")
+        if init_from is not None:
+            load_unet_weights(init_from, unet)
         self.unet = unet
         self.schedule = VPSchedule.from_config(self.scheduler_config())
 
