@@ -109,8 +109,8 @@ STEPS = {"LATINO": 8, "DiffPIR": 100, "DPS": 100, "TV": 0, "UD2M": 0}
 #: ``benchmarks/video.py`` tuned on training clips (``benchmarks/results/video.json``, problems -> tuned).
 VIDEO_TUNED: dict[str, dict[str, float]] = {
     "A": {"lvtino": 0.2, "latino": 0.1},
-    "B": {"lvtino": 0.35, "latino": 0.35},
-    "C": {"lvtino": 0.1, "latino": 0.1},
+    "B": {"lvtino": 0.2, "latino": 0.35},
+    "C": {"lvtino": 0.2, "latino": 0.1},
 }
 
 

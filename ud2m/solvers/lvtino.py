@@ -330,8 +330,8 @@ LVTINO_SCHEDULES: dict[str, tuple[LVTINOStep, ...]] = {
     ),
     "C": _rows(T_VIDEO_C, T_IMAGE_C, [_adam_c(6.1785e-7)] + [_adam_c(1.5583e-6)] * 2, [_CG_C] * 2),
     # [ours] A with a quarter of the PDHG work: the §6.3 step rule τ = σ = 1/√L and over-relaxation ρ = 1.9 at
-    # 50 iterations reach the released 200 (on the 8 tuning clips of benchmarks/video.py ablation: 32.44 against
-    # 32.47 dB, flicker 2.71 against 2.69; the solver overhead on the tiny models falls from 2.04 to 1.37, README)
+    # 50 iterations reach the released 200 (on the 8 tuning clips of benchmarks/video.py ablation: 32.99 against
+    # 33.01 dB, flicker 2.62 against 2.61; the solver overhead on the tiny models falls from 2.01 to 1.35, README)
     "A_fast": _rows(
         T_VIDEO_AB,
         T_IMAGE_AB,
