@@ -237,6 +237,40 @@ def test_prior_config_parses_and_instantiates(config, tmp_path):
     assert cli.model.hparams.unet["class_path"] == "diffusers.UNet2DModel"  # config, not a pickled module
 
 
+def test_a_run_started_from_an_export_exports_without_its_start(tmp_path):
+    """A 2-step fit with ``init_from``: its last.ckpt exports the run's own weights (those SavePriorOnTrainEnd wrote)
+    even after the prior it started from is gone."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    from ud2m.training.prior_module import export_prior
+
+    arch = {
+        "layers_per_block": 1, "block_out_channels": [16, 32], "norm_num_groups": 8,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    }  # fmt: skip
+    start = UNet2DModel(**arch, in_channels=1, out_channels=1, sample_size=16)
+    DiffusionPriorTraining(start).save_pretrained(tmp_path / "start")
+    out = tmp_path / "out"
+    config = {
+        "model": {"unet": {"class_path": "diffusers.UNet2DModel", "init_args": arch},
+                  "init_from": str(tmp_path / "start"), "warmup_steps": 0, "lr": 1e-2, "val_num_samples": 0},
+        "data": {"class_path": "ud2m.training.data.SyntheticImages",
+                 "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "limit_val_batches": 0, "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
+                                   "init_args": {"out_dir": str(out)}}]},
+    }  # fmt: skip
+    PriorCLI(args={"fit": config})
+    shutil.rmtree(tmp_path / "start")
+    exported = export_prior(next((tmp_path / "run").rglob("last.ckpt")), tmp_path / "exported")
+    saved = PixelDiffusionPrior.from_pretrained(out).net.state_dict()
+    for name, value in PixelDiffusionPrior.from_pretrained(exported).net.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+
 def test_the_clips_second_stage_overrides_the_first_stages_config(tmp_path):
     """configs/priors/clips_continued.yaml given after clips.yaml: the same UNet and data, started from the first
     stage's export with fresh seeds, written to its own folders."""

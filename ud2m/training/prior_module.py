@@ -403,7 +403,8 @@ def export_prior(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Pat
         from ud2m.training.consistency_module import export_distilled
 
         return export_distilled(str(ckpt), str(out), use_ema=use_ema)
-    model = DiffusionPriorTraining.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    # the checkpoint holds the weights: a run's init_from (its start) need not exist any more
+    model = DiffusionPriorTraining.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, init_from=None)
     return model.save_pretrained(out, ema=ema_from_checkpoint(checkpoint) if use_ema else None)
 
 
