@@ -297,6 +297,24 @@ def test_final_data_step_is_latinos_prox_of_the_last_estimate(rng):
         sample_ud2m(model, op, y, sigma_y, **kw, final_gamma=-1.0)
 
 
+def test_clip_follows_the_priors_data_range(rng):
+    """``clip`` clamps to the prior's data range (``Prior.clip_data``): on the unbounded analytic Gaussian, whose
+    samples here reach far outside [-1, 1], it is the identity; on an image prior the output stays in [-1, 1]."""
+    g = torch.Generator().manual_seed(5)
+    prior = GaussianPrior(2.0 * torch.randn((1, 4, 4), generator=g, dtype=F64), torch.full((1, 4, 4), 1.5, dtype=F64))
+    op = KernelBlur(KERNEL.to(F64))
+    y = measure(op, prior.mu.expand(2, 1, 4, 4).clone(), 0.05, rng)
+    model = UnfoldedSampler(prior, num_blocks=2).double()
+    kw = dict(x_shape=(2, 1, 4, 4), num_steps=2, final_gamma=10.0)
+    unclipped = sample_ud2m(model, op, y, 0.05, **kw, clip=False, generator=_g(1))
+    assert unclipped.abs().max() > 2
+    torch.testing.assert_close(sample_ud2m(model, op, y, 0.05, **kw, clip=True, generator=_g(1)), unclipped)
+    pixel, _, _, _, y_img, op_img, sigma_y = problem("pixel", rng)
+    out = sample_ud2m(UnfoldedSampler(pixel, num_blocks=2), op_img, y_img, sigma_y, x_shape=y_img.shape, num_steps=2,
+                      final_gamma=1e4, generator=_g(2))  # fmt: skip
+    assert out.abs().max() <= 1
+
+
 def test_invalid_arguments_are_named():
     prior = gaussian_prior((1, 4, 4))
     with pytest.raises(ValueError, match="renoise"):

@@ -508,8 +508,9 @@ def sample_ud2m(
         cond: prior conditioning.
         generator: ``torch.Generator`` or list of B generators (initial state, re-noise, DDIM noise).
         callback: called per grid point with ``dict(n, t, x, x0_hat, blocks)`` (``blocks``: the K block dicts).
-        clip: clamp :math:`\hat x_0` to [-1, 1] before each DDIM step and at the end (§8; diffusers'
-            ``clip_sample``). False keeps the chain affine on the Gaussian prior (exact-law analysis).
+        clip: clamp :math:`\hat x_0` to the prior's data range (:meth:`~ud2m.priors.base.Prior.clip_data`: [-1, 1]
+            for image priors, the identity for the unbounded Gaussian) before each DDIM step and at the end (§8;
+            diffusers' ``clip_sample``). False keeps the chain affine on the Gaussian prior (exact-law analysis).
 
     Returns:
         :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point (with ``final_gamma``, its data step, clamped
@@ -541,16 +542,16 @@ def sample_ud2m(
             callback(dict(n=n, t=t, x=x, x0_hat=x0_hat, blocks=blocks))
         if n == len(grid) - 1:  # 4.
             break
-        z0_hat = x0_prior if prior.is_latent else (x0_hat.clamp(-1, 1) if clip else x0_hat)  # 5.
+        z0_hat = x0_prior if prior.is_latent else (prior.clip_data(x0_hat) if clip else x0_hat)  # 5.
         x = _ddim(prior, x, z0_hat, t, float(grid[n + 1]), eta, generator)  # 5.-7.
-    x0_hat = x0_hat.clamp(-1, 1) if clip else x0_hat  # 8. (latent priors: the model already decoded)
+    x0_hat = prior.clip_data(x0_hat) if clip else x0_hat  # 8. (latent priors: the model already decoded)
     if final_gamma is None:
         return x0_hat
     u = x0_hat.to(torch.promote_types(x0_hat.dtype, torch.float32))  # proxes in fp32 (§1.4)
     with _no_autocast(u):  # 9. the closing data step [ours]
         gamma = torch.full((u.shape[0],), float(final_gamma), device=device, dtype=u.dtype)
         x = data_consistency(op, u, y.to(u.dtype), gamma)
-    return x.clamp(-1, 1) if clip else x
+    return prior.clip_data(x) if clip else x
 
 
 def check_final_gamma(final_gamma: float | None) -> None:
