@@ -331,7 +331,7 @@ def preset_for(task: str, prior: Prior) -> TaskDefaults:
     image, and the noise is Gaussian there), so a prior with an encoder (a latent prior) gets the reference's column
     (:data:`REFERENCE_TASK_DEFAULTS`)."""
     defaults = task_defaults(task)
-    if defaults.start == "measurement" and type(prior).encode is not Prior.encode:
+    if defaults.start == "measurement" and prior.is_latent:
         return REFERENCE_TASK_DEFAULTS[task]
     return defaults
 
