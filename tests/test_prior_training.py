@@ -142,31 +142,36 @@ def test_exported_folder_loads_in_diffusers(tmp_path):
     assert images.images.shape == (1, 16, 16, 1)
 
 
+#: the UNet of the CLI fits below: 1 channel and 16x16 come from the data (linked)
+TINY_UNET = {
+    "layers_per_block": 1, "block_out_channels": [16, 32], "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}  # fmt: skip
+
+
+def tiny_fit_config(root: Path, out: Path, model: dict, trainer: dict) -> dict:
+    """A PriorCLI ``fit`` config of the tiny UNet on 16x16 synthetic images, run in ``root``, exported to ``out``
+    (SavePriorOnTrainEnd); ``model`` and ``trainer`` add to (or override) its sections."""
+    return {
+        "model": {"unet": {"class_path": "diffusers.UNet2DModel", "init_args": TINY_UNET}, "warmup_steps": 0,
+                  "lr": 1e-2, **model},
+        "data": {"class_path": "ud2m.training.data.SyntheticImages",
+                 "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
+        "trainer": {"accelerator": "cpu", "default_root_dir": str(root), "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer,
+                    "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
+                                   "init_args": {"out_dir": str(out)}}]},
+    }  # fmt: skip
+
+
 def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
     """A 3-step ``fit`` through PriorCLI: SavePriorOnTrainEnd writes the EMA weights, ``export_prior`` of
     last.ckpt writes the same weights, and both differ from the final training weights."""
     from ud2m.training.prior_module import export_prior
 
-    config = {
-        "model": {
-            "unet": {"class_path": "diffusers.UNet2DModel", "init_args": {
-                "layers_per_block": 1, "block_out_channels": [16, 32], "norm_num_groups": 8,
-                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-            }},
-            "ema_halflife_steps": 1, "warmup_steps": 0, "lr": 1e-2, "val_num_samples": 2, "val_num_steps": 2,
-        },
-        "data": {"class_path": "ud2m.training.data.SyntheticImages",
-                 "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
-        "trainer": {
-            "accelerator": "cpu", "max_steps": 3, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-            "enable_model_summary": False, "limit_val_batches": 1,
-            "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
-                           "init_args": {"out_dir": str(tmp_path / "prior")}}],
-        },
-    }  # fmt: skip
-    cli = PriorCLI(args={"fit": config})
+    model = {"ema_halflife_steps": 1, "val_num_samples": 2, "val_num_steps": 2}
+    trainer = {"max_steps": 3, "log_every_n_steps": 1, "limit_val_batches": 1}
+    cli = PriorCLI(args={"fit": tiny_fit_config(tmp_path, tmp_path / "prior", model, trainer)})
     assert cli.model.unet.config.in_channels == 1 and cli.model.unet.config.sample_size == 16  # linked from data
     saved = PixelDiffusionPrior.from_pretrained(tmp_path / "prior").net.state_dict()
     ckpt = next(tmp_path.rglob("last.ckpt"))
@@ -246,23 +251,11 @@ def test_a_run_started_from_an_export_exports_without_its_start(tmp_path):
 
     from ud2m.training.prior_module import export_prior
 
-    arch = {
-        "layers_per_block": 1, "block_out_channels": [16, 32], "norm_num_groups": 8,
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    }  # fmt: skip
-    start = UNet2DModel(**arch, in_channels=1, out_channels=1, sample_size=16)
+    start = UNet2DModel(**TINY_UNET, in_channels=1, out_channels=1, sample_size=16)
     DiffusionPriorTraining(start).save_pretrained(tmp_path / "start")
     out = tmp_path / "out"
-    config = {
-        "model": {"unet": {"class_path": "diffusers.UNet2DModel", "init_args": arch},
-                  "init_from": str(tmp_path / "start"), "warmup_steps": 0, "lr": 1e-2, "val_num_samples": 0},
-        "data": {"class_path": "ud2m.training.data.SyntheticImages",
-                 "init_args": {"num_train": 4, "num_val": 2, "batch_size": 2, "image_size": 16, "channels": 1}},
-        "trainer": {"accelerator": "cpu", "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 0, "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "ud2m.training.prior_module.SavePriorOnTrainEnd",
-                                   "init_args": {"out_dir": str(out)}}]},
-    }  # fmt: skip
+    model = {"init_from": str(tmp_path / "start"), "val_num_samples": 0}
+    config = tiny_fit_config(tmp_path / "run", out, model, {"max_steps": 2, "limit_val_batches": 0})
     PriorCLI(args={"fit": config})
     shutil.rmtree(tmp_path / "start")
     exported = export_prior(next((tmp_path / "run").rglob("last.ckpt")), tmp_path / "exported")
