@@ -375,3 +375,28 @@ def test_sample_figures_of_an_earlier_run_are_kept_when_the_outputs_are_gone(qua
     figures = quality.make_figures(None, suites, out)
     assert figures == [("photos sr_x4: y, mean, std and truth per method", earlier)]
     assert earlier.read_bytes() == b"\x89PNG earlier" and not (out / "samples_photos_inpaint_box.png").exists()
+
+
+def test_a_mean_of_chains_row_counts_every_chain_in_its_nfe(quality, tmp_path, monkeypatch):
+    """A UD2M row with ``num_samples`` S (one restoration as the mean of S batched chains) records its chains, and
+    the table's NFE column gives S × the calls of one chain; a one-chain row keeps its plain count."""
+    import ud2m.export
+
+    calls = []
+
+    def fake_run(sample, name, out, **kw):
+        calls.append(kw)
+        return {"psnr": {"mean": 28.0, "std": 1.0}, "nfe": {"mean": 6.0}, "seconds": {"mean": 0.1}}
+
+    monkeypatch.setattr(quality, "run_method", fake_run)
+    monkeypatch.setattr(quality, "tune", lambda *a, **k: ("tstart999", {"tstart999": 1.0}))
+    monkeypatch.setattr(ud2m.export, "read_manifest", lambda e: {"sampler": {}, "block": {"renoise": "full"}})
+    name = "UD2M (x), N x K = 2 x 3, mean of 2 chains"
+    rows = quality.ud2m_rows_of(
+        None, tmp_path, name, tmp_path / "export", {"num_steps": 2, "num_samples": 2}, test_input="t", tune_input="u"
+    )
+    assert rows[name]["chains"] == 2 and calls[0]["num_samples"] == 2
+    one = {"psnr": {"mean": 27.0, "std": 1.0}, "nfe": {"mean": 9.0}, "seconds": {"mean": 0.1}}
+    table = quality.problem_table({name: rows[name], "UD2M (x), N x K = 3 x 3": one})
+    assert table[2].startswith(f"| {name} | 12 (2 × 6) | 28.00 ± 1.00 |")
+    assert table[3].startswith("| UD2M (x), N x K = 3 x 3 | 9 | 27.00 ± 1.00 |")
