@@ -1102,8 +1102,10 @@ def report(args=None) -> str:
         if not f.is_file():
             continue
         suites[suite] = json.loads(f.read_text())
-        note = suites[suite].get("meta", {}).get("note")  # e.g. results of an earlier prior or earlier defaults
+        meta = suites[suite].get("meta", {})
         for problem, rows in suites[suite]["problems"].items():
+            # e.g. results of an earlier prior or earlier defaults; photos: one note per problem
+            note = meta.get("notes", {}).get(problem, meta.get("note"))
             parts += [f"**{title}: {problem}**", "", *([f"*{note}*", ""] if note else []), *problem_table(rows), ""]
     if any("solver_options" in r for d in suites.values() for rows in d["problems"].values() for r in rows.values()):
         parts += [
@@ -1237,21 +1239,33 @@ def main() -> None:
         earlier = previous.get("meta", {})
         what, flag = ("DiffPIR and DPS", "--diffusion_only") if args.diffusion_only else ("UD2M", "--ud2m_only")
         meta["note"] = _rerun_note(what, flag, earlier)
-    if args.suite == "photos" and (args.skip_ud2m or args.skip_dps or args.ud2m_only or args.diffusion_only):
-        rerun = args.ud2m_only or args.diffusion_only
-        notes = ["DPS not run (--skip_dps)"] if args.skip_dps and not rerun else []
-        if args.skip_ud2m:
-            notes.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
-        if args.ud2m_only or args.diffusion_only:
-            diffusion = "DiffPIR" if args.skip_dps else "DiffPIR and DPS"
-            flag, what = ("--ud2m_only", "UD2M") if args.ud2m_only else ("--diffusion_only", diffusion)
-            notes.append(_rerun_note(what, flag, previous.get("meta", {})).rstrip("."))
-        meta["note"] = "; ".join(notes) + "."
-    if args.suite == "photos":  # a run over some problems keeps the others
+    if args.suite == "photos":  # a run over some problems keeps the others, each with its own note
+        meta["notes"], meta["problems_run"] = photos_notes(args, previous, list(result)), list(result)
         result = {**previous.get("problems", {}), **result}
     payload = {"meta": meta, key: result} if key == "problems" else {"meta": meta, **result}
     path.write_text(json.dumps(payload, indent=2, default=str))
     report(args)
+
+
+def photos_notes(args, previous: dict, ran: list[str]) -> dict[str, str]:
+    """``{problem: note}`` of the photos results after a run over the problems ``ran``: theirs say what this run
+    skipped or kept (the flags), the other problems keep the notes of the run they came from (``previous``: the
+    results file before this run; its single ``note`` for files written before notes were per problem)."""
+    earlier = previous.get("meta", {})
+    before = {p: earlier.get("notes", {}).get(p, earlier.get("note")) for p in previous.get("problems", {})}
+    notes = {p: n for p, n in before.items() if n and p not in ran}
+    rerun = args.ud2m_only or args.diffusion_only
+    for problem in ran:
+        parts = ["DPS not run (--skip_dps)"] if args.skip_dps and not rerun else []
+        if args.skip_ud2m:
+            parts.append("UD2M rows only where an export already existed (--skip_ud2m: no distillation)")
+        if rerun:
+            diffusion = "DiffPIR" if args.skip_dps else "DiffPIR and DPS"
+            flag, what = ("--ud2m_only", "UD2M") if args.ud2m_only else ("--diffusion_only", diffusion)
+            parts.append(_rerun_note(what, flag, {"note": before.get(problem) or ""}).rstrip("."))
+        if parts:
+            notes[problem] = "; ".join(parts) + "."
+    return notes
 
 
 def _rerun_note(what: str, flag: str, earlier: dict) -> str:

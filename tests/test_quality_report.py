@@ -400,3 +400,23 @@ def test_a_mean_of_chains_row_counts_every_chain_in_its_nfe(quality, tmp_path, m
     table = quality.problem_table({name: rows[name], "UD2M (x), N x K = 3 x 3": one})
     assert table[2].startswith(f"| {name} | 12 (2 × 6) | 28.00 ± 1.00 |")
     assert table[3].startswith("| UD2M (x), N x K = 3 x 3 | 9 | 27.00 ± 1.00 |")
+
+
+def test_a_photos_run_over_some_problems_notes_only_those(quality, tmp_path):
+    """photos_notes: the problems a run computed get its note (chained to their own earlier note), the others keep
+    the note of the run they came from, and the report prints each problem's own note."""
+    import argparse
+
+    args = argparse.Namespace(ud2m_only=True, diffusion_only=False, skip_dps=True, skip_ud2m=False)
+    previous = {"meta": {"note": "old run."}, "problems": {"sr_x4": {}, "inpaint_random": {}}}
+    notes = quality.photos_notes(args, previous, ["inpaint_random"])
+    assert notes["sr_x4"] == "old run."
+    assert notes["inpaint_random"].startswith("the UD2M rows re-run (--ud2m_only, ")
+    assert notes["inpaint_random"].endswith("; that run: old run.")
+    again = quality.photos_notes(args, {"meta": {"notes": notes}, "problems": previous["problems"]}, ["sr_x4"])
+    assert again["inpaint_random"] == notes["inpaint_random"] and again["sr_x4"].endswith("; that run: old run.")
+    row = {"psnr": {"mean": 20.0, "std": 1.0}, "seconds": {"mean": 0.1}}
+    payload = {"meta": {"notes": notes}, "problems": {"sr_x4": {"TV": row}, "inpaint_random": {"TV": row}}}
+    (quality.RESULTS / "quality_photos.json").write_text(json.dumps(payload))
+    text = quality.report()
+    assert text.count("*old run.*") == 1 and text.count("; that run: old run.*") == 1
