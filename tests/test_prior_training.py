@@ -202,7 +202,8 @@ def test_cli_fit_saves_the_ema_prior_and_export_matches(tmp_path):
 
 def test_init_from_starts_from_an_exported_prior_and_refuses_what_does_not_fit(tmp_path):
     """``init_from`` copies an exported prior's UNet into a differently initialised one (from the prior folder, its
-    ``unet/`` folder or the file), and names the file and the tensor when the architecture differs."""
+    ``unet/`` folder or the file), and names the file and the tensor when the architecture differs, copying
+    nothing then."""
     from ud2m.training.prior_module import load_unet_weights
 
     source = make_module()
@@ -218,8 +219,11 @@ def test_init_from_starts_from_an_exported_prior_and_refuses_what_does_not_fit(t
     with pytest.raises(FileNotFoundError, match=r"no UNet weights at .*missing"):
         DiffusionPriorTraining(tiny_pixel_unet(), init_from=str(tmp_path / "missing"))
     shapes = r"safetensors: tensor conv_in.weight has shape \(16, 3, 3, 3\), this UNet expects \(16, 1, 3, 3\)"
-    with pytest.raises(ValueError, match=shapes):
-        load_unet_weights(tmp_path / "prior", tiny_pixel_unet(in_channels=1, block_out_channels=(16, 32)))
+    grey = tiny_pixel_unet(in_channels=1, block_out_channels=(16, 32))
+    before = {name: value.clone() for name, value in grey.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^init_from: .*" + shapes):
+        load_unet_weights(tmp_path / "prior", grey)
+    assert all(torch.equal(grey.state_dict()[n], v) for n, v in before.items())  # nothing copied half-way
     with pytest.raises(ValueError, match=r"does not fit this UNet: .* missing"):
         load_unet_weights(tmp_path / "prior", tiny_pixel_unet(in_channels=3, block_out_channels=(16, 32, 32)))
 

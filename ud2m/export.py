@@ -34,6 +34,7 @@ import ud2m
 from ud2m.priors.base import Prior
 from ud2m.priors.lora import LORA_WEIGHT_NAME, load_lora, lora_config, save_lora
 from ud2m.unfolded import NOISE_RULES, RENOISE_MODES, UnfoldedSampler, out_layer_modules
+from ud2m.utils import copy_safetensors_into
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def load_checkpoint(
     model = UnfoldedSampler(prior, initializer=initializer, **_model_kwargs(manifest))
     _load_scalars(model, root, manifest)
     if model.train_out_layer:
-        _copy_into(out_layer_state(model), _need(root / OUT_LAYER_NAME))
+        copy_safetensors_into(out_layer_state(model), _need(root / OUT_LAYER_NAME), what="the output layers")
     if _has_state(initializer):
         initializer.load_state_dict(load_file(str(_need(root / INITIALIZER_NAME))))
     return model.to(prior.device)  # the initializer and scalars beside the prior (device only, dtypes kept)
@@ -448,19 +449,7 @@ def _check_initializer(manifest: dict, initializer: nn.Module | None, root: Path
 
 def _load_scalars(model: UnfoldedSampler, root: Path, manifest: dict) -> None:
     path = _need(root / manifest["scalars"]["path"])
-    _copy_into({n: getattr(model, n) for n in _scalar_state(model)}, path)
-
-
-def _copy_into(targets: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy every tensor of a safetensors file into ``targets`` (same key set, same shapes)."""
-    saved = load_file(str(path))
-    if set(saved) != set(targets):
-        raise ValueError(f"{path}: expected tensors {sorted(targets)}, found {sorted(saved)}")
-    for name, target in targets.items():
-        if saved[name].shape != target.shape:
-            raise ValueError(f"{path}: {name!r} has shape {tuple(saved[name].shape)}, expected {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(saved[name])
+    copy_safetensors_into({n: getattr(model, n) for n in _scalar_state(model)}, path, what="the block scalars")
 
 
 def _need(path: Path) -> Path:

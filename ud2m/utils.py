@@ -167,3 +167,31 @@ class Welford:
     def std(self) -> torch.Tensor:
         """Unbiased pixelwise standard deviation (square root of :attr:`var`)."""
         return self.var.sqrt()
+
+
+def copy_safetensors_into(targets: dict[str, torch.Tensor], path, *, what: str = "the model") -> None:
+    """Copy every tensor of the safetensors file ``path`` into ``targets`` in place (read without unpickling).
+
+    The key sets must be equal and every shape must match; all is checked before anything is copied.
+
+    Raises:
+        ValueError: naming the file and ``what`` it was meant for: the counts and first names of missing and
+            unexpected tensors, or the first tensor whose shape differs (stored and expected).
+    """
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    missing, unexpected = sorted(targets.keys() - saved.keys()), sorted(saved.keys() - targets.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit {what}: {len(missing)} tensors missing (first: {missing[:1]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:1]})"
+        )
+    for name, target in targets.items():
+        if saved[name].shape != target.shape:
+            raise ValueError(
+                f"{path}: tensor {name} has shape {tuple(saved[name].shape)}, {what} expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(saved[name])

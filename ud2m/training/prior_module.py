@@ -38,7 +38,7 @@ from ud2m.solvers.steps import ddim_step
 from ud2m.training.base_cli import ModuleCLI, parser_kwargs
 from ud2m.training.callbacks import EMA, ema_from_checkpoint, find_ema
 from ud2m.training.module import _injected_objects, mix_seed
-from ud2m.utils import append_dims, rand, randn
+from ud2m.utils import append_dims, copy_safetensors_into, rand, randn
 
 logger = logging.getLogger(__name__)
 
@@ -170,27 +170,15 @@ def load_unet_weights(path: str | Path, unet: torch.nn.Module) -> Path:
         FileNotFoundError: naming the path, when no weights file is there.
         ValueError: naming the file and the first missing, unexpected or differently shaped tensor.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     candidates = [path] if path.suffix == ".safetensors" else [path / "unet" / UNET_WEIGHTS, path / UNET_WEIGHTS]
     file = next((c for c in candidates if c.is_file()), None)
     if file is None:
         raise FileNotFoundError(f"init_from: no UNet weights at {path} (looked for {', '.join(map(str, candidates))})")
-    stored, own = load_file(file), unet.state_dict()
-    missing, unexpected = sorted(own.keys() - stored.keys()), sorted(stored.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"init_from: {file} does not fit this UNet: {len(missing)} tensors missing (first: "
-            f"{missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]})"
-        )
-    for name, value in stored.items():
-        if value.shape != own[name].shape:
-            raise ValueError(
-                f"init_from: {file}: tensor {name} has shape {tuple(value.shape)}, this UNet expects "
-                f"{tuple(own[name].shape)}"
-            )
-    unet.load_state_dict(stored, strict=True)
+    try:
+        copy_safetensors_into(unet.state_dict(), file, what="this UNet")
+    except ValueError as err:
+        raise ValueError(f"init_from: {err}") from None
     logger.info("init_from: started from the weights of %s", file)
     return file
 
