@@ -513,8 +513,8 @@ def sample_ud2m(
             diffusers' ``clip_sample``). False keeps the chain affine on the Gaussian prior (exact-law analysis).
 
     Returns:
-        :math:`\mathrm{clamp}(\hat x_0, -1, 1)` at the last grid point (with ``final_gamma``, its data step, clamped
-        again), pixel space (unclamped with ``clip=False``).
+        :math:`\hat x_0` at the last grid point clipped to the prior's data range (with ``final_gamma``, its data
+        step, clipped again), pixel space (unclipped with ``clip=False``).
     """
     if eta < 0:
         raise ValueError(f"eta: expected a non-negative value, got {eta}")
