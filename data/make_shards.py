@@ -11,11 +11,19 @@ internal [-1, 1] scale, measured on the stored, quantised x) and the json gets `
 init_args}, sigma_y, seed, preset}``, enough to rebuild the operator and replay the noise exactly
 (``torch.Generator().manual_seed(seed)`` passed to ``ud2m.operators.measure``).
 
+With ``--simulate low-light|haze|noise|colour`` instead, each sample gets the blind-restoration protocol's degradation
+(docs/method.md §13.8, ``ud2m.operators.simulate.simulate_task``) with its *own* random parameters: ``y.npy`` as
+above (colour: the grey value in every channel) and ``params`` = ``{simulate, sigma_y, seed, param_seed, values}``,
+``values`` the drawn scalars (low light: gamma, exposure; haze: beta, airlight; its depth map is replayed from
+``param_seed``): ``simulate_task(task, x, Generator().manual_seed(param_seed), Generator().manual_seed(seed),
+sigma_y=sigma_y)`` rebuilds y exactly.
+
 Examples::
 
     python data/make_shards.py --input ~/images --out shards/mydata --size 256 --val_fraction 0.05
     python data/make_shards.py --from_skimage --out shards/skimage --size 128 --operator ud2m/deblur_gaussian
     python data/make_shards.py --from_digits --out shards/digits --maxcount 500
+    python data/make_shards.py --from_skimage --out shards/haze --size 64 --simulate haze
 """
 
 from __future__ import annotations
@@ -77,7 +85,8 @@ def digits_sources(channels: int) -> list[Source]:
 
 
 def sample_seed(seed: int, index: int, purpose: int) -> int:
-    """A 31-bit seed for sample ``index`` (purpose 0: crop, 1: noise), independent of processing order."""
+    """A 31-bit seed for sample ``index`` (purpose 0: crop, 1: noise, 2: simulated parameters), independent of
+    processing order."""
     return int(np.random.SeedSequence([seed, index, purpose]).generate_state(1)[0] >> 1)
 
 
@@ -159,6 +168,31 @@ class Degradation:
         return y[0].detach().cpu().numpy().astype(np.float32), params
 
 
+class Simulation:
+    """``--simulate``: the §13.8 degradation of a blind-restoration task with per-sample random parameters."""
+
+    def __init__(self, task: str, sigma_y: float | None, channels: int) -> None:
+        from ud2m.operators.simulate import TASK_SIGMA_Y
+
+        if task not in TASK_SIGMA_Y:
+            raise ValueError(f"--simulate: unknown task {task!r}; known tasks: {', '.join(TASK_SIGMA_Y)}")
+        if task == "colour" and channels != 3:  # checked before any shard is written
+            raise ValueError(f"--simulate colour needs RGB samples (--channels 3), got --channels {channels}")
+        self.task, self.sigma_y = task, float(TASK_SIGMA_Y[task] if sigma_y is None else sigma_y)
+
+    def __call__(self, x: torch.Tensor, seed: int, param_seed: int) -> tuple[np.ndarray, dict]:
+        """``(y[0] as float32 array, params)`` for one ``(1, C, H, W)`` image: parameters from ``param_seed``,
+        noise from ``seed``."""
+        from ud2m.operators.simulate import simulate_task
+
+        params_g, noise_g = torch.Generator().manual_seed(param_seed), torch.Generator().manual_seed(seed)
+        sim = simulate_task(self.task, x, params_g, noise_g, sigma_y=self.sigma_y)
+        drawn = sim.op.params() if self.task in ("low-light", "haze") else {}
+        values = {k: v[0].flatten().tolist() for k, v in drawn.items() if k != "depth"}  # the depth: param_seed
+        params = {"simulate": self.task, "sigma_y": self.sigma_y, "seed": seed, "param_seed": param_seed}
+        return sim.y[0].detach().cpu().numpy().astype(np.float32), {**params, "values": values}
+
+
 def sample_key(index: int, name: str) -> str:
     """``<index>_<name>`` with every character outside ``[A-Za-z0-9_-]`` replaced (webdataset splits keys at dots)."""
     stem = Path(name.split(":", 1)[-1]).with_suffix("").as_posix()
@@ -192,7 +226,9 @@ class SplitWriter:
         return shards
 
 
-def make_sample(src: Source, index: int, split: str, args: argparse.Namespace, degrade: Degradation | None):
+def make_sample(
+    src: Source, index: int, split: str, args: argparse.Namespace, degrade: Degradation | Simulation | None
+):
     """Load, fit and encode one source; ``None`` when it is skipped as too small (errors propagate)."""
     x = src.load().float()  # (1, C, H, W)
     orig = list(x.shape[-2:])
@@ -205,7 +241,9 @@ def make_sample(src: Source, index: int, split: str, args: argparse.Namespace, d
     meta.update(policy=args.policy, split=split)
     sample = {"__key__": sample_key(index, src.name), "png": encode_png(arr)}
     if degrade is not None:
-        y, meta["params"] = degrade(xq, sample_seed(args.seed, index, 1))
+        seeds = (sample_seed(args.seed, index, 1),)
+        seeds += (sample_seed(args.seed, index, 2),) if isinstance(degrade, Simulation) else ()
+        y, meta["params"] = degrade(xq, *seeds)
         sample["y.npy"] = encode_npy(y)
     sample["json"] = json.dumps(meta).encode()
     return sample
@@ -216,8 +254,10 @@ def make_shards(sources: list[Source], args: argparse.Namespace, *, ignored: int
     from tqdm import tqdm
 
     out = Path(args.out)
-    prepare_out(out, args.overwrite)
     degrade = Degradation(args.operator, args.sigma_y, args.size) if args.operator else None
+    if args.simulate:
+        degrade = Simulation(args.simulate, args.sigma_y, args.channels)
+    prepare_out(out, args.overwrite)  # after the checks above: a bad option deletes no earlier shards
     train_idx, val_idx = split_train_val([s.name for s in sources], args.val_fraction, args.seed)
     split_of = {i: "train" for i in train_idx} | {i: "val" for i in val_idx}
     writer, counts = SplitWriter(out, args.maxcount), Counter()
@@ -268,8 +308,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="split, random crops and measurement noise")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.add_argument("--limit", type=int, default=None, help="use only the first N sources (sorted)")
-    p.add_argument("--operator", default=None, help="paired data: preset name (e.g. ud2m/deblur_gaussian) or YAML")
-    p.add_argument("--sigma_y", type=float, default=None, help="noise std on [0, 1] (default: the preset's)")
+    pair = p.add_mutually_exclusive_group()
+    pair.add_argument("--operator", default=None, help="paired data: preset name (e.g. ud2m/deblur_gaussian) or YAML")
+    pair.add_argument(
+        "--simulate",
+        choices=["low-light", "haze", "noise", "colour"],
+        default=None,
+        help="paired data with per-sample random parameters: a blind-restoration task (docs/blind.md)",
+    )
+    p.add_argument("--sigma_y", type=float, default=None, help="noise std on [0, 1] (default: the preset's or task's)")
     p.add_argument("--overwrite", action="store_true", help="delete existing shards in --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

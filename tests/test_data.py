@@ -363,6 +363,50 @@ def test_paired_shards_from_cli_round_trip_y_and_operator(photo_folder, tmp_path
     assert abs(r.mean().item()) < 5 * sigma_n / math.sqrt(n)
 
 
+@pytest.mark.parametrize("task", ["low-light", "haze", "colour"])
+def test_simulated_shards_draw_parameters_per_sample_and_replay_exactly(ms, photo_folder, tmp_path, task):
+    """--simulate: every sample draws its own §13.8 parameters; the stored seeds replay y bit for bit."""
+    from ud2m.operators.simulate import HAZE_BETA, LOW_LIGHT_GAMMA, TASK_SIGMA_Y, simulate_task
+
+    args = shard_args(ms, tmp_path, "--input", str(photo_folder), "--simulate", task, "--val_fraction", "0")
+    sources, _ = ms.collect_sources(args)
+    summary = ms.make_shards([s for s in sources if "broken" not in s.name][:4], args, progress=False)
+    assert summary["train"] == 4
+    dm = WebDatasetImages(pattern(tmp_path, "train"), image_size=SIZE, batch_size=1, resampled=False)
+    samples = read_all(dm, "train")
+    drawn = []
+    for s in samples.values():
+        p = s["params"]
+        assert p["simulate"] == task and p["sigma_y"] == TASK_SIGMA_Y[task] and p["seed"] != p["param_seed"]
+        x, y = s["x"][None], s["y"][None]
+        gens = (torch.Generator().manual_seed(p["param_seed"]), torch.Generator().manual_seed(p["seed"]))
+        replay = simulate_task(task, x, *gens, sigma_y=p["sigma_y"])
+        assert torch.allclose(replay.y, y, atol=1e-6)
+        drawn.append(p["values"])
+    if task == "low-light":
+        assert all(LOW_LIGHT_GAMMA[0] <= v["gamma"][0] <= LOW_LIGHT_GAMMA[1] for v in drawn)
+    if task == "haze":
+        assert all(HAZE_BETA[0] <= v["beta"][0] <= HAZE_BETA[1] for v in drawn) and "depth" not in drawn[0]
+    if task == "colour":
+        assert all(v == {} for v in drawn) and all(torch.equal(s["y"][0], s["y"][2]) for s in samples.values())
+    else:
+        assert len({str(v) for v in drawn}) == 4  # per sample, not one draw for the set
+
+
+def test_simulated_colour_of_grey_samples_fails_before_touching_the_shards(ms, photo_folder, tmp_path):
+    args = shard_args(ms, tmp_path, "--input", str(photo_folder), "--val_fraction", "0")
+    sources, _ = ms.collect_sources(args)
+    ms.make_shards(sources[:2], args, progress=False)
+    before = sorted(p.name for p in tmp_path.glob("*.tar"))
+    bad = shard_args(ms, tmp_path, "--input", str(photo_folder), "--simulate", "colour", "--channels", "1")
+    bad.overwrite = True
+    with pytest.raises(ValueError, match="--simulate colour needs RGB samples"):
+        ms.make_shards(sources[:2], bad, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == before and before
+    with pytest.raises(SystemExit):  # --operator and --simulate are exclusive
+        shard_args(ms, tmp_path, "--input", "x", "--simulate", "haze", "--operator", "ud2m/deblur_gaussian")
+
+
 def test_paired_samples_refuse_crops(ms, photo_folder, tmp_path):
     args = shard_args(ms, tmp_path, "--input", str(photo_folder), "--operator", "ud2m/deblur_gaussian")
     sources, _ = ms.collect_sources(args)

@@ -260,3 +260,31 @@ def test_known_degradation_fidelity_and_ld_rps_interface():
     gray = KnownDegradation(Grayscale(out_channels=1))  # a 1-channel y: the images are RGB (image_shape)
     passes, _ = ld_rps(prior, gray, Grayscale().A(x), generator=gens(0, 1), **kw)
     assert passes[-1].shape == (2, 3, 16, 16)
+
+
+def test_simulate_task_is_the_protocol_per_task_and_refuses_bad_input():
+    """simulate_task = the task's random operator then ``measure``, per-sample generators; colour measures the
+    one-channel luma and replicates it; unknown tasks and grey images for colour are refused by name."""
+    from ud2m.operators.simulate import TASK_SIGMA_Y, simulate_task
+
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def gens(seed):
+        return [torch.Generator().manual_seed(seed + b) for b in range(2)]
+
+    sim = simulate_task("low-light", x, gens(10), gens(20))
+    op = LowLight.random(2, gens(10))
+    assert torch.equal(sim.y, measure(op, x, TASK_SIGMA_Y["low-light"], gens(20)))
+    assert torch.equal(sim.op.gamma, op.gamma) and sim.measured[0] is sim.op and sim.sigma_y == 0.01
+    haze = simulate_task("haze", x, gens(10), gens(20), sigma_y=0.0)
+    torch.testing.assert_close(haze.y, haze.op.A(x))  # sigma_y overrides the task's
+    noise = simulate_task("noise", x, None, gens(20))
+    assert isinstance(noise.op, Denoising) and noise.sigma_y == 0.1
+    colour = simulate_task("colour", x, None, gens(20))
+    grey, y1 = colour.measured
+    assert y1.shape == (2, 1, 16, 16) and torch.equal(colour.y, y1.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(colour.op.A(x), grey.A(x).expand(-1, 3, -1, -1))
+    with pytest.raises(ValueError, match=r"unknown task 'blur'.*low-light, haze, noise, colour"):
+        simulate_task("blur", x)
+    with pytest.raises(ValueError, match=r"colour needs RGB images \(3 channels\), got shape \(2, 1, 16, 16\)"):
+        simulate_task("colour", x[:, :1])

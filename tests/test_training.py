@@ -494,3 +494,14 @@ def test_training_times_stay_below_t_max_and_the_export_starts_there(tmp_path):
         ExportOnTrainEnd(str(tmp_path / "other"), t_start=0)
     with pytest.raises(ValueError, match=r"final_gamma: expected a data-step weight >= 0.*got -1"):
         ExportOnTrainEnd(str(tmp_path / "other"), final_gamma=-1)
+
+
+def test_paired_batches_from_simulated_shards_are_refused_by_name():
+    """make_shards.py --simulate shards hold one random degradation per sample; a UD2M training step needs one
+    known operator per batch, so it names the task and the ways out instead of a KeyError on 'operator'."""
+    batch = {
+        "params": [{"simulate": "haze", "sigma_y": 0.01, "seed": 1, "param_seed": 2, "values": {}}],
+        "y": torch.zeros(1, 3, 8, 8),
+    }
+    with pytest.raises(ValueError, match=r"make_shards.py --simulate haze.*write the shards with --operator"):
+        UnfoldedDistillation._paired(None, batch)  # refused before anything of the module is touched

@@ -24,6 +24,8 @@ y₀₁ = f(x₀₁) becomes y = 2f((x + 1)/2) − 1. Noise is never inside an o
   blurred noise. The lift is the exact inverse (I − A(1 − t))/t.
 - :class:`KnownDegradation`: any operator above (or of §2) as the "degradation" argument of ``ld_rps`` with
   ``adapt=False``: LD-RPS given the true operator.
+- :func:`simulate_task`: one task's whole §13.8 degradation (parameters, map and noise) of a clean batch, as
+  ``benchmarks/blind.py`` and ``data/make_shards.py --simulate`` use it.
 
 This module must not import ``ud2m.priors`` or ``ud2m.solvers`` (import layering, pyproject.toml).
 """
@@ -32,16 +34,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ud2m.operators.base import LinearOperator, NonlinearOperator
+from ud2m.operators.inpainting import Denoising
+from ud2m.operators.noise import measure
 from ud2m.utils import Generator, append_dims, batch_scalar, broadcast_eps, rand, randn
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, docs/method.md §13.8
 LOW_LIGHT_GAMMA, LOW_LIGHT_EXPOSURE = (1.5, 2.5), (0.2, 0.5)  # §13.8
 HAZE_BETA, HAZE_AIRLIGHT = (0.8, 1.6), (0.75, 0.95)  # §13.8
+#: the measurement noise σ_y of each task of the offline protocol (§13.8), on the [0, 1] scale
+TASK_SIGMA_Y = {"low-light": 0.01, "haze": 0.01, "noise": 0.1, "colour": 0.01}
 Size = int | tuple[int, int]
 
 
@@ -558,3 +564,55 @@ class KnownDegradation:
     def freeze(self, state: Any = None) -> LinearOperator | NonlinearOperator:
         """The operator itself (the counterpart of :meth:`LearnedDegradation.freeze`)."""
         return self.op
+
+
+# ---------------------------------------------------------------------------------------------------- one task
+class Simulated(NamedTuple):
+    """One task's degraded batch (:func:`simulate_task`).
+
+    Attributes:
+        y: the measurement, with x's channels (colour: the grey value in every channel, the form LD-RPS takes).
+        op: the true operator on y's space (colour: :class:`Grayscale` with 3 output channels; noise:
+            :class:`~ud2m.operators.Denoising`).
+        measured: the operator that was measured and its measurement, ``(op, y)`` but for colour, where the
+            physical measurement has one channel, ``(Grayscale(1), y[:, :1])``: what a linear solver is given.
+        sigma_y: the noise standard deviation on the [0, 1] scale.
+    """
+
+    y: torch.Tensor
+    op: LinearOperator | NonlinearOperator
+    measured: tuple[LinearOperator | NonlinearOperator, torch.Tensor]
+    sigma_y: float
+
+
+def simulate_task(
+    task: str, x: torch.Tensor, generator: Generator = None, noise_generator: Generator = None, *, sigma_y=None
+) -> Simulated:
+    """The §13.8 degradation of ``task`` (``TASK_SIGMA_Y``'s keys) of the clean batch ``x`` (internal scale).
+
+    Parameters come from ``generator`` and the noise from ``noise_generator`` (each one generator or B, one per
+    sample: sample b's draw depends only on its own, docs/method.md §1.5), so a saved pair of seeds replays a sample
+    exactly. ``sigma_y`` None: the task's ``TASK_SIGMA_Y``. Colour measures the one-channel luma (independent noise
+    per pixel) and replicates it to x's 3 channels.
+
+    Raises:
+        ValueError: for an unknown task, or colour on images without 3 channels.
+    """
+    if task not in TASK_SIGMA_Y:
+        raise ValueError(f"simulate_task: unknown task {task!r}; known tasks: {', '.join(TASK_SIGMA_Y)}")
+    sigma = float(TASK_SIGMA_Y[task] if sigma_y is None else sigma_y)
+    B, C = x.shape[:2]
+    if task == "colour":
+        if C != 3:
+            raise ValueError(f"simulate_task: colour needs RGB images (3 channels), got shape {tuple(x.shape)}")
+        grey = Grayscale(1)
+        y1 = measure(grey, x, sigma, noise_generator)
+        return Simulated(y1.expand(-1, 3, -1, -1).contiguous(), Grayscale(3), (grey, y1), sigma)
+    if task == "low-light":
+        op = LowLight.random(B, generator, channels=C, device=x.device)
+    elif task == "haze":
+        op = Haze.random(B, tuple(x.shape[-2:]), generator, channels=C, device=x.device)
+    else:
+        op = Denoising()
+    y = measure(op, x, sigma, noise_generator)
+    return Simulated(y, op, (op, y), sigma)

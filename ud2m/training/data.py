@@ -4,7 +4,9 @@ clean images on the library's [-1, 1] scale (§1.1), plus stored measurements fo
 Every DataModule yields batches ``{"x": (B, C, H, W) float32 on [-1, 1], "key": list[str]}``; samples from paired
 shards (``data/make_shards.py --operator ...``) also carry ``"y"`` (the float32 measurement on the internal scale)
 and ``"params"`` (one dict per sample: ``operator`` = ``{class_path, init_args}``, ``sigma_y``, ``seed``, ``preset``;
-rebuild the operator with :func:`ud2m.operators.presets.instantiate_operator`).
+rebuild the operator with :func:`ud2m.operators.presets.instantiate_operator`); shards of ``--simulate <task>`` carry
+``{simulate, sigma_y, seed, param_seed, values}`` instead (replay with
+:func:`ud2m.operators.simulate.simulate_task`).
 
 - :class:`WebDatasetImages` streams WebDataset shards (local paths, brace patterns, ``pipe:``/http URLs).
 - :class:`ImageFolderImages` serves a small folder of images (or ``skimage:<name>`` photographs) from memory.

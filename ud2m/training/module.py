@@ -302,6 +302,13 @@ class UnfoldedDistillation(pl.LightningModule):
         """Operator rebuilt from the shard's ``params`` (one shared spec per batch) and the stored ``y``."""
         from ud2m.operators.presets import instantiate_operator
 
+        if any("operator" not in p for p in batch["params"]):  # make_shards.py --simulate: a degradation per sample
+            task = next(p.get("simulate") for p in batch["params"] if "operator" not in p)
+            raise ValueError(
+                f"paired batch from `make_shards.py --simulate {task}` shards: every sample has its own random "
+                "degradation, and UD2M needs one known operator per batch; write the shards with --operator, or "
+                "train on the clean images (degraded on the fly)"
+            )
         specs = {json.dumps(p["operator"], sort_keys=True) for p in batch["params"]}
         if len(specs) != 1:
             raise ValueError(
