@@ -32,6 +32,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
 from ud2m.io import digits32, load_image
+from ud2m.operators.simulate import TASK_SIGMA_Y
 from ud2m.training.data import list_image_files, split_train_val, upscale_to
 
 logger = logging.getLogger("make_shards")
@@ -156,7 +158,7 @@ class Degradation:
             logger.warning("%s: image_size %s replaced by --size %d", preset, spec["init_args"]["image_size"], size)
             spec["init_args"]["image_size"] = size
         self.spec, self.preset = spec, str(preset)
-        self.sigma_y = float(data["sigma_y"] if sigma_y is None else sigma_y)
+        self.sigma_y = checked_sigma_y(data["sigma_y"] if sigma_y is None else sigma_y, preset)
         self.op = instantiate_operator(spec, source=str(path))
 
     def __call__(self, x: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
@@ -168,17 +170,23 @@ class Degradation:
         return y[0].detach().cpu().numpy().astype(np.float32), params
 
 
+def checked_sigma_y(value: float, what: str) -> float:
+    """``value`` as a float, refused unless finite and >= 0 (checked before any shard is touched)."""
+    sigma = float(value)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"--sigma_y for {what}: expected a finite noise level >= 0 on [0, 1], got {value}")
+    return sigma
+
+
 class Simulation:
     """``--simulate``: the §13.8 degradation of a blind-restoration task with per-sample random parameters."""
 
     def __init__(self, task: str, sigma_y: float | None, channels: int) -> None:
-        from ud2m.operators.simulate import TASK_SIGMA_Y
-
         if task not in TASK_SIGMA_Y:
             raise ValueError(f"--simulate: unknown task {task!r}; known tasks: {', '.join(TASK_SIGMA_Y)}")
         if task == "colour" and channels != 3:  # checked before any shard is written
             raise ValueError(f"--simulate colour needs RGB samples (--channels 3), got --channels {channels}")
-        self.task, self.sigma_y = task, float(TASK_SIGMA_Y[task] if sigma_y is None else sigma_y)
+        self.task, self.sigma_y = task, checked_sigma_y(TASK_SIGMA_Y[task] if sigma_y is None else sigma_y, task)
 
     def __call__(self, x: torch.Tensor, seed: int, param_seed: int) -> tuple[np.ndarray, dict]:
         """``(y[0] as float32 array, params)`` for one ``(1, C, H, W)`` image: parameters from ``param_seed``,
@@ -243,7 +251,10 @@ def make_sample(
     if degrade is not None:
         seeds = (sample_seed(args.seed, index, 1),)
         seeds += (sample_seed(args.seed, index, 2),) if isinstance(degrade, Simulation) else ()
-        y, meta["params"] = degrade(xq, *seeds)
+        try:
+            y, meta["params"] = degrade(xq, *seeds)
+        except ValueError as err:  # a setting error, not an unreadable image: stop instead of skipping every sample
+            raise RuntimeError(f"{src.name}: the degradation failed: {err}") from err
         sample["y.npy"] = encode_npy(y)
     sample["json"] = json.dumps(meta).encode()
     return sample
@@ -312,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pair.add_argument("--operator", default=None, help="paired data: preset name (e.g. ud2m/deblur_gaussian) or YAML")
     pair.add_argument(
         "--simulate",
-        choices=["low-light", "haze", "noise", "colour"],
+        choices=list(TASK_SIGMA_Y),
         default=None,
         help="paired data with per-sample random parameters: a blind-restoration task (docs/blind.md)",
     )

@@ -23,6 +23,9 @@ def test_a_run_of_some_tasks_keeps_the_runs_behind_the_other_rows(benchmark_scri
     assert "(from a run of low-light, haze, noise and colour): 60.0 min on 1 thread(s), load" in bench._timing(meta)
     assert "; noise and colour: 1.5 min on 2 thread(s), load" in bench._timing(meta)
     assert bench._run_cost({"threads": 2, **full, "load_average_start": [], "load_average_end": []})["threads"] == 2
+    # one run behind the rows: its count is in _timing, not in the header
+    one = {"partial_runs": [{**merged[1], "threads": 2}], "threads": 2, "mode": "full", "crops": [], "seeds": [0]}
+    assert "1.5 min on 2 thread(s)" in bench._timing(one)
 
 
 def test_cost_table_lists_every_task_and_step_count(benchmark_script):
@@ -111,6 +114,11 @@ def test_mean_of_chains_row_scores_the_mean_and_its_first_chain_is_the_one_chain
     mean = four.view(4, 2, 3, 16, 16).mean(0)
     assert rows[4]["psnr"]["values"] == pytest.approx(psnr(mean, x).tolist(), abs=1e-4)
     assert rows[1]["psnr"]["values"] == pytest.approx(psnr(one, x).tolist(), abs=1e-4)
+    from ud2m.operators.simulate import KnownDegradation
+
+    with pytest.raises(ValueError, match="chains > 1 needs a learned ψ without base"):  # per-image parameters
+        bench.ld_rps_row(prior, "colour", "row", KnownDegradation(p.simulator), p.y, x, p.truth_Ax, keys, args,
+                         adapt=False, chains=2)  # fmt: skip
     nfe = rows[4]["costs"]["nfe_paper"]
     assert f"| {4 * nfe} (4 × {nfe}) |" in bench.task_table({"row": rows[4]})[-1]
     assert f"| {rows[1]['costs']['nfe_paper']} |" in bench.task_table({"row": rows[1]})[-1]

@@ -363,7 +363,7 @@ def test_paired_shards_from_cli_round_trip_y_and_operator(photo_folder, tmp_path
     assert abs(r.mean().item()) < 5 * sigma_n / math.sqrt(n)
 
 
-@pytest.mark.parametrize("task", ["low-light", "haze", "colour"])
+@pytest.mark.parametrize("task", ["low-light", "haze", "noise", "colour"])
 def test_simulated_shards_draw_parameters_per_sample_and_replay_exactly(ms, photo_folder, tmp_path, task):
     """--simulate: every sample draws its own §13.8 parameters; the stored seeds replay y bit for bit."""
     from ud2m.operators.simulate import HAZE_BETA, LOW_LIGHT_GAMMA, TASK_SIGMA_Y, simulate_task
@@ -389,11 +389,13 @@ def test_simulated_shards_draw_parameters_per_sample_and_replay_exactly(ms, phot
         assert all(HAZE_BETA[0] <= v["beta"][0] <= HAZE_BETA[1] for v in drawn) and "depth" not in drawn[0]
     if task == "colour":
         assert all(v == {} for v in drawn) and all(torch.equal(s["y"][0], s["y"][2]) for s in samples.values())
+    elif task == "noise":
+        assert all(v == {} for v in drawn)  # nothing drawn but the noise
     else:
         assert len({str(v) for v in drawn}) == 4  # per sample, not one draw for the set
 
 
-def test_simulated_colour_of_grey_samples_fails_before_touching_the_shards(ms, photo_folder, tmp_path):
+def test_bad_simulation_settings_fail_before_touching_the_shards(ms, photo_folder, tmp_path):
     args = shard_args(ms, tmp_path, "--input", str(photo_folder), "--val_fraction", "0")
     sources, _ = ms.collect_sources(args)
     ms.make_shards(sources[:2], args, progress=False)
@@ -403,6 +405,12 @@ def test_simulated_colour_of_grey_samples_fails_before_touching_the_shards(ms, p
     with pytest.raises(ValueError, match="--simulate colour needs RGB samples"):
         ms.make_shards(sources[:2], bad, progress=False)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == before and before
+    for sigma in ("-0.01", "nan"):  # a bad noise level is refused up front too, not skipped per sample
+        bad = shard_args(ms, tmp_path, "--input", str(photo_folder), "--simulate", "haze", "--sigma_y", sigma)
+        bad.overwrite = True
+        with pytest.raises(ValueError, match="--sigma_y for haze: expected a finite noise level >= 0"):
+            ms.make_shards(sources[:2], bad, progress=False)
+        assert sorted(p.name for p in tmp_path.glob("*.tar")) == before
     with pytest.raises(SystemExit):  # --operator and --simulate are exclusive
         shard_args(ms, tmp_path, "--input", "x", "--simulate", "haze", "--operator", "ud2m/deblur_gaussian")
 

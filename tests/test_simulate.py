@@ -276,12 +276,16 @@ def test_simulate_task_is_the_protocol_per_task_and_refuses_bad_input():
     op = LowLight.random(2, gens(10))
     assert torch.equal(sim.y, measure(op, x, TASK_SIGMA_Y["low-light"], gens(20)))
     assert torch.equal(sim.op.gamma, op.gamma) and sim.measured[0] is sim.op and sim.sigma_y == 0.01
-    haze = simulate_task("haze", x, gens(10), gens(20), sigma_y=0.0)
-    torch.testing.assert_close(haze.y, haze.op.A(x))  # sigma_y overrides the task's
+    haze = simulate_task("haze", x, gens(10), gens(20))
+    op = Haze.random(2, (16, 16), gens(10))
+    assert torch.equal(haze.y, measure(op, x, 0.01, gens(20))) and torch.equal(haze.op.depth, op.depth)
+    quiet = simulate_task("haze", x, gens(10), gens(20), sigma_y=0.0)
+    torch.testing.assert_close(quiet.y, quiet.op.A(x))  # sigma_y overrides the task's
     noise = simulate_task("noise", x, None, gens(20))
     assert isinstance(noise.op, Denoising) and noise.sigma_y == 0.1
     colour = simulate_task("colour", x, None, gens(20))
     grey, y1 = colour.measured
+    assert torch.equal(y1, measure(Grayscale(1), x, 0.01, gens(20)))
     assert y1.shape == (2, 1, 16, 16) and torch.equal(colour.y, y1.expand(-1, 3, -1, -1))
     torch.testing.assert_close(colour.op.A(x), grey.A(x).expand(-1, 3, -1, -1))
     with pytest.raises(ValueError, match=r"unknown task 'blur'.*low-light, haze, noise, colour"):
