@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
 from ud2m.io import digits32, load_image
-from ud2m.operators.simulate import TASK_SIGMA_Y
+from ud2m.operators.simulate import TASK_SIGMA_Y, simulate_task
 from ud2m.training.data import list_image_files, split_train_val, upscale_to
 
 logger = logging.getLogger("make_shards")
@@ -191,8 +191,6 @@ class Simulation:
     def __call__(self, x: torch.Tensor, seed: int, param_seed: int) -> tuple[np.ndarray, dict]:
         """``(y[0] as float32 array, params)`` for one ``(1, C, H, W)`` image: parameters from ``param_seed``,
         noise from ``seed``."""
-        from ud2m.operators.simulate import simulate_task
-
         params_g, noise_g = torch.Generator().manual_seed(param_seed), torch.Generator().manual_seed(seed)
         sim = simulate_task(self.task, x, params_g, noise_g, sigma_y=self.sigma_y)
         drawn = sim.op.params() if self.task in ("low-light", "haze") else {}

@@ -586,7 +586,12 @@ class Simulated(NamedTuple):
 
 
 def simulate_task(
-    task: str, x: torch.Tensor, generator: Generator = None, noise_generator: Generator = None, *, sigma_y=None
+    task: str,
+    x: torch.Tensor,
+    generator: Generator = None,
+    noise_generator: Generator = None,
+    *,
+    sigma_y: float | None = None,
 ) -> Simulated:
     """The §13.8 degradation of ``task`` (``TASK_SIGMA_Y``'s keys) of the clean batch ``x`` (internal scale).
 
