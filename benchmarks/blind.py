@@ -81,7 +81,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
 from common import mean_pm_std as _pm
-from common import write_report
+from common import nfe_text, write_report
 from quality import HELD_OUT_PHOTOS, TIKHONOV_S0, TRAIN_PHOTOS, TV_LAMBDA, write_crops
 
 from ud2m.operators.simulate import TASK_SIGMA_Y
@@ -161,7 +161,7 @@ def simulate(task: str, x: torch.Tensor, keys: list[tuple[int, int]], offset: in
     from ud2m.operators import Denoising
     from ud2m.operators.simulate import simulate_task
 
-    if task not in TASKS:
+    if task not in TASKS:  # before generators(), whose seeds index TASKS
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     keys = [(s + offset, c) for s, c in keys]
     sim = simulate_task(task, x, generators(keys, task, 0), generators(keys, task, 1), sigma_y=SIGMA_Y[task])
@@ -547,8 +547,7 @@ def task_table(rows: dict) -> list[str]:
         cost = "– | 0 | –"
         if c:
             steps = f"{c['psi_steps']} / {c['d1_steps']} / {c['d2_steps']}"
-            nfe, k = c["nfe_paper"], r.get("chains", 1)
-            nfe = f"{k * nfe} ({k} × {nfe})" if k > 1 else f"{nfe}"  # every chain's calls; S_tot, S_g per chain
+            nfe = nfe_text(c["nfe_paper"], r.get("chains", 1))  # every chain's calls; S_tot, S_g per chain
             cost = f"{c['steps']} / {c['guided_steps']} | {nfe} | {steps}"
         if "guidance" in r:  # the tuned factor and estimate
             name = f"{name} (×{r['guidance']['factor']:g}, ẑ0 from {r['guidance']['zhat_from']})"

@@ -53,6 +53,12 @@ def mean_pm_std(stat: dict | None, fmt: str = ".2f") -> str:
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if stat else "–"
 
 
+def nfe_text(calls: float, chains: int = 1) -> str:
+    """A table's NFE cell: ``calls`` network evaluations per run, times ``chains`` runs batched per image (a "mean of
+    M chains" row): ``"134"`` or ``"536 (4 × 134)"``."""
+    return f"{calls:.0f}" if chains == 1 else f"{chains * calls:.0f} ({chains} × {calls:.0f})"
+
+
 def write_readme_section(path: Path, begin: str, end: str, text: str, rerun: str) -> bool:
     """:func:`replace_section`, and when ``path`` lacks the markers a note on stderr that names them and the command
     to rerun once they are added. Returns whether the section was written."""

@@ -60,7 +60,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by the tests
-from common import replace_section
+from common import nfe_text, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -897,8 +897,7 @@ def _pm(s: dict, key: str, fmt: str = ".2f") -> str:
 def problem_table(rows: dict) -> list[str]:
     lines = ["| method | NFE | PSNR (dB) | SSIM | s / image |", "|---|---|---|---|---|"]
     for name, s in rows.items():
-        calls, chains = (s["nfe"]["mean"] if s.get("nfe") else 0), s.get("chains", 1)
-        nfe = f"{calls:.0f}" if chains == 1 else f"{chains * calls:.0f} ({chains} × {calls:.0f})"  # batched chains
+        nfe = nfe_text(s["nfe"]["mean"] if s.get("nfe") else 0, s.get("chains", 1))  # batched chains: all of them
         lines.append(f"| {name} | {nfe} | {_pm(s, 'psnr')} | {_pm(s, 'ssim', '.3f')} | {s['seconds']['mean']:.3f} |")
     return lines
 
